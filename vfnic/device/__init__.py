@@ -1,0 +1,1 @@
+"""The SR-IOV NIC model: PCI functions, the NIC (PF + VFs) and its management socket."""

@@ -1,0 +1,328 @@
+"""One PCI function of the NIC as a vfio-user device: config space, BARs, IRQs.
+
+BAR0 is the register bank (vfnic.regs); BAR3 holds the MSI-X table and PBA.
+VFs are presented the way the kernel's vfio-pci presents a VF: vendor and
+device ID filled in from the PF's SR-IOV capability, BARs sized from the PF's
+VF BAR registers, no INTx (SR-IOV 1.1, 3.4.1).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+import threading
+from typing import TYPE_CHECKING
+
+from vfnic.device import pci
+from vfnic.dma.controller import DmaController
+from vfnic.errors import DmaError, NotTtyError, ProtocolError
+from vfnic.regs.bank import RegisterBank
+from vfnic.regs.table import BAR0_SIZE, PF_TABLE, VF_TABLE
+from vfnic.vfiouser import wire
+
+if TYPE_CHECKING:
+    from vfnic.vfiouser.server import Session
+
+VENDOR_ID = 0x1234  # QEMU's experimental vendor ID: no guest driver binds to it
+PF_DEVICE_ID = 0x5FE0
+VF_DEVICE_ID = 0x5FE1
+CLASS_ETHERNET = 0x020000
+SUBSYS_VENDOR = 0x1AF4
+SUBSYS_ID = 0x0100
+
+MSIX_BAR = 3
+MSIX_BAR_SIZE = 0x4000
+MSIX_VECTORS = 4  # queue 0, queue 1, mailbox, link/other
+MSIX_TABLE_OFFSET = 0x0000
+MSIX_PBA_OFFSET = 0x2000
+MSIX_ENTRY = 16
+
+CAP_PM = 0x40
+CAP_MSIX = 0x50
+CAP_EXP = 0x70
+CAP_EXP_SIZE = 0x3C
+EXT_SRIOV = 0x100
+
+BAR_SIZES = {0: BAR0_SIZE, MSIX_BAR: MSIX_BAR_SIZE}
+
+# VF link state set by the host (`ip link set PF vf N state auto|enable|disable`)
+LINK_AUTO, LINK_ENABLE, LINK_DISABLE = 0, 1, 2
+LINK_STATE_NAMES = {LINK_AUTO: "auto", LINK_ENABLE: "enable", LINK_DISABLE: "disable"}
+
+
+class PciFunction:
+    """A PF or VF: everything the vfio-user dispatcher needs (``server.Device``)."""
+
+    def __init__(self, nic_lock: threading.RLock, is_pf: bool, index: int, mac: bytes,
+                 total_vfs: int = 8, num_vfs: int = 0) -> None:
+        self.lock = nic_lock
+        self.is_pf = is_pf
+        self.index = index  # VF number; 0 for the PF
+        self.name = "pf" if is_pf else f"vf{index}"
+        self.perm_mac = mac
+        self.total_vfs = total_vfs
+        self.num_vfs = num_vfs
+        self.link_state = LINK_AUTO
+        self.dma = DmaController()
+        self.bank = RegisterBank(PF_TABLE if is_pf else VF_TABLE, BAR0_SIZE)
+        self.config = pci.ConfigSpace()
+        self.msix = bytearray(MSIX_BAR_SIZE)
+        self.irq_fds: dict[tuple[int, int], int] = {}  # (irq index, sub-index) -> eventfd
+        self.irq_masked: set[tuple[int, int]] = set()
+        self.session: Session | None = None
+        self.interrupts_sent = 0
+        self._build_config()
+        self.reset()
+
+    # -- configuration space ----------------------------------------------------------
+
+    def _build_config(self) -> None:
+        c = self.config
+        c.set(pci.VENDOR_ID, 2, VENDOR_ID)
+        c.set(pci.DEVICE_ID, 2, PF_DEVICE_ID if self.is_pf else VF_DEVICE_ID)
+        c.set(pci.REVISION_ID, 1, 1)
+        c.set(pci.CLASS_PROG, 3, CLASS_ETHERNET)
+        c.set(pci.HEADER_TYPE, 1, 0)
+        c.set(pci.SUBSYSTEM_VENDOR_ID, 2, SUBSYS_VENDOR)
+        c.set(pci.SUBSYSTEM_ID, 2, SUBSYS_ID)
+        cmd_mask = pci.COMMAND_MEMORY | pci.COMMAND_MASTER | pci.COMMAND_PARITY | pci.COMMAND_SERR
+        if self.is_pf:
+            cmd_mask |= pci.COMMAND_INTX_DISABLE
+        c.set_wmask(pci.COMMAND, 2, cmd_mask)
+        c.set_w1cmask(pci.STATUS, 2, pci.STATUS_W1C)
+        c.set_wmask(pci.CACHE_LINE_SIZE, 1, 0xFF)
+        c.set_wmask(pci.INTERRUPT_LINE, 1, 0xFF)
+        c.set(pci.INTERRUPT_PIN, 1, 1 if self.is_pf else 0)  # VFs have no INTx
+        for bar, size in BAR_SIZES.items():
+            c.set_wmask(pci.BAR0 + 4 * bar, 4, pci.bar_wmask(size))
+        # Power management (PCI PM 1.2): PMC version 3, PMCSR power state RW, NoSoftReset.
+        c.add_capability(pci.CAP_ID_PM, CAP_PM, 8)
+        c.set(CAP_PM + 2, 2, 0x0003)
+        c.set(CAP_PM + 4, 2, 0x0008)
+        c.set_wmask(CAP_PM + 4, 2, 0x0003)
+        # MSI-X: table and PBA in BAR3.
+        c.add_capability(pci.CAP_ID_MSIX, CAP_MSIX, 12)
+        c.set(CAP_MSIX + pci.MSIX_FLAGS, 2, MSIX_VECTORS - 1)
+        c.set_wmask(CAP_MSIX + pci.MSIX_FLAGS, 2, pci.MSIX_FLAGS_ENABLE | pci.MSIX_FLAGS_MASKALL)
+        c.set(CAP_MSIX + pci.MSIX_TABLE, 4, MSIX_TABLE_OFFSET | MSIX_BAR)
+        c.set(CAP_MSIX + pci.MSIX_PBA, 4, MSIX_PBA_OFFSET | MSIX_BAR)
+        # PCI Express capability v2, endpoint; FLR capable; 8 GT/s x8 link.
+        c.add_capability(pci.CAP_ID_EXP, CAP_EXP, CAP_EXP_SIZE)
+        c.set(CAP_EXP + 2, 2, 0x0002)  # version 2, device/port type 0 (endpoint)
+        c.set(CAP_EXP + 4, 4, (1 << 28) | (1 << 15))  # DevCap: FLR, role-based error
+        c.set_wmask(CAP_EXP + 8, 2, 0x7FFF)  # DevCtl (bit 15 initiates FLR: write-only)
+        c.set_w1cmask(CAP_EXP + 10, 2, 0x000F)  # DevSta error bits
+        c.set(CAP_EXP + 12, 4, 0x83)  # LinkCap: 8 GT/s, x8
+        c.set_wmask(CAP_EXP + 16, 2, 0x01C3)  # LinkCtl
+        c.set(CAP_EXP + 18, 2, 0x83)  # LinkSta: 8 GT/s, x8
+        c.set(CAP_EXP + 0x24, 4, 0)  # DevCap2
+        if self.is_pf:
+            self._build_sriov()
+
+    def _build_sriov(self) -> None:
+        c, base = self.config, EXT_SRIOV
+        c.add_ext_capability(pci.EXT_CAP_ID_SRIOV, 1, base, pci.SRIOV_SIZE)
+        c.set(base + pci.SRIOV_CAP, 4, 0)
+        c.set_wmask(base + pci.SRIOV_CTRL, 2, pci.SRIOV_CTRL_VFE | pci.SRIOV_CTRL_MSE)
+        c.set(base + pci.SRIOV_INITIAL_VF, 2, self.total_vfs)
+        c.set(base + pci.SRIOV_TOTAL_VF, 2, self.total_vfs)
+        c.set_wmask(base + pci.SRIOV_NUM_VF, 2, 0xFFFF)
+        c.set(base + pci.SRIOV_VF_OFFSET, 2, 1)
+        c.set(base + pci.SRIOV_VF_STRIDE, 2, 1)
+        c.set(base + pci.SRIOV_VF_DID, 2, VF_DEVICE_ID)
+        c.set(base + pci.SRIOV_SUP_PGSIZE, 4, 0x553)  # 4K, 8K, 64K, 256K, 1M, 4M
+        c.set_wmask(base + pci.SRIOV_SYS_PGSIZE, 4, 0x553)
+        for bar, size in BAR_SIZES.items():
+            c.set_wmask(base + pci.SRIOV_BAR + 4 * bar, 4, pci.bar_wmask(size))
+
+    def _reset_config(self) -> None:
+        c = self.config
+        c.set(pci.COMMAND, 2, 0)
+        c.set(pci.STATUS, 2, pci.STATUS_CAP_LIST)
+        c.set(CAP_MSIX + pci.MSIX_FLAGS, 2, MSIX_VECTORS - 1)
+        c.set(CAP_PM + 4, 2, 0x0008)
+        c.set(CAP_EXP + 8, 2, 0x2810)  # DevCtl defaults (max read 512B, relaxed ordering)
+        if self.is_pf:
+            base = EXT_SRIOV
+            # The host enabled the VFs it serves (like `echo N > sriov_numvfs`).
+            enabled = pci.SRIOV_CTRL_VFE | pci.SRIOV_CTRL_MSE if self.num_vfs else 0
+            c.set(base + pci.SRIOV_CTRL, 2, enabled)
+            c.set(base + pci.SRIOV_NUM_VF, 2, self.num_vfs)
+            c.set(base + pci.SRIOV_SYS_PGSIZE, 4, 0x1)
+
+    # -- vfio-user Device interface ----------------------------------------------------
+
+    def device_info(self) -> tuple[int, int, int]:
+        flags = wire.VFIO_DEVICE_FLAGS_RESET | wire.VFIO_DEVICE_FLAGS_PCI
+        return flags, wire.NUM_PCI_REGIONS, wire.NUM_PCI_IRQS
+
+    def region_info(self, index: int) -> tuple[int, int]:
+        rw = wire.VFIO_REGION_INFO_FLAG_READ | wire.VFIO_REGION_INFO_FLAG_WRITE
+        if index == wire.PciRegion.CONFIG:
+            return rw, pci.CONFIG_SIZE
+        if index in BAR_SIZES:
+            return rw, BAR_SIZES[index]
+        if 0 <= index < wire.NUM_PCI_REGIONS:
+            return 0, 0
+        raise ProtocolError(f"no region {index}")
+
+    def irq_info(self, index: int) -> tuple[int, int]:
+        ev = wire.VFIO_IRQ_INFO_EVENTFD
+        counts = {
+            wire.PciIrq.INTX: (ev | wire.VFIO_IRQ_INFO_MASKABLE | wire.VFIO_IRQ_INFO_AUTOMASKED,
+                               1 if self.is_pf else 0),
+            wire.PciIrq.MSI: (ev | wire.VFIO_IRQ_INFO_NORESIZE, 1),
+            wire.PciIrq.MSIX: (ev | wire.VFIO_IRQ_INFO_NORESIZE, MSIX_VECTORS),
+            wire.PciIrq.ERR: (ev, 0),
+            wire.PciIrq.REQ: (ev, 0),
+        }
+        if index not in counts:
+            raise ProtocolError(f"no IRQ index {index}")
+        return counts[wire.PciIrq(index)]
+
+    def _check_access(self, index: int, offset: int, count: int) -> None:
+        _, size = self.region_info(index)
+        if size == 0 or offset >= size or offset + count > size:
+            raise ProtocolError(
+                f"{self.name}: access {offset:#x}+{count} outside region {index} ({size:#x})"
+            )
+
+    def region_read(self, index: int, offset: int, count: int) -> bytes:
+        self._check_access(index, offset, count)
+        if index == wire.PciRegion.CONFIG:
+            return self.config.read(offset, count)
+        if index == 0:
+            return self.bank.guest_read(offset, count)
+        return bytes(self.msix[offset : offset + count])
+
+    def region_write(self, index: int, offset: int, data: bytes) -> None:
+        self._check_access(index, offset, len(data))
+        if index == wire.PciRegion.CONFIG:
+            self.config_write(offset, data)
+        elif index == 0:
+            self.bank.guest_write(offset, data)
+        else:
+            self._msix_write(offset, data)
+
+    def config_write(self, offset: int, data: bytes) -> None:
+        flr_word = CAP_EXP + 8
+        flr = offset <= flr_word + 1 < offset + len(data) and data[flr_word + 1 - offset] & 0x80
+        self.config.write(offset, data)
+        if flr:  # Initiate Function Level Reset (PCIe DevCtl bit 15)
+            self.reset()
+
+    def _msix_write(self, offset: int, data: bytes) -> None:
+        for i, b in enumerate(data):
+            pos = offset + i
+            if pos < MSIX_VECTORS * MSIX_ENTRY:  # table: writable; PBA is read-only
+                self.msix[pos] = b
+
+    def set_irqs(self, index: int, flags: int, start: int, count: int, data: bytes,
+                 fds: list[int]) -> None:
+        dtype = flags & wire.VFIO_IRQ_SET_DATA_TYPE_MASK
+        action = flags & wire.VFIO_IRQ_SET_ACTION_TYPE_MASK
+        if flags & ~0x3F or dtype not in (1, 2, 4) or action not in (8, 16, 32):
+            raise ProtocolError(f"SET_IRQS flags {flags:#x}")
+        _, total = self.irq_info(index)
+        if fds and dtype != wire.VFIO_IRQ_SET_DATA_EVENTFD:
+            raise ProtocolError("SET_IRQS: fds without DATA_EVENTFD")
+        if dtype == wire.VFIO_IRQ_SET_DATA_NONE and count == 0:
+            if start != 0:
+                raise ProtocolError("SET_IRQS: count 0 needs start 0")
+            if action == wire.VFIO_IRQ_SET_ACTION_TRIGGER:
+                self._drop_irqs(index)  # disable every interrupt of this index
+            return
+        if count == 0 or start >= total or start + count > total:
+            raise ProtocolError(f"SET_IRQS {start}+{count} outside {total} vectors")
+        if dtype == wire.VFIO_IRQ_SET_DATA_BOOL and len(data) < count:
+            raise ProtocolError("SET_IRQS: fewer bools than count")
+        if dtype == wire.VFIO_IRQ_SET_DATA_EVENTFD:
+            if action != wire.VFIO_IRQ_SET_ACTION_TRIGGER:
+                raise ProtocolError("SET_IRQS: mask/unmask eventfds are not supported",
+                                    errno.ENOTSUP)
+            if fds and len(fds) != count:
+                raise ProtocolError(f"SET_IRQS: {len(fds)} fds for {count} vectors")
+            for i in range(count):
+                key = (index, start + i)
+                old = self.irq_fds.pop(key, None)
+                if old is not None:
+                    os.close(old)
+                if fds:
+                    self.irq_fds[key] = fds[i]
+            fds.clear()
+            return
+        for i in range(count):
+            if dtype == wire.VFIO_IRQ_SET_DATA_BOOL and not data[i]:
+                continue
+            key = (index, start + i)
+            if action == wire.VFIO_IRQ_SET_ACTION_MASK:
+                self.irq_masked.add(key)
+            elif action == wire.VFIO_IRQ_SET_ACTION_UNMASK:
+                self.irq_masked.discard(key)
+            else:
+                self.signal(index, start + i)
+
+    def _drop_irqs(self, index: int | None = None) -> None:
+        for key in [k for k in self.irq_fds if index is None or k[0] == index]:
+            os.close(self.irq_fds.pop(key))
+
+    def signal(self, index: int, vector: int) -> bool:
+        """Raise interrupt ``vector`` of IRQ ``index`` through its eventfd."""
+        fd = self.irq_fds.get((index, vector))
+        if fd is None or (index, vector) in self.irq_masked:
+            return False
+        os.write(fd, struct.pack("<Q", 1))
+        self.interrupts_sent += 1
+        return True
+
+    def reset(self) -> None:
+        self.bank.reset()
+        self._reset_config()
+        self.msix[:] = bytes(MSIX_BAR_SIZE)
+        for v in range(MSIX_VECTORS):  # vector control: masked after reset
+            self.msix[v * MSIX_ENTRY + 12] = 1
+        self.irq_masked.clear()
+        self.bank.set("RAL", int.from_bytes(self.perm_mac[:4], "little"))
+        self.bank.set("RAH", int.from_bytes(self.perm_mac[4:6], "little") | (1 << 31))
+
+    def feature(self, flags: int, data: bytes, argsz: int) -> bytes:
+        raise NotTtyError(f"device feature {flags & wire.VFIO_DEVICE_FEATURE_MASK}")
+
+    def mig_data_read(self, size: int) -> bytes:
+        raise ProtocolError("not in a saving migration state")
+
+    def mig_data_write(self, data: bytes) -> None:
+        raise ProtocolError("not in the RESUMING migration state")
+
+    def client_attached(self, session: Session) -> None:
+        self.session = session
+        self.dma.message_read = session.dma_read
+        self.dma.message_write = session.dma_write
+
+    def client_detached(self) -> None:
+        self.dma.unmap_all()
+        self._drop_irqs()
+        self.dma.message_read = None
+        self.dma.message_write = None
+        self.session = None
+
+    # -- device-side DMA (bus mastering required, as on real hardware) -----------------
+
+    def bus_master(self) -> bool:
+        return bool(self.config.get(pci.COMMAND, 2) & pci.COMMAND_MASTER)
+
+    def dma_read(self, address: int, length: int) -> bytes:
+        if not self.bus_master():
+            raise DmaError(f"{self.name}: DMA with bus mastering disabled", errno.ENODEV)
+        return self.dma.read(address, length)
+
+    def dma_write(self, address: int, data: bytes) -> None:
+        if not self.bus_master():
+            raise DmaError(f"{self.name}: DMA with bus mastering disabled", errno.ENODEV)
+        self.dma.write(address, data)
+
+    @property
+    def mac(self) -> bytes:
+        ral, rah = self.bank.get("RAL"), self.bank.get("RAH")
+        return ral.to_bytes(4, "little") + (rah & 0xFFFF).to_bytes(2, "little")

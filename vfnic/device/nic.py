@@ -1,0 +1,239 @@
+"""The NIC: one PF and N VFs, each function served on its own vfio-user socket.
+
+This layer wires the register bank's doorbells to device behaviour (reset,
+link, interrupt causes) and owns the runtime folder:
+DIR/pf.sock, DIR/vf0.sock ... and DIR/control.sock (management, JSON lines).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+from vfnic.device import pci
+from vfnic.device.function import (
+    CAP_MSIX,
+    LINK_DISABLE,
+    LINK_STATE_NAMES,
+    PciFunction,
+)
+from vfnic.errors import UsageError, VfnicError
+from vfnic.regs import table as T
+from vfnic.vfiouser import wire
+from vfnic.vfiouser.server import FunctionServer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_VFS = 4
+
+# EICR cause bit -> MSI-X vector
+VECTOR_OF_CAUSE = {**{q: q for q in range(T.NUM_QUEUES)}, 30: 2, 31: 3}
+
+
+def default_mac(nic_id: int, fn: int) -> bytes:
+    """Locally administered unicast MAC: 02:56:46:<nic>:<fn>:01 (0x56 0x46 = "VF")."""
+    return bytes([0x02, 0x56, 0x46, nic_id & 0xFF, fn & 0xFF, 0x01])
+
+
+class Nic:
+    def __init__(self, num_vfs: int = DEFAULT_VFS, nic_id: int = 0) -> None:
+        if not 0 <= num_vfs <= T.MAX_VFS:
+            raise UsageError(f"--vfs must be between 0 and {T.MAX_VFS}")
+        self.lock = threading.RLock()
+        self.nic_id = nic_id
+        self.pf = PciFunction(self.lock, True, 0, default_mac(nic_id, 0xFF), T.MAX_VFS, num_vfs)
+        self.vfs = [
+            PciFunction(self.lock, False, i, default_mac(nic_id, i), T.MAX_VFS)
+            for i in range(num_vfs)
+        ]
+        for fn in self.functions:
+            self._wire(fn)
+            self._update_link(fn)
+
+    @property
+    def functions(self) -> list[PciFunction]:
+        return [self.pf, *self.vfs]
+
+    def function(self, name: str) -> PciFunction:
+        for fn in self.functions:
+            if fn.name == name:
+                return fn
+        have = ", ".join(f.name for f in self.functions)
+        raise UsageError(f"no function {name!r} (have: {have})")
+
+    # -- register behaviour -------------------------------------------------------------
+
+    def _wire(self, fn: PciFunction) -> None:
+        hooks = fn.bank.write_hooks
+        hooks["CTRL"] = lambda _n, v: self._on_ctrl(fn, v)
+        hooks["EICS"] = lambda _n, v: self.raise_cause(fn, v)
+        hooks["EIMS"] = lambda _n, v: self._deliver(fn)
+
+    def _on_ctrl(self, fn: PciFunction, value: int) -> None:
+        if value & T.CTRL_RST:  # self-clearing software reset of the function's registers
+            fn.bank.reset()
+            fn.reset()
+        self._update_link(fn)
+
+    def _update_link(self, fn: PciFunction) -> None:
+        up = bool(fn.bank.get("CTRL") & T.CTRL_SLU) and fn.link_state != LINK_DISABLE
+        was = bool(fn.bank.get("STATUS") & T.STATUS_LU)
+        if up:
+            fn.bank.set_bits("STATUS", T.STATUS_LU)
+        else:
+            fn.bank.clear_bits("STATUS", T.STATUS_LU)
+        if up != was:
+            self.raise_cause(fn, T.EICR_LSC)
+
+    def raise_cause(self, fn: PciFunction, bits: int) -> None:
+        fn.bank.set_bits("EICR", bits)
+        self._deliver(fn)
+
+    def _deliver(self, fn: PciFunction) -> None:
+        """Signal every pending, unmasked cause (MSI-X vector per cause, else MSI/INTx)."""
+        pending = fn.bank.get("EICR") & fn.bank.get("EIMS")
+        if not pending:
+            return
+        msix_on = fn.config.get(CAP_MSIX + pci.MSIX_FLAGS, 2) & pci.MSIX_FLAGS_ENABLE
+        if msix_on:
+            for bit, vector in VECTOR_OF_CAUSE.items():
+                if pending & (1 << bit):
+                    fn.signal(wire.PciIrq.MSIX, vector)
+        elif not fn.signal(wire.PciIrq.MSI, 0) and fn.is_pf:
+            if not fn.config.get(pci.COMMAND, 2) & pci.COMMAND_INTX_DISABLE:
+                fn.signal(wire.PciIrq.INTX, 0)
+
+    def set_link_state(self, vf: int, state: str) -> None:
+        names = {v: k for k, v in LINK_STATE_NAMES.items()}
+        if state not in names:
+            raise UsageError(f"link state must be one of {', '.join(names)}")
+        if not 0 <= vf < len(self.vfs):
+            raise UsageError(f"no VF {vf}")
+        with self.lock:
+            fn = self.vfs[vf]
+            fn.link_state = names[state]
+            self._update_link(fn)
+
+    # -- views for the management socket ---------------------------------------------
+
+    def link_info(self, servers: dict[str, FunctionServer] | None = None) -> dict[str, Any]:
+        def one(fn: PciFunction) -> dict[str, Any]:
+            srv = (servers or {}).get(fn.name)
+            return {
+                "function": fn.name,
+                "mac": ":".join(f"{b:02x}" for b in fn.mac),
+                "link": "up" if fn.bank.get("STATUS") & T.STATUS_LU else "down",
+                "state": LINK_STATE_NAMES[fn.link_state],
+                "attached": bool(srv and srv.attached),
+            }
+
+        with self.lock:
+            return {"pf": one(self.pf), "vfs": [one(vf) | {"vf": vf.index} for vf in self.vfs]}
+
+    def regs(self, name: str) -> list[dict[str, Any]]:
+        fn = self.function(name)
+        with self.lock:
+            return [
+                {"name": r.name, "offset": r.offset, "access": r.access.value,
+                 "value": fn.bank.get(r.name)}
+                for r in fn.bank.table
+            ]
+
+
+class NicServer:
+    """A Nic with its sockets in a runtime folder."""
+
+    def __init__(self, directory: str | os.PathLike[str], num_vfs: int = DEFAULT_VFS) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.nic = Nic(num_vfs)
+        self.servers: dict[str, FunctionServer] = {}
+        for fn in self.nic.functions:
+            path = str(self.dir / f"{fn.name}.sock")
+            self.servers[fn.name] = FunctionServer(fn, path, fn.name)
+        self.control_path = str(self.dir / "control.sock")
+        if os.path.exists(self.control_path):
+            os.unlink(self.control_path)
+        self.control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.control.bind(self.control_path)
+        self.control.listen(8)
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        for srv in self.servers.values():
+            srv.start()
+        threading.Thread(target=self._control_loop, name="vfnic-control", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        for srv in self.servers.values():
+            srv.stop()
+        try:
+            self.control.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.control.close()
+        try:
+            os.unlink(self.control_path)
+        except OSError:
+            pass
+
+    # -- management socket: one JSON object per line each way ------------------------
+
+    def _control_loop(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                conn, _ = self.control.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._control_conn, args=(conn,), daemon=True).start()
+
+    def _control_conn(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rwb") as f:
+            for line in f:
+                try:
+                    req = json.loads(line)
+                    if not isinstance(req, dict):
+                        raise UsageError("request must be a JSON object")
+                    reply = {"ok": True, "result": self.control_request(req)}
+                except (ValueError, VfnicError) as exc:
+                    reply = {"ok": False, "error": str(exc)}
+                f.write(json.dumps(reply).encode() + b"\n")
+                f.flush()
+
+    def control_request(self, req: dict[str, Any]) -> Any:
+        op = req.get("op")
+        if op == "link-show":
+            return self.nic.link_info(self.servers)
+        if op == "regs":
+            return self.nic.regs(str(req.get("function")))
+        if op == "vf-state":
+            self.nic.set_link_state(int(req.get("vf", -1)), str(req.get("state")))
+            return None
+        raise UsageError(f"unknown management operation {op!r}")
+
+
+def control_call(directory: str | os.PathLike[str], req: dict[str, Any]) -> Any:
+    """Send one management request to a running `vfnic serve`."""
+    path = Path(directory) / "control.sock"
+    if not path.exists():
+        raise UsageError(f"no vfnic server in {directory} (no control.sock)")
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(path))
+            s.sendall(json.dumps(req).encode() + b"\n")
+            with s.makefile("rb") as f:
+                line = f.readline()
+    except OSError as exc:
+        raise UsageError(f"cannot reach the vfnic server in {directory}: {exc}") from exc
+    if not line:
+        raise UsageError(f"the vfnic server in {directory} closed the connection")
+    reply = json.loads(line)
+    if not reply.get("ok"):
+        raise UsageError(reply.get("error", "request failed"))
+    return reply.get("result")

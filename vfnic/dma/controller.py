@@ -1,0 +1,144 @@
+"""DMA controller: the regions a client made available (VFIO_USER_DMA_MAP).
+
+Regions with a file descriptor are mmapped and accessed directly; regions
+without one are reached through server-to-client VFIO_USER_DMA_READ/WRITE
+messages. Every access is checked against the mappings; writes are recorded in
+the dirty log while logging is on (VFIO_DEVICE_FEATURE_DMA_LOGGING_*).
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import mmap
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from vfnic.errors import DmaError, ProtocolError
+
+PAGE_SIZE = 4096
+
+# Callbacks used for regions without an fd: read(addr, n) -> bytes, write(addr, data).
+MessageRead = Callable[[int, int], bytes]
+MessageWrite = Callable[[int, bytes], None]
+
+
+@dataclass
+class DmaRegion:
+    address: int
+    size: int
+    flags: int
+    offset: int = 0
+    mm: mmap.mmap | None = None
+    mm_skew: int = 0  # fd offset rounded down to a page: bytes to skip in mm
+
+    @property
+    def end(self) -> int:
+        return self.address + self.size
+
+    @property
+    def readable(self) -> bool:
+        return bool(self.flags & 1)
+
+    @property
+    def writable(self) -> bool:
+        return bool(self.flags & 2)
+
+
+class DmaController:
+    def __init__(self, max_regions: int = 65535) -> None:
+        self.max_regions = max_regions
+        self.regions: list[DmaRegion] = []  # sorted by address
+        self.message_read: MessageRead | None = None
+        self.message_write: MessageWrite | None = None
+        self.dirty_log: set[int] | None = None  # page numbers written, when logging
+        self.dirty_page_size = PAGE_SIZE
+
+    # -- mapping ----------------------------------------------------------------------
+
+    def map(self, address: int, size: int, flags: int, offset: int, fd: int | None) -> None:
+        """Add a region; takes ownership of ``fd`` (closed after mmap)."""
+        try:
+            if size == 0 or address + size > 1 << 64:
+                raise ProtocolError(f"bad DMA region {address:#x}+{size:#x}", errno.EINVAL)
+            if flags & ~3:
+                raise ProtocolError(f"unknown DMA map flags {flags:#x}", errno.EINVAL)
+            if len(self.regions) >= self.max_regions:
+                raise ProtocolError("too many DMA regions", errno.ENOSPC)
+            for r in self.regions:
+                if address < r.end and r.address < address + size:
+                    raise ProtocolError(
+                        f"DMA region {address:#x}+{size:#x} overlaps {r.address:#x}+{r.size:#x}",
+                        errno.EEXIST,
+                    )
+            region = DmaRegion(address, size, flags, offset)
+            if fd is not None:
+                skew = offset % mmap.PAGESIZE
+                prot = (mmap.PROT_READ if flags & 1 else 0) | (mmap.PROT_WRITE if flags & 2 else 0)
+                try:
+                    region.mm = mmap.mmap(
+                        fd, size + skew, mmap.MAP_SHARED, prot or mmap.PROT_READ,
+                        offset=offset - skew,
+                    )
+                except (OSError, ValueError, OverflowError) as exc:
+                    raise ProtocolError(f"cannot mmap DMA region: {exc}", errno.EINVAL) from exc
+                region.mm_skew = skew
+        finally:
+            if fd is not None:
+                os.close(fd)
+        keys = [r.address for r in self.regions]
+        self.regions.insert(bisect.bisect(keys, address), region)
+
+    def unmap(self, address: int, size: int) -> DmaRegion:
+        for i, r in enumerate(self.regions):
+            if r.address == address and r.size == size:
+                del self.regions[i]
+                if r.mm is not None:
+                    r.mm.close()
+                return r
+        raise ProtocolError(f"no DMA region {address:#x}+{size:#x}", errno.ENOENT)
+
+    def unmap_all(self) -> None:
+        for r in self.regions:
+            if r.mm is not None:
+                r.mm.close()
+        self.regions.clear()
+
+    def find(self, address: int, length: int) -> DmaRegion:
+        """The region holding all of [address, address+length)."""
+        keys = [r.address for r in self.regions]
+        i = bisect.bisect_right(keys, address) - 1
+        if i >= 0:
+            r = self.regions[i]
+            if address >= r.address and address + length <= r.end:
+                return r
+        raise DmaError(f"DMA to {address:#x}+{length:#x} is outside the client's mappings")
+
+    # -- access -----------------------------------------------------------------------
+
+    def read(self, address: int, length: int) -> bytes:
+        r = self.find(address, length)
+        if not r.readable:
+            raise DmaError(f"DMA region at {r.address:#x} is not readable")
+        if r.mm is not None:
+            start = r.mm_skew + address - r.address
+            return bytes(r.mm[start : start + length])
+        if self.message_read is None:
+            raise DmaError("no client connection for DMA_READ", errno.ENODEV)
+        return self.message_read(address, length)
+
+    def write(self, address: int, data: bytes) -> None:
+        r = self.find(address, len(data))
+        if not r.writable:
+            raise DmaError(f"DMA region at {r.address:#x} is not writable")
+        if r.mm is not None:
+            start = r.mm_skew + address - r.address
+            r.mm[start : start + len(data)] = data
+        else:
+            if self.message_write is None:
+                raise DmaError("no client connection for DMA_WRITE", errno.ENODEV)
+            self.message_write(address, data)
+        if self.dirty_log is not None and data:
+            ps = self.dirty_page_size
+            self.dirty_log.update(range(address // ps, (address + len(data) - 1) // ps + 1))

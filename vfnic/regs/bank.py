@@ -1,0 +1,104 @@
+"""A register bank: values for one table, guest semantics and full save access."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+
+from vfnic.regs.table import Access, Register
+
+WriteHook = Callable[[str, int], None]
+ReadHook = Callable[[str], None]
+
+
+class RegisterBank:
+    """BAR0 of one function.
+
+    ``guest_read``/``guest_write`` follow the declared access semantics;
+    ``get``/``set`` are the device's (and the save path's) unrestricted view.
+    """
+
+    def __init__(self, table: tuple[Register, ...], size: int) -> None:
+        self.table = table
+        self.size = size
+        self.by_name: dict[str, Register] = {r.name: r for r in table}
+        self.by_offset: dict[int, Register] = {r.offset: r for r in table}
+        self.values: dict[str, int] = {}
+        self.write_hooks: dict[str, WriteHook] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        self.values = {r.name: r.reset for r in self.table}
+
+    # -- device / save-path access ------------------------------------------------
+
+    def get(self, name: str) -> int:
+        return self.values[name]
+
+    def set(self, name: str, value: int) -> None:
+        reg = self.by_name[name]
+        self.values[name] = value & ((1 << (8 * reg.width)) - 1)
+
+    def set_bits(self, name: str, bits: int) -> None:
+        self.set(name, self.values[name] | bits)
+
+    def clear_bits(self, name: str, bits: int) -> None:
+        self.set(name, self.values[name] & ~bits)
+
+    # -- guest access ---------------------------------------------------------------
+
+    def guest_read(self, offset: int, size: int) -> bytes:
+        """Read ``size`` bytes at ``offset``; holes and doorbells read as zero."""
+        out = bytearray(size)
+        start = offset & ~3
+        for word in range(start, offset + size, 4):
+            reg = self.by_offset.get(word)
+            if reg is None or reg.access is Access.WO:
+                continue
+            raw = struct.pack("<I", self.values[reg.name] & reg.mask)
+            for i in range(4):
+                pos = word + i - offset
+                if 0 <= pos < size:
+                    out[pos] = raw[i]
+        return bytes(out)
+
+    def guest_write(self, offset: int, data: bytes) -> None:
+        """Write bytes at ``offset`` with each register's semantics; sub-word writes
+        merge with the current value (as a byte-enabled PCIe write would)."""
+        start = offset & ~3
+        for word in range(start, offset + len(data), 4):
+            reg = self.by_offset.get(word)
+            if reg is None:
+                continue
+            enable = 0
+            value = 0
+            for i in range(4):
+                pos = word + i - offset
+                if 0 <= pos < len(data):
+                    enable |= 0xFF << (8 * i)
+                    value |= data[pos] << (8 * i)
+            self._write_reg(reg, value, enable)
+
+    def _write_reg(self, reg: Register, value: int, enable: int) -> None:
+        old = self.values[reg.name]
+        if reg.access is Access.RO:
+            return
+        if reg.access is Access.RW:
+            keep = old & ~(reg.mask & enable)
+            self.values[reg.name] = keep | (value & reg.mask & enable)
+        elif reg.access is Access.W1C:
+            self.values[reg.name] = old & ~(value & enable & reg.mask)
+        hook = self.write_hooks.get(reg.name)
+        if hook is not None:
+            hook(reg.name, value & enable)
+
+    # -- save / restore -----------------------------------------------------------
+
+    def save(self) -> bytes:
+        return b"".join(struct.pack("<I", self.values[r.name]) for r in self.table)
+
+    def restore(self, data: bytes) -> None:
+        if len(data) != 4 * len(self.table):
+            raise ValueError(f"register image of {len(data)} bytes, need {4 * len(self.table)}")
+        for i, reg in enumerate(self.table):
+            (self.values[reg.name],) = struct.unpack_from("<I", data, 4 * i)

@@ -1,0 +1,1 @@
+"""Device state: versioned, checksummed snapshots of every function."""

@@ -1,0 +1,104 @@
+"""Function state snapshot: every byte the guest or the save path can observe.
+
+Layout (little endian), declared once with construct:
+  magic "VFNS", format version, kind (PF/VF), VF index, hash of the register
+  table layout, then config space, the register values in table order, the MSI-X
+  BAR, the permanent MAC and the host-side VF link state; a CRC32 of everything
+  before it closes the record. A restore checks all of it before touching the
+  device, so a refused snapshot changes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from typing import TYPE_CHECKING
+
+from construct import Bytes, Const, Int8ul, Int16ul, Int32ul, Struct
+
+from vfnic.device.function import MSIX_BAR_SIZE
+from vfnic.device.pci import CONFIG_SIZE
+from vfnic.errors import SnapshotError
+from vfnic.regs.table import Register
+
+if TYPE_CHECKING:
+    from vfnic.device.function import PciFunction
+
+MAGIC = b"VFNS"
+VERSION = 1
+KIND_PF, KIND_VF = 0, 1
+
+Head = Struct(
+    "magic" / Const(MAGIC),
+    "version" / Int16ul,
+    "kind" / Int8ul,
+    "index" / Int8ul,
+    "layout" / Bytes(8),
+    "nregs" / Int16ul,
+    "link_state" / Int8ul,
+    "reserved" / Int8ul,
+)
+HEAD_SIZE = Head.sizeof()
+
+
+def layout_hash(table: tuple[Register, ...]) -> bytes:
+    text = ";".join(f"{r.name}@{r.offset:x}/{r.width}" for r in table)
+    return hashlib.sha256(text.encode()).digest()[:8]
+
+
+def body_size(nregs: int) -> int:
+    return CONFIG_SIZE + 4 * nregs + MSIX_BAR_SIZE + 6
+
+
+def save(fn: PciFunction) -> bytes:
+    table = fn.bank.table
+    head = Head.build(
+        {
+            "version": VERSION,
+            "kind": KIND_PF if fn.is_pf else KIND_VF,
+            "index": fn.index,
+            "layout": layout_hash(table),
+            "nregs": len(table),
+            "link_state": fn.link_state,
+            "reserved": 0,
+        }
+    )
+    body = bytes(fn.config.data) + fn.bank.save() + bytes(fn.msix) + fn.perm_mac
+    record = head + body
+    return record + Int32ul.build(zlib.crc32(record))
+
+
+def check(fn: PciFunction, data: bytes) -> None:
+    """Raise SnapshotError unless ``data`` is a valid snapshot of a function like ``fn``."""
+    if len(data) < HEAD_SIZE + 4:
+        raise SnapshotError(f"snapshot truncated: {len(data)} bytes")
+    if data[:4] != MAGIC:
+        raise SnapshotError("not a vfnic snapshot (bad magic)")
+    head = Head.parse(data[:HEAD_SIZE])
+    if head.version != VERSION:
+        raise SnapshotError(f"snapshot format version {head.version}, expected {VERSION}")
+    expected = HEAD_SIZE + body_size(head.nregs) + 4
+    if len(data) != expected:
+        raise SnapshotError(f"snapshot of {len(data)} bytes, expected {expected}")
+    (crc,) = (Int32ul.parse(data[-4:]),)
+    if crc != zlib.crc32(data[:-4]):
+        raise SnapshotError("snapshot checksum mismatch")
+    if head.kind != (KIND_PF if fn.is_pf else KIND_VF):
+        raise SnapshotError("snapshot of a PF cannot restore a VF (or the reverse)")
+    if head.layout != layout_hash(fn.bank.table) or head.nregs != len(fn.bank.table):
+        raise SnapshotError("snapshot register layout differs from this device's")
+
+
+def restore(fn: PciFunction, data: bytes) -> None:
+    check(fn, data)
+    head = Head.parse(data[:HEAD_SIZE])
+    pos = HEAD_SIZE
+    fn.config.data[:] = data[pos : pos + CONFIG_SIZE]
+    pos += CONFIG_SIZE
+    n = 4 * head.nregs
+    fn.bank.restore(data[pos : pos + n])
+    pos += n
+    fn.msix[:] = data[pos : pos + MSIX_BAR_SIZE]
+    pos += MSIX_BAR_SIZE
+    fn.perm_mac = bytes(data[pos : pos + 6])
+    fn.link_state = head.link_state

@@ -1,0 +1,445 @@
+"""vfio-user server: one UNIX socket per device function, command dispatch.
+
+Every command is validated here (sizes, argsz, indexes, flags, limits) and any
+failure becomes an errno reply; the connection keeps serving. The device
+behind the socket implements ``Device``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import threading
+from typing import Protocol
+
+from vfnic.dma.controller import DmaController
+from vfnic.errors import ConnectionClosed, ProtocolError, RemoteError, VfnicError
+from vfnic.vfiouser import wire
+from vfnic.vfiouser.transport import DEFAULT_MAX_DATA_XFER, Endpoint, Message
+
+log = logging.getLogger(__name__)
+
+SERVER_MAX_MSG_FDS = 16
+SERVER_MAX_DMA_MAPS = 65535
+SERVER_PGSIZES = 4096
+
+
+class Device(Protocol):
+    """What a vfio-user device offers to the dispatcher."""
+
+    lock: threading.RLock
+    dma: DmaController
+
+    def device_info(self) -> tuple[int, int, int]: ...  # flags, num_regions, num_irqs
+    def region_info(self, index: int) -> tuple[int, int]: ...  # flags, size
+    def irq_info(self, index: int) -> tuple[int, int]: ...  # flags, count
+    def region_read(self, index: int, offset: int, count: int) -> bytes: ...
+    def region_write(self, index: int, offset: int, data: bytes) -> None: ...
+    def set_irqs(self, index: int, flags: int, start: int, count: int, data: bytes,
+                 fds: list[int]) -> None: ...
+    def reset(self) -> None: ...
+    def feature(self, flags: int, data: bytes, argsz: int) -> bytes: ...
+    def mig_data_read(self, size: int) -> bytes: ...
+    def mig_data_write(self, data: bytes) -> None: ...
+    def client_attached(self, session: Session) -> None: ...
+    def client_detached(self) -> None: ...
+
+
+class Session:
+    """One client connection: negotiated limits and the command dispatcher."""
+
+    def __init__(self, device: Device, sock: socket.socket) -> None:
+        self.device = device
+        self.endpoint = Endpoint(sock, self.dispatch, DEFAULT_MAX_DATA_XFER, SERVER_MAX_MSG_FDS)
+        self.negotiated = False
+        self.client_max_data_xfer = DEFAULT_MAX_DATA_XFER
+        self.client_caps: dict[str, object] = {}
+        self.handlers = {
+            wire.Command.VERSION: self.on_version,
+            wire.Command.DMA_MAP: self.on_dma_map,
+            wire.Command.DMA_UNMAP: self.on_dma_unmap,
+            wire.Command.DEVICE_GET_INFO: self.on_get_info,
+            wire.Command.DEVICE_GET_REGION_INFO: self.on_get_region_info,
+            wire.Command.DEVICE_GET_REGION_IO_FDS: self.on_get_region_io_fds,
+            wire.Command.DEVICE_GET_IRQ_INFO: self.on_get_irq_info,
+            wire.Command.DEVICE_SET_IRQS: self.on_set_irqs,
+            wire.Command.REGION_READ: self.on_region_read,
+            wire.Command.REGION_WRITE: self.on_region_write,
+            wire.Command.DEVICE_RESET: self.on_reset,
+            wire.Command.REGION_WRITE_MULTI: self.on_write_multi,
+            wire.Command.DEVICE_FEATURE: self.on_feature,
+            wire.Command.MIG_DATA_READ: self.on_mig_data_read,
+            wire.Command.MIG_DATA_WRITE: self.on_mig_data_write,
+        }
+
+    # -- dispatch ----------------------------------------------------------------------
+
+    def dispatch(self, msg: Message) -> None:
+        try:
+            if msg.flags & wire.FLAG_TYPE_MASK != wire.TYPE_COMMAND or msg.flags & ~0x3F:
+                raise ProtocolError(f"bad message flags {msg.flags:#x}")
+            handler = self.handlers.get(msg.command)  # type: ignore[call-overload]
+            if handler is None:
+                if msg.command in (wire.Command.DMA_READ, wire.Command.DMA_WRITE):
+                    raise ProtocolError(f"{wire.command_name(msg.command)} goes server->client")
+                raise ProtocolError(f"unknown command {msg.command}", errno.ENOSYS)
+            if not self.negotiated and msg.command != wire.Command.VERSION:
+                raise ProtocolError("VFIO_USER_VERSION must come first")
+            if msg.fds and msg.command not in (
+                wire.Command.DMA_MAP, wire.Command.DEVICE_SET_IRQS
+            ):
+                raise ProtocolError(f"{wire.command_name(msg.command)} takes no fds")
+            reply = handler(msg)
+            if not msg.no_reply:
+                payload, fds = reply if isinstance(reply, tuple) else (reply, None)
+                self.endpoint.reply(msg, payload, fds)
+        except ConnectionClosed:
+            raise
+        except VfnicError as exc:
+            msg.close_fds()
+            log.debug("%s: error %s: %s", wire.command_name(msg.command), exc.errno, exc)
+            if not msg.no_reply:
+                self.endpoint.reply_error(msg, exc.errno)
+        except Exception as exc:  # a bug must not take the server down
+            msg.close_fds()
+            log.exception("%s: internal error", wire.command_name(msg.command))
+            if not msg.no_reply:
+                self.endpoint.reply_error(msg, errno.EIO)
+            del exc
+
+    @staticmethod
+    def _need(msg: Message, size: int, exact: bool = False) -> None:
+        n = len(msg.payload)
+        if n < size or (exact and n != size):
+            raise ProtocolError(
+                f"{wire.command_name(msg.command)}: payload of {n} bytes, expected {size}"
+            )
+
+    @staticmethod
+    def _argsz(argsz: int, minimum: int, what: str) -> None:
+        if argsz < minimum:
+            raise ProtocolError(f"{what}: argsz {argsz} < {minimum}")
+
+    # -- VFIO_USER_VERSION ---------------------------------------------------------------
+
+    def on_version(self, msg: Message) -> bytes:
+        self._need(msg, wire.VERSION_SIZE)
+        ver = wire.Version.parse(msg.payload[:4])
+        if ver.major != 0:
+            raise ProtocolError(f"unsupported protocol major {ver.major}", errno.ENOTSUP)
+        caps: dict[str, object] = {}
+        extra = msg.payload[4:]
+        if extra:
+            if extra[-1] != 0:
+                raise ProtocolError("version data is not NUL-terminated")
+            try:
+                doc = json.loads(extra[:-1].decode("utf-8"))
+            except (UnicodeDecodeError, ValueError) as exc:
+                raise ProtocolError(f"version data is not JSON: {exc}") from exc
+            if not isinstance(doc, dict):
+                raise ProtocolError("version data is not a JSON object")
+            raw = doc.get("capabilities", {})
+            if not isinstance(raw, dict):
+                raise ProtocolError("capabilities is not a JSON object")
+            caps = raw
+        xfer = caps.get("max_data_xfer_size", DEFAULT_MAX_DATA_XFER)
+        if not isinstance(xfer, int) or isinstance(xfer, bool) or xfer < 1:
+            raise ProtocolError(f"bad max_data_xfer_size {xfer!r}")
+        for key in ("max_msg_fds", "pgsizes", "max_dma_maps"):
+            if key in caps and (not isinstance(caps[key], int) or isinstance(caps[key], bool)):
+                raise ProtocolError(f"bad {key} {caps[key]!r}")
+        pgsizes = caps.get("pgsizes", 4096)
+        assert isinstance(pgsizes, int)
+        if not pgsizes & SERVER_PGSIZES:
+            raise ProtocolError(f"no common page size in pgsizes {pgsizes:#x}", errno.ENOTSUP)
+        self.client_caps = caps
+        self.client_max_data_xfer = min(xfer, DEFAULT_MAX_DATA_XFER)
+        ours: dict[str, object] = {
+            "max_msg_fds": SERVER_MAX_MSG_FDS,
+            "max_data_xfer_size": DEFAULT_MAX_DATA_XFER,
+            "max_dma_maps": SERVER_MAX_DMA_MAPS,
+            "pgsizes": SERVER_PGSIZES,
+        }
+        if isinstance(caps.get("migration"), dict):
+            ours["migration"] = {"pgsize": 4096, "max_bitmap_size": 256 * 1024 * 1024}
+        if caps.get("write_multiple") is True:
+            ours["write_multiple"] = True
+        self.negotiated = True
+        data = json.dumps({"capabilities": ours}).encode() + b"\0"
+        return wire.build(wire.Version, major=0, minor=0) + data
+
+    # -- DMA ---------------------------------------------------------------------------
+
+    def on_dma_map(self, msg: Message) -> bytes:
+        self._need(msg, wire.DMA_MAP_SIZE, exact=True)
+        req = wire.DmaMap.parse(msg.payload)
+        if req.argsz != wire.DMA_MAP_SIZE:
+            raise ProtocolError(f"DMA_MAP argsz {req.argsz}")
+        if len(msg.fds) > 1:
+            raise ProtocolError("DMA_MAP with more than one fd")
+        fd = msg.fds.pop() if msg.fds else None
+        if fd is None and req.offset:
+            raise ProtocolError("DMA_MAP offset without an fd")
+        with self.device.lock:
+            self.device.dma.map(req.address, req.size, req.flags, req.offset, fd)
+        return b""
+
+    def on_dma_unmap(self, msg: Message) -> bytes:
+        self._need(msg, wire.DMA_UNMAP_SIZE, exact=True)
+        req = wire.DmaUnmap.parse(msg.payload)
+        self._argsz(req.argsz, wire.DMA_UNMAP_SIZE, "DMA_UNMAP")
+        unmap_all = 1 << 1  # VFIO_DMA_UNMAP_FLAG_ALL
+        with self.device.lock:
+            if req.flags == unmap_all and req.address == 0 and req.size == 0:
+                self.device.dma.unmap_all()
+            elif req.flags:
+                raise ProtocolError(f"DMA_UNMAP flags {req.flags:#x}")
+            else:
+                self.device.dma.unmap(req.address, req.size)
+        return msg.payload
+
+    def dma_read(self, address: int, length: int) -> bytes:
+        """Read client memory through VFIO_USER_DMA_READ messages."""
+        out = bytearray()
+        step = self.client_max_data_xfer
+        while len(out) < length:
+            n = min(step, length - len(out))
+            payload = wire.build(wire.DmaAccess, address=address + len(out), count=n)
+            try:
+                reply = self.endpoint.request(wire.Command.DMA_READ, payload, timeout=10)
+            except RemoteError as exc:
+                from vfnic.errors import DmaError
+
+                raise DmaError(f"client refused DMA_READ: {exc}", exc.errno) from exc
+            assert reply is not None
+            data = reply.payload[wire.DMA_ACCESS_SIZE:]
+            if len(data) != n:
+                from vfnic.errors import DmaError
+
+                raise DmaError(f"DMA_READ reply carried {len(data)} bytes, not {n}")
+            out += data
+        return bytes(out)
+
+    def dma_write(self, address: int, data: bytes) -> None:
+        """Write client memory through VFIO_USER_DMA_WRITE messages."""
+        step = self.client_max_data_xfer
+        for pos in range(0, len(data), step):
+            chunk = data[pos : pos + step]
+            payload = wire.build(wire.DmaAccess, address=address + pos, count=len(chunk))
+            try:
+                self.endpoint.request(wire.Command.DMA_WRITE, payload + chunk, timeout=10)
+            except RemoteError as exc:
+                from vfnic.errors import DmaError
+
+                raise DmaError(f"client refused DMA_WRITE: {exc}", exc.errno) from exc
+
+    # -- device information ------------------------------------------------------------
+
+    def on_get_info(self, msg: Message) -> bytes:
+        self._need(msg, wire.DEVICE_INFO_SIZE)
+        req = wire.DeviceInfo.parse(msg.payload[: wire.DEVICE_INFO_SIZE])
+        self._argsz(req.argsz, wire.DEVICE_INFO_SIZE, "DEVICE_GET_INFO")
+        flags, nreg, nirq = self.device.device_info()
+        return wire.build(
+            wire.DeviceInfo, argsz=wire.DEVICE_INFO_SIZE, flags=flags, num_regions=nreg,
+            num_irqs=nirq,
+        )
+
+    def on_get_region_info(self, msg: Message) -> bytes:
+        self._need(msg, wire.REGION_INFO_SIZE)
+        req = wire.RegionInfo.parse(msg.payload[: wire.REGION_INFO_SIZE])
+        self._argsz(req.argsz, wire.REGION_INFO_SIZE, "DEVICE_GET_REGION_INFO")
+        flags, size = self.device.region_info(req.index)
+        return wire.build(
+            wire.RegionInfo, argsz=wire.REGION_INFO_SIZE, flags=flags, index=req.index,
+            cap_offset=0, size=size, offset=0,
+        )
+
+    def on_get_region_io_fds(self, msg: Message) -> bytes:
+        self._need(msg, wire.REGION_IO_FDS_SIZE)
+        req = wire.RegionIoFds.parse(msg.payload[: wire.REGION_IO_FDS_SIZE])
+        self._argsz(req.argsz, wire.REGION_IO_FDS_SIZE, "DEVICE_GET_REGION_IO_FDS")
+        if req.flags or req.count:
+            raise ProtocolError("DEVICE_GET_REGION_IO_FDS: flags and count must be zero")
+        self.device.region_info(req.index)  # validates the index
+        # No sub-region offers an ioeventfd: every access goes through REGION_WRITE.
+        return wire.build(
+            wire.RegionIoFds, argsz=wire.REGION_IO_FDS_SIZE, flags=0, index=req.index, count=0
+        )
+
+    def on_get_irq_info(self, msg: Message) -> bytes:
+        self._need(msg, wire.IRQ_INFO_SIZE)
+        req = wire.IrqInfo.parse(msg.payload[: wire.IRQ_INFO_SIZE])
+        self._argsz(req.argsz, wire.IRQ_INFO_SIZE, "DEVICE_GET_IRQ_INFO")
+        flags, count = self.device.irq_info(req.index)
+        return wire.build(
+            wire.IrqInfo, argsz=wire.IRQ_INFO_SIZE, flags=flags, index=req.index, count=count
+        )
+
+    def on_set_irqs(self, msg: Message) -> bytes:
+        self._need(msg, wire.IRQ_SET_SIZE)
+        req = wire.IrqSet.parse(msg.payload[: wire.IRQ_SET_SIZE])
+        self._argsz(req.argsz, wire.IRQ_SET_SIZE, "DEVICE_SET_IRQS")
+        fds = list(msg.fds)
+        msg.fds.clear()
+        try:
+            with self.device.lock:
+                self.device.set_irqs(
+                    req.index, req.flags, req.start, req.count,
+                    msg.payload[wire.IRQ_SET_SIZE :], fds,
+                )
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return b""
+
+    # -- region access -----------------------------------------------------------------
+
+    def _check_count(self, count: int) -> None:
+        if count == 0 or count > DEFAULT_MAX_DATA_XFER:
+            raise ProtocolError(f"access of {count} bytes", errno.EINVAL)
+
+    def on_region_read(self, msg: Message) -> bytes:
+        self._need(msg, wire.REGION_ACCESS_SIZE, exact=True)
+        req = wire.RegionAccess.parse(msg.payload)
+        self._check_count(req.count)
+        with self.device.lock:
+            data = self.device.region_read(req.region, req.offset, req.count)
+        return msg.payload + data
+
+    def on_region_write(self, msg: Message) -> bytes:
+        self._need(msg, wire.REGION_ACCESS_SIZE)
+        req = wire.RegionAccess.parse(msg.payload[: wire.REGION_ACCESS_SIZE])
+        data = msg.payload[wire.REGION_ACCESS_SIZE :]
+        self._check_count(req.count)
+        if len(data) != req.count:
+            raise ProtocolError(f"REGION_WRITE count {req.count} but {len(data)} data bytes")
+        with self.device.lock:
+            self.device.region_write(req.region, req.offset, data)
+        return msg.payload[: wire.REGION_ACCESS_SIZE]
+
+    def on_write_multi(self, msg: Message) -> bytes:
+        self._need(msg, wire.WRITE_MULTI_HEADER_SIZE)
+        cnt = wire.WriteMultiHeader.parse(msg.payload[:8]).wr_cnt
+        if not 1 <= cnt <= wire.WRITE_MULTI_MAX:
+            raise ProtocolError(f"REGION_WRITE_MULTI wr_cnt {cnt}")
+        if len(msg.payload) != 8 + cnt * wire.WRITE_MULTI_ENTRY_SIZE:
+            raise ProtocolError("REGION_WRITE_MULTI size does not match wr_cnt")
+        writes = []
+        for i in range(cnt):
+            pos = 8 + i * wire.WRITE_MULTI_ENTRY_SIZE
+            w = wire.WriteMultiEntry.parse(msg.payload[pos : pos + wire.WRITE_MULTI_ENTRY_SIZE])
+            if not 1 <= w.count <= 8:
+                raise ProtocolError(f"REGION_WRITE_MULTI entry {i}: count {w.count}")
+            writes.append(w)
+        with self.device.lock:
+            for w in writes:  # validate all first, so a bad entry writes nothing
+                self.device.region_info(w.region)
+            for w in writes:
+                self.device.region_write(w.region, w.offset, bytes(w.data[: w.count]))
+        return msg.payload[:8]
+
+    def on_reset(self, msg: Message) -> bytes:
+        with self.device.lock:
+            self.device.reset()
+        return b""
+
+    # -- features and migration data -------------------------------------------------
+
+    def on_feature(self, msg: Message) -> bytes:
+        self._need(msg, wire.DEVICE_FEATURE_SIZE)
+        req = wire.DeviceFeature.parse(msg.payload[:8])
+        self._argsz(req.argsz, wire.DEVICE_FEATURE_SIZE, "DEVICE_FEATURE")
+        with self.device.lock:
+            data = self.device.feature(req.flags, msg.payload[8:], req.argsz)
+        return wire.build(wire.DeviceFeature, argsz=8 + len(data), flags=req.flags) + data
+
+    def on_mig_data_read(self, msg: Message) -> bytes:
+        self._need(msg, wire.MIG_DATA_SIZE, exact=True)
+        req = wire.MigData.parse(msg.payload)
+        self._argsz(req.argsz, wire.MIG_DATA_SIZE, "MIG_DATA_READ")
+        if req.size > DEFAULT_MAX_DATA_XFER or req.size > req.argsz - wire.MIG_DATA_SIZE:
+            raise ProtocolError(f"MIG_DATA_READ of {req.size} bytes (argsz {req.argsz})")
+        with self.device.lock:
+            data = self.device.mig_data_read(req.size)
+        return wire.build(wire.MigData, argsz=8 + len(data), size=len(data)) + data
+
+    def on_mig_data_write(self, msg: Message) -> bytes:
+        self._need(msg, wire.MIG_DATA_SIZE)
+        req = wire.MigData.parse(msg.payload[:8])
+        data = msg.payload[8:]
+        if req.size != len(data) or req.argsz < 8 + req.size:
+            raise ProtocolError(f"MIG_DATA_WRITE size {req.size} with {len(data)} data bytes")
+        with self.device.lock:
+            self.device.mig_data_write(data)
+        return wire.build(wire.MigData, argsz=8, size=req.size)
+
+
+class FunctionServer:
+    """Listens on one UNIX socket and serves one client at a time for ``device``."""
+
+    def __init__(self, device: Device, path: str, name: str) -> None:
+        self.device = device
+        self.path = path
+        self.name = name
+        self.session: Session | None = None
+        self._stop = threading.Event()
+        if os.path.exists(path):
+            os.unlink(path)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(4)
+        self.thread = threading.Thread(target=self._accept_loop, name=f"vfu-{name}", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    @property
+    def attached(self) -> bool:
+        return self.session is not None
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.session is not None:
+                log.warning("%s: refusing a second client", self.name)
+                conn.close()
+                continue
+            session = Session(self.device, conn)
+            self.session = session
+            with self.device.lock:
+                self.device.client_attached(session)
+            threading.Thread(
+                target=self._serve, args=(session,), name=f"vfu-{self.name}-conn", daemon=True
+            ).start()
+
+    def _serve(self, session: Session) -> None:
+        try:
+            session.endpoint.serve_forever()
+        finally:
+            # Client went away: drop its mappings and IRQ fds, keep device state.
+            with self.device.lock:
+                self.device.client_detached()
+            session.endpoint.close()
+            self.session = None
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+        if self.session is not None:
+            self.session.endpoint.close()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass

@@ -1,0 +1,356 @@
+"""vfio-user transport: framing, file descriptors and request/reply matching.
+
+One ``Endpoint`` wraps a connected AF_UNIX stream socket. Both ends of the
+protocol use it: the server receives commands and sends requests
+(DMA_READ/DMA_WRITE), the client does the opposite. Whichever thread is
+reading handles every incoming message: replies are matched to waiting
+requests by message ID ("Header": IDs belong to the sender), commands go to
+the ``on_command`` handler. A handler may itself send a request and wait for
+its reply; commands that arrive meanwhile are deferred and handled in order
+afterwards ("Command Concurrency": commands are processed in order).
+"""
+
+from __future__ import annotations
+
+import array
+import collections
+import errno as _errno
+import os
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from vfnic.errors import ConnectionClosed, ProtocolError, RemoteError
+from vfnic.vfiouser import wire
+
+DEFAULT_MAX_DATA_XFER = 1 << 20  # "max_data_xfer_size" default
+DEFAULT_MAX_MSG_FDS = 16
+# Largest message we accept: a full data transfer plus its fixed header, with room
+# for the largest fixed payload (DMA logging report headers, IRQ bool arrays).
+MSG_OVERHEAD = 4096
+
+
+@dataclass
+class Message:
+    """One received message: header fields, payload and any file descriptors."""
+
+    msg_id: int
+    command: int
+    flags: int
+    error: int
+    payload: bytes
+    fds: list[int] = field(default_factory=list)
+
+    @property
+    def is_reply(self) -> bool:
+        return (self.flags & wire.FLAG_TYPE_MASK) == wire.TYPE_REPLY
+
+    @property
+    def no_reply(self) -> bool:
+        return bool(self.flags & wire.FLAG_NO_REPLY)
+
+    @property
+    def is_error(self) -> bool:
+        return bool(self.flags & wire.FLAG_ERROR)
+
+    def close_fds(self) -> None:
+        for fd in self.fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fds.clear()
+
+
+class FramingError(ProtocolError):
+    """A header whose size field cannot be honoured; the bytes were consumed."""
+
+    def __init__(self, message: str, errno: int, msg: Message) -> None:
+        super().__init__(message, errno)
+        self.msg = msg
+
+
+class Endpoint:
+    """A vfio-user peer on one connected socket."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        on_command: Callable[[Message], None] | None = None,
+        max_data_xfer: int = DEFAULT_MAX_DATA_XFER,
+        max_msg_fds: int = DEFAULT_MAX_MSG_FDS,
+    ) -> None:
+        self.sock = sock
+        self.on_command = on_command
+        self.max_data_xfer = max_data_xfer
+        self.max_msg_fds = max_msg_fds
+        self._send_lock = threading.Lock()
+        self._recv_lock = threading.RLock()
+        self._cond = threading.Condition()
+        self._replies: dict[int, Message] = {}
+        self._waiting: set[int] = set()
+        self._deferred: collections.deque[Message] = collections.deque()
+        self._handling = 0  # nesting depth of on_command in the reading thread
+        self._next_id = 0
+        self._id_lock = threading.Lock()
+        self.closed = False
+
+    # -- sending -------------------------------------------------------------------
+
+    def new_id(self) -> int:
+        with self._id_lock:
+            self._next_id = (self._next_id + 1) & 0xFFFF
+            return self._next_id
+
+    def send(
+        self,
+        msg_id: int,
+        command: int,
+        payload: bytes = b"",
+        flags: int = wire.TYPE_COMMAND,
+        error: int = 0,
+        fds: list[int] | None = None,
+    ) -> None:
+        header = wire.build(
+            wire.Header,
+            msg_id=msg_id,
+            command=command,
+            msg_size=wire.HEADER_SIZE + len(payload),
+            flags=flags,
+            error=error,
+        )
+        data = header + payload
+        ancdata = []
+        if fds:
+            ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        with self._send_lock:
+            try:
+                sent = self.sock.sendmsg([data], ancdata)
+                if sent < len(data):
+                    self.sock.sendall(data[sent:])
+            except (BrokenPipeError, ConnectionResetError, OSError) as exc:
+                self.closed = True
+                raise ConnectionClosed(f"peer went away: {exc}") from exc
+
+    def reply(self, req: Message, payload: bytes = b"", fds: list[int] | None = None) -> None:
+        self.send(req.msg_id, req.command, payload, wire.TYPE_REPLY, 0, fds)
+
+    def reply_error(self, req: Message, errno: int) -> None:
+        self.send(req.msg_id, req.command, b"", wire.TYPE_REPLY | wire.FLAG_ERROR, errno)
+
+    # -- receiving -----------------------------------------------------------------
+
+    def _recv_exact(self, n: int, fds: list[int] | None) -> bytes:
+        chunks = []
+        remaining = n
+        while remaining:
+            if fds is not None:
+                cmsg_space = socket.CMSG_SPACE(self.max_msg_fds * 4)
+                data, ancdata, msg_flags, _ = self.sock.recvmsg(remaining, cmsg_space)
+                for level, ctype, cdata in ancdata:
+                    if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
+                        arr = array.array("i")
+                        arr.frombytes(cdata[: len(cdata) - (len(cdata) % 4)])
+                        fds.extend(arr)
+                if msg_flags & socket.MSG_CTRUNC:
+                    for fd in fds:
+                        os.close(fd)
+                    fds.clear()
+                    fds.append(-1)  # marks "too many fds"
+            else:
+                data = self.sock.recv(remaining)
+            if not data:
+                self.closed = True
+                raise ConnectionClosed("peer closed the connection")
+            chunks.append(data)
+            remaining -= len(data)
+        return b"".join(chunks)
+
+    def _discard(self, n: int) -> None:
+        while n:
+            data = self.sock.recv(min(n, 1 << 16))
+            if not data:
+                self.closed = True
+                raise ConnectionClosed("peer closed the connection")
+            n -= len(data)
+
+    def recv_message(self) -> Message:
+        """Read one whole message. Raises FramingError for unusable sizes (already
+        consumed, so the stream stays in step), ConnectionClosed at EOF."""
+        fds: list[int] = []
+        raw = self._recv_exact(wire.HEADER_SIZE, fds)
+        hdr = wire.Header.parse(raw)
+        msg = Message(hdr.msg_id, hdr.command, hdr.flags, hdr.error, b"", fds)
+        if -1 in fds:
+            msg.fds = [fd for fd in fds if fd >= 0]
+            msg.close_fds()
+            if hdr.msg_size > wire.HEADER_SIZE:
+                self._discard(hdr.msg_size - wire.HEADER_SIZE)
+            raise FramingError(
+                f"more than {self.max_msg_fds} file descriptors", _errno.EINVAL, msg
+            )
+        if hdr.msg_size < wire.HEADER_SIZE:
+            msg.close_fds()
+            raise FramingError(f"message size {hdr.msg_size} < header", _errno.EINVAL, msg)
+        body = hdr.msg_size - wire.HEADER_SIZE
+        if body > self.max_data_xfer + MSG_OVERHEAD:
+            msg.close_fds()
+            self._discard(body)
+            raise FramingError(f"message of {hdr.msg_size} bytes is too large", _errno.E2BIG, msg)
+        if body:
+            more: list[int] = []
+            msg.payload = self._recv_exact(body, more)
+            if -1 in more:
+                msg.fds.extend(fd for fd in more if fd >= 0)
+                msg.close_fds()
+                raise FramingError("too many file descriptors", _errno.EINVAL, msg)
+            msg.fds.extend(more)
+        return msg
+
+    def _dispatch_one(self) -> None:
+        """Read one message and route it (reply -> waiter, command -> handler or defer)."""
+        try:
+            msg = self.recv_message()
+        except FramingError as exc:
+            if not exc.msg.is_reply and not exc.msg.no_reply:
+                self.reply_error(exc.msg, exc.errno)
+            return
+        if msg.is_reply:
+            with self._cond:
+                if msg.msg_id in self._waiting:
+                    self._replies[msg.msg_id] = msg
+                    self._cond.notify_all()
+                    return
+            msg.close_fds()  # a reply nobody waits for
+            return
+        if self._handling:
+            self._deferred.append(msg)
+            return
+        self._handle(msg)
+
+    def _handle(self, msg: Message) -> None:
+        if self.on_command is None:
+            msg.close_fds()
+            if not msg.no_reply:
+                self.reply_error(msg, _errno.ENOTSUP)
+            return
+        self._handling += 1
+        try:
+            self.on_command(msg)
+        finally:
+            self._handling -= 1
+
+    def serve_forever(self) -> None:
+        """Handle incoming messages until the peer closes the connection."""
+        try:
+            while True:
+                with self._recv_lock:
+                    while self._deferred and not self._handling:
+                        self._handle(self._deferred.popleft())
+                    self._dispatch_one()
+        except ConnectionClosed:
+            pass
+        finally:
+            self._wake_all()
+
+    def poll(self, timeout: float) -> bool:
+        """Handle messages already waiting on the socket (client side, when idle)."""
+        import select
+
+        if not self._recv_lock.acquire(timeout=timeout):
+            return False
+        try:
+            r, _, _ = select.select([self.sock], [], [], timeout)
+            if not r:
+                return False
+            self._dispatch_one()
+            while self._deferred and not self._handling:
+                self._handle(self._deferred.popleft())
+            return True
+        finally:
+            self._recv_lock.release()
+
+    def _wake_all(self) -> None:
+        self.closed = True
+        with self._cond:
+            self._cond.notify_all()
+
+    # -- requests ------------------------------------------------------------------
+
+    def request(
+        self,
+        command: int,
+        payload: bytes = b"",
+        fds: list[int] | None = None,
+        timeout: float | None = 30.0,
+        no_reply: bool = False,
+    ) -> Message | None:
+        """Send a command and return its reply (RemoteError if it is an error reply)."""
+        msg_id = self.new_id()
+        flags = wire.TYPE_COMMAND | (wire.FLAG_NO_REPLY if no_reply else 0)
+        if no_reply:
+            self.send(msg_id, command, payload, flags, 0, fds)
+            return None
+        with self._cond:
+            self._waiting.add(msg_id)
+        try:
+            self.send(msg_id, command, payload, flags, 0, fds)
+            reply = self._wait_reply(msg_id, timeout)
+        finally:
+            with self._cond:
+                self._waiting.discard(msg_id)
+                self._replies.pop(msg_id, None)
+        if reply.is_error:
+            reply.close_fds()
+            raise RemoteError(wire.command_name(command), reply.error or _errno.EIO)
+        return reply
+
+    def _wait_reply(self, msg_id: int, timeout: float | None) -> Message:
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._cond:
+                if msg_id in self._replies:
+                    return self._replies.pop(msg_id)
+                if self.closed:
+                    raise ConnectionClosed("connection closed while waiting for a reply")
+            # Read ourselves if nobody else is; else wait for the reader to hand it over.
+            if self._recv_lock.acquire(blocking=False):
+                try:
+                    with self._cond:
+                        if msg_id in self._replies:
+                            continue
+                    if deadline is not None:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            raise TimeoutError(f"no reply to message {msg_id}")
+                        self.sock.settimeout(left)
+                    try:
+                        self._dispatch_one()
+                    except TimeoutError:
+                        raise TimeoutError(f"no reply to message {msg_id}") from None
+                    except ConnectionClosed:
+                        self._wake_all()
+                        raise
+                    finally:
+                        if deadline is not None:
+                            self.sock.settimeout(None)
+                finally:
+                    self._recv_lock.release()
+            else:
+                with self._cond:
+                    if msg_id not in self._replies and not self.closed:
+                        left = None if deadline is None else deadline - time.monotonic()
+                        if left is not None and left <= 0:
+                            raise TimeoutError(f"no reply to message {msg_id}")
+                        self._cond.wait(0.05 if left is None else min(left, 0.05))
+
+    def close(self) -> None:
+        self._wake_all()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
