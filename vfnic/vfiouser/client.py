@@ -166,12 +166,12 @@ class VfioUserClient:
         self.call(wire.Command.DEVICE_SET_IRQS, payload, fds)
 
     def region_read(self, region: int, offset: int, count: int) -> bytes:
-        payload = wire.build(wire.RegionAccess, offset=offset, region=region, count=count)
+        payload = wire.REGION_ACCESS.pack(offset, region, count)
         reply = self.call(wire.Command.REGION_READ, payload)
         return reply[16:]
 
     def region_write(self, region: int, offset: int, data: bytes, posted: bool = False) -> None:
-        payload = wire.build(wire.RegionAccess, offset=offset, region=region, count=len(data))
+        payload = wire.REGION_ACCESS.pack(offset, region, len(data))
         if posted:
             self.request(wire.Command.REGION_WRITE, payload + data, no_reply=True)
         else:

@@ -305,21 +305,21 @@ class Session:
 
     def on_region_read(self, msg: Message) -> bytes:
         self._need(msg, wire.REGION_ACCESS_SIZE, exact=True)
-        req = wire.RegionAccess.parse(msg.payload)
-        self._check_count(req.count)
+        offset, region, count = wire.REGION_ACCESS.unpack(msg.payload)
+        self._check_count(count)
         with self.device.lock:
-            data = self.device.region_read(req.region, req.offset, req.count)
+            data = self.device.region_read(region, offset, count)
         return msg.payload + data
 
     def on_region_write(self, msg: Message) -> bytes:
         self._need(msg, wire.REGION_ACCESS_SIZE)
-        req = wire.RegionAccess.parse(msg.payload[: wire.REGION_ACCESS_SIZE])
+        offset, region, count = wire.REGION_ACCESS.unpack_from(msg.payload)
         data = msg.payload[wire.REGION_ACCESS_SIZE :]
-        self._check_count(req.count)
-        if len(data) != req.count:
-            raise ProtocolError(f"REGION_WRITE count {req.count} but {len(data)} data bytes")
+        self._check_count(count)
+        if len(data) != count:
+            raise ProtocolError(f"REGION_WRITE count {count} but {len(data)} data bytes")
         with self.device.lock:
-            self.device.region_write(req.region, req.offset, data)
+            self.device.region_write(region, offset, data)
         return msg.payload[: wire.REGION_ACCESS_SIZE]
 
     def on_write_multi(self, msg: Message) -> bytes:

@@ -31,7 +31,7 @@ DEFAULT_MAX_MSG_FDS = 16
 MSG_OVERHEAD = 4096
 
 
-@dataclass
+@dataclass(slots=True)
 class Message:
     """One received message: header fields, payload and any file descriptors."""
 
@@ -95,6 +95,7 @@ class Endpoint:
         self._next_id = 0
         self._id_lock = threading.Lock()
         self.closed = False
+        self._cmsg_space = socket.CMSG_SPACE(max_msg_fds * 4)
 
     # -- sending -------------------------------------------------------------------
 
@@ -112,21 +113,15 @@ class Endpoint:
         error: int = 0,
         fds: list[int] | None = None,
     ) -> None:
-        header = wire.build(
-            wire.Header,
-            msg_id=msg_id,
-            command=command,
-            msg_size=wire.HEADER_SIZE + len(payload),
-            flags=flags,
-            error=error,
-        )
-        data = header + payload
-        ancdata = []
-        if fds:
-            ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        data = wire.HEADER.pack(msg_id, command, wire.HEADER_SIZE + len(payload), flags, error)
+        data += payload
         with self._send_lock:
             try:
-                sent = self.sock.sendmsg([data], ancdata)
+                if fds:
+                    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+                    sent = self.sock.sendmsg([data], anc)
+                else:
+                    sent = self.sock.send(data)
                 if sent < len(data):
                     self.sock.sendall(data[sent:])
             except (BrokenPipeError, ConnectionResetError, OSError) as exc:
@@ -146,8 +141,7 @@ class Endpoint:
         remaining = n
         while remaining:
             if fds is not None:
-                cmsg_space = socket.CMSG_SPACE(self.max_msg_fds * 4)
-                data, ancdata, msg_flags, _ = self.sock.recvmsg(remaining, cmsg_space)
+                data, ancdata, msg_flags, _ = self.sock.recvmsg(remaining, self._cmsg_space)
                 for level, ctype, cdata in ancdata:
                     if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
                         arr = array.array("i")
@@ -180,32 +174,27 @@ class Endpoint:
         consumed, so the stream stays in step), ConnectionClosed at EOF."""
         fds: list[int] = []
         raw = self._recv_exact(wire.HEADER_SIZE, fds)
-        hdr = wire.Header.parse(raw)
-        msg = Message(hdr.msg_id, hdr.command, hdr.flags, hdr.error, b"", fds)
+        msg_id, command, msg_size, flags, error = wire.HEADER.unpack(raw)
+        msg = Message(msg_id, command, flags, error, b"", fds)
         if -1 in fds:
             msg.fds = [fd for fd in fds if fd >= 0]
             msg.close_fds()
-            if hdr.msg_size > wire.HEADER_SIZE:
-                self._discard(hdr.msg_size - wire.HEADER_SIZE)
+            if msg_size > wire.HEADER_SIZE:
+                self._discard(msg_size - wire.HEADER_SIZE)
             raise FramingError(
                 f"more than {self.max_msg_fds} file descriptors", _errno.EINVAL, msg
             )
-        if hdr.msg_size < wire.HEADER_SIZE:
+        if msg_size < wire.HEADER_SIZE:
             msg.close_fds()
-            raise FramingError(f"message size {hdr.msg_size} < header", _errno.EINVAL, msg)
-        body = hdr.msg_size - wire.HEADER_SIZE
+            raise FramingError(f"message size {msg_size} < header", _errno.EINVAL, msg)
+        body = msg_size - wire.HEADER_SIZE
         if body > self.max_data_xfer + MSG_OVERHEAD:
             msg.close_fds()
             self._discard(body)
-            raise FramingError(f"message of {hdr.msg_size} bytes is too large", _errno.E2BIG, msg)
+            raise FramingError(f"message of {msg_size} bytes is too large", _errno.E2BIG, msg)
         if body:
-            more: list[int] = []
-            msg.payload = self._recv_exact(body, more)
-            if -1 in more:
-                msg.fds.extend(fd for fd in more if fd >= 0)
-                msg.close_fds()
-                raise FramingError("too many file descriptors", _errno.EINVAL, msg)
-            msg.fds.extend(more)
+            # fds travel with the first byte of a message (one sendmsg per message).
+            msg.payload = self._recv_exact(body, None)
         return msg
 
     def _dispatch_one(self) -> None:
