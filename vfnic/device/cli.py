@@ -16,6 +16,8 @@ def register(sub: Any) -> None:
     p = sub.add_parser("serve", help="serve a NIC: DIR/pf.sock, DIR/vfN.sock, DIR/control.sock")
     p.add_argument("--dir", required=True, help="runtime folder for the sockets")
     p.add_argument("--vfs", type=int, default=4, help="number of VFs (default 4, at most 8)")
+    p.add_argument("--uplink", metavar="TAP", help="host TAP device for the PF's uplink port")
+    p.add_argument("--nic-id", type=int, default=0, help="number in the default MACs (0-255)")
     p.add_argument("-v", "--verbose", action="store_true", help="log protocol errors")
     p.set_defaults(handler=cmd_serve)
 
@@ -25,7 +27,7 @@ def register(sub: Any) -> None:
     s.add_argument("dir")
     s.add_argument("--json", action="store_true")
     s.set_defaults(handler=cmd_link_show)
-    s = lsub.add_parser("set", help="DIR vf N state auto|enable|disable")
+    s = lsub.add_parser("set", help="DIR vf N state auto|enable|disable | DIR vf N mac MAC")
     s.add_argument("dir")
     s.add_argument("words", nargs="+", help="vf N state STATE")
     s.set_defaults(handler=cmd_link_set)
@@ -47,7 +49,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         format="vfnic serve: %(message)s",
     )
     try:
-        server = NicServer(args.dir, args.vfs)
+        server = NicServer(args.dir, args.vfs, args.uplink, args.nic_id)
     except OSError as exc:
         raise UsageError(f"cannot serve in {args.dir}: {exc.strerror or exc}") from exc
     done = threading.Event()
@@ -88,9 +90,18 @@ def cmd_link_set(args: argparse.Namespace) -> int:
     from vfnic.device.nic import control_call
 
     words = args.words
-    if len(words) != 4 or words[0] != "vf" or not words[1].isdigit() or words[2] != "state":
-        raise UsageError("usage: vfnic link set DIR vf N state auto|enable|disable")
-    control_call(args.dir, {"op": "vf-state", "vf": int(words[1]), "state": words[3]})
+    usage = "usage: vfnic link set DIR vf N state auto|enable|disable  |  vf N mac MAC"
+    if len(words) != 4 or words[0] != "vf" or not words[1].isdigit():
+        raise UsageError(usage)
+    vf, what, value = int(words[1]), words[2], words[3]
+    if what == "state":
+        result = control_call(args.dir, {"op": "vf-state", "vf": vf, "state": value})
+    elif what == "mac":
+        result = control_call(args.dir, {"op": "vf-mac", "vf": vf, "mac": value})
+    else:
+        raise UsageError(usage)
+    if result:
+        print(result)
     return 0
 
 

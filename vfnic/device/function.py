@@ -22,6 +22,7 @@ from vfnic.regs.table import BAR0_SIZE, PF_TABLE, VF_TABLE
 from vfnic.vfiouser import wire
 
 if TYPE_CHECKING:
+    from vfnic.device.nic import Nic
     from vfnic.vfiouser.server import Session
 
 VENDOR_ID = 0x1234  # QEMU's experimental vendor ID: no guest driver binds to it
@@ -64,6 +65,9 @@ class PciFunction:
         self.total_vfs = total_vfs
         self.num_vfs = num_vfs
         self.link_state = LINK_AUTO
+        self.nic: Nic | None = None
+        self.running = True  # False in the migration STOP states: no DMA, no interrupts
+        self.serving_thread: int | None = None
         self.dma = DmaController()
         self.bank = RegisterBank(PF_TABLE if is_pf else VF_TABLE, BAR0_SIZE)
         self.config = pci.ConfigSpace()
@@ -73,6 +77,9 @@ class PciFunction:
         self.session: Session | None = None
         self.interrupts_sent = 0
         self._build_config()
+        from vfnic.device.datapath import DataPath
+
+        self.datapath = DataPath(self)
         self.reset()
 
     # -- configuration space ----------------------------------------------------------
@@ -270,7 +277,7 @@ class PciFunction:
     def signal(self, index: int, vector: int) -> bool:
         """Raise interrupt ``vector`` of IRQ ``index`` through its eventfd."""
         fd = self.irq_fds.get((index, vector))
-        if fd is None or (index, vector) in self.irq_masked:
+        if fd is None or (index, vector) in self.irq_masked or not self.running:
             return False
         os.write(fd, struct.pack("<Q", 1))
         self.interrupts_sent += 1
@@ -278,6 +285,7 @@ class PciFunction:
 
     def reset(self) -> None:
         self.bank.reset()
+        self.datapath.backlog.clear()
         self._reset_config()
         self.msix[:] = bytes(MSIX_BAR_SIZE)
         for v in range(MSIX_VECTORS):  # vector control: masked after reset
@@ -295,6 +303,13 @@ class PciFunction:
     def mig_data_write(self, data: bytes) -> None:
         raise ProtocolError("not in the RESUMING migration state")
 
+    def in_serving_thread(self) -> bool:
+        return self.serving_thread == threading.get_ident()
+
+    def on_wake(self) -> None:
+        """Run in the serving thread: deliver frames queued for fd-less DMA."""
+        self.datapath.drain_backlog()
+
     def client_attached(self, session: Session) -> None:
         self.session = session
         self.dma.message_read = session.dma_read
@@ -305,7 +320,9 @@ class PciFunction:
         self._drop_irqs()
         self.dma.message_read = None
         self.dma.message_write = None
+        self.datapath.backlog.clear()
         self.session = None
+        self.serving_thread = None
 
     # -- device-side DMA (bus mastering required, as on real hardware) -----------------
 

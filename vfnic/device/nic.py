@@ -51,6 +51,11 @@ class Nic:
             PciFunction(self.lock, False, i, default_mac(nic_id, i), T.MAX_VFS)
             for i in range(num_vfs)
         ]
+        from vfnic.device.pfagent import PfAgent
+        from vfnic.device.switch import Switch
+
+        self.switch = Switch(self)
+        self.pf_agent = PfAgent(self)
         for fn in self.functions:
             self._wire(fn)
             self._update_link(fn)
@@ -69,10 +74,18 @@ class Nic:
     # -- register behaviour -------------------------------------------------------------
 
     def _wire(self, fn: PciFunction) -> None:
+        fn.nic = self
         hooks = fn.bank.write_hooks
         hooks["CTRL"] = lambda _n, v: self._on_ctrl(fn, v)
         hooks["EICS"] = lambda _n, v: self.raise_cause(fn, v)
         hooks["EIMS"] = lambda _n, v: self._deliver(fn)
+        dp = fn.datapath
+        for q in range(T.NUM_QUEUES):
+            for kind in ("R", "T"):
+                hooks[f"{kind}XDCTL{q}"] = lambda _n, _v, k=kind, q=q: dp.on_ctl_write(k, q)
+                hooks[f"{kind}DT{q}"] = lambda _n, _v, k=kind, q=q: dp.on_tail_write(k, q)
+        if not fn.is_pf:
+            hooks["VFMBDOORBELL"] = lambda _n, v: self.pf_agent.on_vf_doorbell(fn, v)
 
     def _on_ctrl(self, fn: PciFunction, value: int) -> None:
         if value & T.CTRL_RST:  # self-clearing software reset of the function's registers
@@ -89,6 +102,8 @@ class Nic:
             fn.bank.clear_bits("STATUS", T.STATUS_LU)
         if up != was:
             self.raise_cause(fn, T.EICR_LSC)
+            if not fn.is_pf:
+                self.pf_agent.notify_link(fn)
 
     def raise_cause(self, fn: PciFunction, bits: int) -> None:
         fn.bank.set_bits("EICR", bits)
@@ -119,6 +134,23 @@ class Nic:
             fn.link_state = names[state]
             self._update_link(fn)
 
+    def set_vf_mac(self, vf: int, mac_text: str) -> None:
+        """`ip link set PF vf N mac MAC`: the host assigns the VF's MAC."""
+        try:
+            mac = bytes(int(x, 16) for x in mac_text.split(":"))
+        except ValueError:
+            mac = b""
+        if len(mac) != 6 or mac[0] & 1:
+            raise UsageError(f"bad unicast MAC address {mac_text!r}")
+        if not 0 <= vf < len(self.vfs):
+            raise UsageError(f"no VF {vf}")
+        with self.lock:
+            fn = self.vfs[vf]
+            fn.perm_mac = mac
+            self.pf_agent.admin_mac[vf] = mac
+            fn.bank.set("RAL", int.from_bytes(mac[:4], "little"))
+            fn.bank.set("RAH", int.from_bytes(mac[4:], "little") | (1 << 31))
+
     # -- views for the management socket ---------------------------------------------
 
     def link_info(self, servers: dict[str, FunctionServer] | None = None) -> dict[str, Any]:
@@ -148,10 +180,15 @@ class Nic:
 class NicServer:
     """A Nic with its sockets in a runtime folder."""
 
-    def __init__(self, directory: str | os.PathLike[str], num_vfs: int = DEFAULT_VFS) -> None:
+    def __init__(self, directory: str | os.PathLike[str], num_vfs: int = DEFAULT_VFS,
+                 uplink: str | None = None, nic_id: int = 0) -> None:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.nic = Nic(num_vfs)
+        self.nic = Nic(num_vfs, nic_id)
+        if uplink:
+            from vfnic.device.switch import TapUplink
+
+            self.nic.switch.uplink = TapUplink(uplink)
         self.servers: dict[str, FunctionServer] = {}
         for fn in self.nic.functions:
             path = str(self.dir / f"{fn.name}.sock")
@@ -167,12 +204,16 @@ class NicServer:
     def start(self) -> None:
         for srv in self.servers.values():
             srv.start()
+        if self.nic.switch.uplink is not None:
+            self.nic.switch.uplink.start(self.nic.switch)
         threading.Thread(target=self._control_loop, name="vfnic-control", daemon=True).start()
 
     def stop(self) -> None:
         self._stopped.set()
         for srv in self.servers.values():
             srv.stop()
+        if self.nic.switch.uplink is not None:
+            self.nic.switch.uplink.close()
         try:
             self.control.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -214,6 +255,9 @@ class NicServer:
             return self.nic.regs(str(req.get("function")))
         if op == "vf-state":
             self.nic.set_link_state(int(req.get("vf", -1)), str(req.get("state")))
+            return None
+        if op == "vf-mac":
+            self.nic.set_vf_mac(int(req.get("vf", -1)), str(req.get("mac")))
             return None
         raise UsageError(f"unknown management operation {op!r}")
 

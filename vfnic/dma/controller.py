@@ -105,6 +105,10 @@ class DmaController:
                 r.mm.close()
         self.regions.clear()
 
+    def has_message_regions(self) -> bool:
+        """Whether some region is reached only through DMA_READ/WRITE messages."""
+        return any(r.mm is None for r in self.regions)
+
     def find(self, address: int, length: int) -> DmaRegion:
         """The region holding all of [address, address+length)."""
         keys = [r.address for r in self.regions]

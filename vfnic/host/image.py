@@ -32,6 +32,7 @@ INIT_SCRIPT = Path(__file__).with_name("guest-init.sh")
 GUEST_INIT = "sbin/vfnic-init"
 # Pure-Python packages vfnic imports that the guest's python3 lacks.
 GUEST_DEPS = ("construct",)
+GUEST_PYTHON = (3, 11)  # bookworm's python3
 _SETUP_HINT = "run `make setup`"
 _IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo")
 
@@ -111,6 +112,13 @@ def _install_extras(root: Path) -> None:
             target.unlink(missing_ok=True)
             shutil.copyfile(src, target)
             target.chmod(0o755)
+    # Byte-compile here (same Python minor as the guest's python3): imports
+    # under TCG are several times faster with .pyc files present.
+    if sys.version_info[:2] == GUEST_PYTHON:
+        dirs = [str(root / dest) for dest, src in _sources() if src.is_dir()]
+        subprocess.run(
+            [sys.executable, "-m", "compileall", "-q", *dirs], check=False, capture_output=True
+        )
 
 
 def _mkfs(root: Path, image: Path) -> None:

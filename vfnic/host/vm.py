@@ -15,12 +15,14 @@ import asyncio
 import base64
 import codecs
 import concurrent.futures
+import ctypes
 import json
 import logging
 import os
 import re
 import secrets
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -57,6 +59,12 @@ _KERNEL_ARGS = (
     "fsck.mode=skip",
     "panic=-1",
 )
+
+
+def _die_with_parent() -> None:
+    # prctl(PR_SET_PDEATHSIG, SIGKILL), in the child before exec.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)
 
 
 class VmError(VfnicError):
@@ -170,7 +178,9 @@ class VM:
     Use as a context manager (starts on enter, stops on exit), or call
     start() and stop(). The run dir holds qmp.sock, console.sock,
     console.log and qemu.log; a run dir made here is removed on a clean
-    stop unless keep=True.
+    stop unless keep=True. With die_with_parent (the default) the kernel
+    kills QEMU when the thread that started it ends, so a killed test run
+    leaves no QEMU behind: start the VM from a long-lived thread.
     """
 
     def __init__(
@@ -188,6 +198,7 @@ class VM:
         token: str | None = None,
         keep: bool = False,
         verbose: bool = False,
+        die_with_parent: bool = True,
     ) -> None:
         self.functions = list(functions)
         self.command = command
@@ -200,12 +211,14 @@ class VM:
         self.token = token or secrets.token_hex(6)
         self.keep = keep
         self.verbose = verbose
+        self.die_with_parent = die_with_parent
         self._own_run_dir = run_dir is None
         self._run_dir = run_dir
         self.proc: subprocess.Popen[bytes] | None = None
         self.output = ""  # the command's output, once wait_exec has run
         self.failed = False
         self._log_fd: int | None = None
+        self.started_at = 0.0  # time.monotonic() at start()
 
     # -- paths -----------------------------------------------------------------------
 
@@ -306,6 +319,7 @@ class VM:
             fn.check()
         argv = self.argv()
         self._log_fd = os.open(self.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.started_at = time.monotonic()
         self._progress(f"starting QEMU ({self.accel or runtime.accel()}), run dir {self.run_dir}")
         # Own session: a Ctrl-C in the terminal reaches us, and we quit QEMU cleanly.
         self.proc = subprocess.Popen(
@@ -315,6 +329,7 @@ class VM:
             stdout=self._log_fd,
             stderr=self._log_fd,
             start_new_session=True,
+            preexec_fn=_die_with_parent if self.die_with_parent else None,
         )
         deadline = time.monotonic() + timeout
         while True:
@@ -382,7 +397,12 @@ class VM:
             except FileNotFoundError:
                 data = b""
             offset += len(data)
+            was_started = parser.started
             text = parser.feed(decoder.decode(data))
+            if parser.started and not was_started:
+                self._progress(
+                    f"guest up after {time.monotonic() - self.started_at:.1f} s, running command"
+                )
             if text:
                 chunks.append(text)
                 if out is not None:

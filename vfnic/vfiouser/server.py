@@ -46,6 +46,7 @@ class Device(Protocol):
     def mig_data_write(self, data: bytes) -> None: ...
     def client_attached(self, session: Session) -> None: ...
     def client_detached(self) -> None: ...
+    def on_wake(self) -> None: ...
 
 
 class Session:
@@ -210,6 +211,10 @@ class Session:
             payload = wire.build(wire.DmaAccess, address=address + len(out), count=n)
             try:
                 reply = self.endpoint.request(wire.Command.DMA_READ, payload, timeout=10)
+            except TimeoutError as exc:
+                from vfnic.errors import DmaError
+
+                raise DmaError(f"client did not answer DMA_READ: {exc}", errno.ETIMEDOUT) from exc
             except RemoteError as exc:
                 from vfnic.errors import DmaError
 
@@ -231,6 +236,10 @@ class Session:
             payload = wire.build(wire.DmaAccess, address=address + pos, count=len(chunk))
             try:
                 self.endpoint.request(wire.Command.DMA_WRITE, payload + chunk, timeout=10)
+            except TimeoutError as exc:
+                from vfnic.errors import DmaError
+
+                raise DmaError(f"client did not answer DMA_WRITE: {exc}", errno.ETIMEDOUT) from exc
             except RemoteError as exc:
                 from vfnic.errors import DmaError
 
@@ -421,6 +430,18 @@ class FunctionServer:
             ).start()
 
     def _serve(self, session: Session) -> None:
+        self.device.serving_thread = threading.get_ident()  # type: ignore[attr-defined]
+
+        def wake() -> None:
+            try:
+                with self.device.lock:
+                    self.device.on_wake()
+            except ConnectionClosed:
+                raise
+            except Exception:  # a device bug must not end the connection
+                log.exception("%s: deferred device work failed", self.name)
+
+        session.endpoint.on_wake = wake
         try:
             session.endpoint.serve_forever()
         finally:

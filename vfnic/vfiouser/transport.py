@@ -96,6 +96,8 @@ class Endpoint:
         self._id_lock = threading.Lock()
         self.closed = False
         self._cmsg_space = socket.CMSG_SPACE(max_msg_fds * 4)
+        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.on_wake: Callable[[], None] | None = None
 
     # -- sending -------------------------------------------------------------------
 
@@ -173,7 +175,16 @@ class Endpoint:
         """Read one whole message. Raises FramingError for unusable sizes (already
         consumed, so the stream stays in step), ConnectionClosed at EOF."""
         fds: list[int] = []
-        raw = self._recv_exact(wire.HEADER_SIZE, fds)
+        try:
+            raw = self._recv_exact(wire.HEADER_SIZE, fds)
+        except (ConnectionResetError, BrokenPipeError, ValueError) as exc:
+            self.closed = True
+            raise ConnectionClosed(f"connection lost: {exc}") from exc
+        except OSError as exc:
+            if isinstance(exc, TimeoutError):
+                raise
+            self.closed = True
+            raise ConnectionClosed(f"connection lost: {exc}") from exc
         msg_id, command, msg_size, flags, error = wire.HEADER.unpack(raw)
         msg = Message(msg_id, command, flags, error, b"", fds)
         if -1 in fds:
@@ -230,14 +241,36 @@ class Endpoint:
         finally:
             self._handling -= 1
 
+    def wake(self) -> None:
+        """Ask the serving thread to run ``on_wake`` (device work that needs it,
+        e.g. DMA through messages, which only the reading thread may do)."""
+        try:
+            os.eventfd_write(self.wake_fd, 1)
+        except OSError:
+            pass
+
     def serve_forever(self) -> None:
         """Handle incoming messages until the peer closes the connection."""
+        import select
+
         try:
             while True:
+                try:
+                    ready, _, _ = select.select([self.sock, self.wake_fd], [], [])
+                except (ValueError, OSError):  # closed under us by stop()
+                    return
                 with self._recv_lock:
                     while self._deferred and not self._handling:
                         self._handle(self._deferred.popleft())
-                    self._dispatch_one()
+                    if self.wake_fd in ready:
+                        try:
+                            os.eventfd_read(self.wake_fd)
+                        except BlockingIOError:
+                            pass
+                        if self.on_wake is not None:
+                            self.on_wake()
+                    if self.sock in ready:
+                        self._dispatch_one()
         except ConnectionClosed:
             pass
         finally:
@@ -343,3 +376,6 @@ class Endpoint:
         except OSError:
             pass
         self.sock.close()
+        if self.wake_fd >= 0:
+            os.close(self.wake_fd)
+            self.wake_fd = -1

@@ -1,0 +1,137 @@
+"""The NIC's internal L2 switch and its uplink, as on SR-IOV hardware.
+
+Frames are switched by destination MAC: to the function whose receive address
+(RAL/RAH with AV) matches, broadcast and multicast to every function and the
+uplink, anything else out of the uplink. A function whose link is down neither
+sends nor receives.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import socket
+import struct
+import threading
+from typing import TYPE_CHECKING
+
+from vfnic.errors import UsageError
+from vfnic.regs import table as T
+
+if TYPE_CHECKING:
+    from vfnic.device.function import PciFunction
+    from vfnic.device.nic import Nic
+
+log = logging.getLogger(__name__)
+
+TUNSETIFF = 0x400454CA
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
+
+
+class TapUplink:
+    """The PF's uplink port: a host TAP device (created if it does not exist)."""
+
+    def __init__(self, name: str) -> None:
+        if not name or len(name) > 15:
+            raise UsageError(f"bad uplink name {name!r}")
+        self.name = name
+        try:
+            self.fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise UsageError(f"cannot open /dev/net/tun: {exc.strerror}") from exc
+        try:
+            ifr = struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI)
+            fcntl.ioctl(self.fd, TUNSETIFF, ifr)
+            self._set_up()
+        except OSError as exc:
+            os.close(self.fd)
+            raise UsageError(f"cannot attach to TAP {name}: {exc.strerror}") from exc
+        self.rx_frames = 0
+        self.tx_frames = 0
+        self._stop = False
+
+    def _set_up(self) -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            ifr = struct.pack("16sH", self.name.encode(), 0)
+            flags = struct.unpack("16sH", fcntl.ioctl(s, SIOCGIFFLAGS, ifr + b"\0" * 22)[:18])[1]
+            fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH", self.name.encode(), flags | IFF_UP)
+                        + b"\0" * 22)
+
+    def send(self, frame: bytes) -> None:
+        try:
+            os.write(self.fd, frame)
+            self.tx_frames += 1
+        except OSError as exc:  # e.g. the TAP is down: the frame is lost, as on a wire
+            log.debug("uplink %s: %s", self.name, exc)
+
+    def run(self, switch: Switch) -> None:
+        while not self._stop:
+            try:
+                frame = os.read(self.fd, 65536)
+            except OSError:
+                return
+            if not frame:
+                return
+            self.rx_frames += 1
+            switch.from_uplink(frame)
+
+    def start(self, switch: Switch) -> None:
+        threading.Thread(target=self.run, args=(switch,), name=f"uplink-{self.name}",
+                         daemon=True).start()
+
+    def close(self) -> None:
+        self._stop = True
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+
+class Switch:
+    def __init__(self, nic: Nic) -> None:
+        self.nic = nic
+        self.uplink: TapUplink | None = None
+        self.forwarded = 0
+
+    @staticmethod
+    def _link_up(fn: PciFunction) -> bool:
+        return bool(fn.bank.get("STATUS") & T.STATUS_LU)
+
+    @staticmethod
+    def _address(fn: PciFunction) -> bytes | None:
+        if not fn.bank.get("RAH") & (1 << 31):
+            return None
+        return fn.mac
+
+    def forward(self, src: PciFunction | None, frame: bytes) -> None:
+        """Switch a frame sent by ``src`` (None: it came from the uplink)."""
+        with self.nic.lock:
+            self.forwarded += 1
+            if src is not None and not self._link_up(src):
+                src.bank.set("TXERRC", src.bank.get("TXERRC") + 1)
+                return
+            dst = frame[:6]
+            if dst[0] & 1:  # broadcast / multicast: flood
+                for fn in self.nic.functions:
+                    if fn is not src and self._link_up(fn):
+                        fn.datapath.receive(frame)
+                if src is not None and self.uplink is not None:
+                    self.uplink.send(frame)
+                return
+            for fn in self.nic.functions:
+                if fn is not src and self._address(fn) == dst:
+                    if self._link_up(fn):
+                        fn.datapath.receive(frame)
+                    else:
+                        fn.bank.set("MPC", fn.bank.get("MPC") + 1)
+                    return
+            if src is not None and self.uplink is not None:
+                self.uplink.send(frame)
+
+    def from_uplink(self, frame: bytes) -> None:
+        self.forward(None, frame)
