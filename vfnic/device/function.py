@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from vfnic.device import pci
 from vfnic.dma.controller import DmaController
-from vfnic.errors import DmaError, NotTtyError, ProtocolError
+from vfnic.errors import DmaError, ProtocolError
 from vfnic.regs.bank import RegisterBank
 from vfnic.regs.table import BAR0_SIZE, PF_TABLE, VF_TABLE
 from vfnic.vfiouser import wire
@@ -78,9 +78,11 @@ class PciFunction:
         self.interrupts_sent = 0
         self._build_config()
         from vfnic.device.datapath import DataPath
+        from vfnic.savevm.migration import Migration
 
         self.datapath = DataPath(self)
-        self.reset()
+        self.migration = Migration(self)
+        self.function_reset()
 
     # -- configuration space ----------------------------------------------------------
 
@@ -217,7 +219,7 @@ class PciFunction:
         flr = offset <= flr_word + 1 < offset + len(data) and data[flr_word + 1 - offset] & 0x80
         self.config.write(offset, data)
         if flr:  # Initiate Function Level Reset (PCIe DevCtl bit 15)
-            self.reset()
+            self.function_reset()
 
     def _msix_write(self, offset: int, data: bytes) -> None:
         for i, b in enumerate(data):
@@ -284,6 +286,12 @@ class PciFunction:
         return True
 
     def reset(self) -> None:
+        """VFIO_USER_DEVICE_RESET: the function and its migration state machine."""
+        self.function_reset()
+        self.migration.reset()
+
+    def function_reset(self) -> None:
+        """Function level reset (PCIe FLR, CTRL.RST): registers, config, MSI-X."""
         self.bank.reset()
         self.datapath.backlog.clear()
         self._reset_config()
@@ -295,13 +303,13 @@ class PciFunction:
         self.bank.set("RAH", int.from_bytes(self.perm_mac[4:6], "little") | (1 << 31))
 
     def feature(self, flags: int, data: bytes, argsz: int) -> bytes:
-        raise NotTtyError(f"device feature {flags & wire.VFIO_DEVICE_FEATURE_MASK}")
+        return self.migration.feature(flags, data, argsz)
 
     def mig_data_read(self, size: int) -> bytes:
-        raise ProtocolError("not in a saving migration state")
+        return self.migration.read(size)
 
     def mig_data_write(self, data: bytes) -> None:
-        raise ProtocolError("not in the RESUMING migration state")
+        self.migration.write(data)
 
     def in_serving_thread(self) -> bool:
         return self.serving_thread == threading.get_ident()

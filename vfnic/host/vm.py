@@ -317,6 +317,9 @@ class VM:
             raise VmError("VM already started")
         for fn in self.functions:
             fn.check()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if len(str(self.console_socket)) > 107:  # sun_path holds 108 bytes
+            raise UsageError(f"run dir path too long for unix sockets: {self.run_dir}")
         argv = self.argv()
         self._log_fd = os.open(self.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.started_at = time.monotonic()

@@ -52,8 +52,18 @@ class Device(Protocol):
 class Session:
     """One client connection: negotiated limits and the command dispatcher."""
 
-    def __init__(self, device: Device, sock: socket.socket) -> None:
+    # Commands a secondary client (the migration orchestrator, while QEMU owns the
+    # function) may send: it manages migration and may look, never touch.
+    SECONDARY_COMMANDS = frozenset({
+        wire.Command.VERSION, wire.Command.DEVICE_GET_INFO,
+        wire.Command.DEVICE_GET_REGION_INFO, wire.Command.DEVICE_GET_IRQ_INFO,
+        wire.Command.REGION_READ, wire.Command.DEVICE_FEATURE,
+        wire.Command.MIG_DATA_READ, wire.Command.MIG_DATA_WRITE,
+    })
+
+    def __init__(self, device: Device, sock: socket.socket, primary: bool = True) -> None:
         self.device = device
+        self.primary = primary
         self.endpoint = Endpoint(sock, self.dispatch, DEFAULT_MAX_DATA_XFER, SERVER_MAX_MSG_FDS)
         self.negotiated = False
         self.client_max_data_xfer = DEFAULT_MAX_DATA_XFER
@@ -89,6 +99,11 @@ class Session:
                 raise ProtocolError(f"unknown command {msg.command}", errno.ENOSYS)
             if not self.negotiated and msg.command != wire.Command.VERSION:
                 raise ProtocolError("VFIO_USER_VERSION must come first")
+            if not self.primary and msg.command not in self.SECONDARY_COMMANDS:
+                raise ProtocolError(
+                    f"{wire.command_name(msg.command)}: only the primary client may do that",
+                    errno.EPERM,
+                )
             if msg.fds and msg.command not in (
                 wire.Command.DMA_MAP, wire.Command.DEVICE_SET_IRQS
             ):
@@ -418,8 +433,10 @@ class FunctionServer:
             except OSError:
                 return
             if self.session is not None:
-                log.warning("%s: refusing a second client", self.name)
-                conn.close()
+                # A second client (the migration orchestrator) gets a restricted session.
+                secondary = Session(self.device, conn, primary=False)
+                threading.Thread(target=self._serve_secondary, args=(secondary,),
+                                 name=f"vfu-{self.name}-mig", daemon=True).start()
                 continue
             session = Session(self.device, conn)
             self.session = session
@@ -428,6 +445,12 @@ class FunctionServer:
             threading.Thread(
                 target=self._serve, args=(session,), name=f"vfu-{self.name}-conn", daemon=True
             ).start()
+
+    def _serve_secondary(self, session: Session) -> None:
+        try:
+            session.endpoint.serve_forever()
+        finally:
+            session.endpoint.close()
 
     def _serve(self, session: Session) -> None:
         self.device.serving_thread = threading.get_ident()  # type: ignore[attr-defined]
