@@ -27,7 +27,9 @@ def register(sub: Any) -> None:
     s.add_argument("dir")
     s.add_argument("--json", action="store_true")
     s.set_defaults(handler=cmd_link_show)
-    s = lsub.add_parser("set", help="DIR vf N state auto|enable|disable | DIR vf N mac MAC")
+    s = lsub.add_parser(
+        "set", help="DIR vf N state auto|enable|disable|migrate|cancelmigration|suspend|resume"
+        " | DIR vf N mac MAC")
     s.add_argument("dir")
     s.add_argument("words", nargs="+", help="vf N state STATE")
     s.set_defaults(handler=cmd_link_set)
@@ -90,7 +92,8 @@ def cmd_link_set(args: argparse.Namespace) -> int:
     from vfnic.device.nic import control_call
 
     words = args.words
-    usage = "usage: vfnic link set DIR vf N state auto|enable|disable  |  vf N mac MAC"
+    usage = ("usage: vfnic link set DIR vf N state "
+             "auto|enable|disable|migrate|cancelmigration|suspend|resume  |  vf N mac MAC")
     if len(words) != 4 or words[0] != "vf" or not words[1].isdigit():
         raise UsageError(usage)
     vf, what, value = int(words[1]), words[2], words[3]
@@ -101,7 +104,8 @@ def cmd_link_set(args: argparse.Namespace) -> int:
     else:
         raise UsageError(usage)
     if result:
-        print(result)
+        driver = f", driver {result['driver_us']} us" if result.get("driver_us") else ""
+        print(f"vf {vf}: {value} acknowledged in {result['mailbox_ms']} ms{driver}")
     return 0
 
 

@@ -246,6 +246,9 @@ class NicServer:
                 f.write(json.dumps(reply).encode() + b"\n")
                 f.flush()
 
+    def migration_command(self, vf: int, state: str, timeout: float) -> dict[str, Any]:
+        return _migration_command(self.nic, vf, state, timeout)
+
     def control_request(self, req: dict[str, Any]) -> Any:
         op = req.get("op")
         if op == "link-show":
@@ -253,7 +256,11 @@ class NicServer:
         if op == "regs":
             return self.nic.regs(str(req.get("function")))
         if op == "vf-state":
-            self.nic.set_link_state(int(req.get("vf", -1)), str(req.get("state")))
+            state = str(req.get("state"))
+            vf = int(req.get("vf", -1))
+            if state in MIGRATION_COMMANDS:
+                return self.migration_command(vf, state, float(req.get("timeout", 5.0)))
+            self.nic.set_link_state(vf, state)
             return None
         if op == "vf-mac":
             self.nic.set_vf_mac(int(req.get("vf", -1)), str(req.get("mac")))
@@ -261,13 +268,41 @@ class NicServer:
         raise UsageError(f"unknown management operation {op!r}")
 
 
-def control_call(directory: str | os.PathLike[str], req: dict[str, Any]) -> Any:
+MIGRATION_COMMANDS = {
+    "migrate": "MIGRATE",
+    "cancelmigration": "CANCEL_MIGRATION",
+    "suspend": "SUSPEND",
+    "resume": "RESUME",
+}
+
+
+def _migration_command(nic: Nic, vf: int, state: str, timeout: float) -> dict[str, Any]:
+    """Pass a migration command to the VF driver through the mailbox and wait
+    for its acknowledgement (the 2015 prototype's `ip link set PF vf N state X`)."""
+    from vfnic.regs.mailbox import MsgType
+
+    if not 0 <= vf < len(nic.vfs):
+        raise UsageError(f"no VF {vf}")
+    pending = nic.pf_agent.send_and_wait(vf, MsgType[MIGRATION_COMMANDS[state]], timeout)
+    return {
+        "vf": vf,
+        "command": state,
+        "acked": True,
+        "mailbox_ms": round(pending.rtt * 1000, 3),
+        # The driver reports how long it took, in microseconds, in reply word 1.
+        "driver_us": pending.reply[1] if len(pending.reply) > 1 else None,
+    }
+
+
+def control_call(directory: str | os.PathLike[str], req: dict[str, Any],
+                 timeout: float = 30.0) -> Any:
     """Send one management request to a running `vfnic serve`."""
     path = Path(directory) / "control.sock"
     if not path.exists():
         raise UsageError(f"no vfnic server in {directory} (no control.sock)")
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
             s.connect(str(path))
             s.sendall(json.dumps(req).encode() + b"\n")
             with s.makefile("rb") as f:

@@ -53,6 +53,7 @@ class DmaController:
         self.message_read: MessageRead | None = None
         self.message_write: MessageWrite | None = None
         self.dirty_log: set[int] | None = None  # page numbers written, when logging
+        self.dirty_total: set[int] = set()  # every 4 KiB page written since logging started
         self.dirty_page_size = PAGE_SIZE
 
     # -- mapping ----------------------------------------------------------------------
@@ -146,3 +147,6 @@ class DmaController:
         if self.dirty_log is not None and data:
             ps = self.dirty_page_size
             self.dirty_log.update(range(address // ps, (address + len(data) - 1) // ps + 1))
+            self.dirty_total.update(
+                range(address // PAGE_SIZE, (address + len(data) - 1) // PAGE_SIZE + 1)
+            )

@@ -119,7 +119,9 @@ class Bus(abc.ABC):
 
     def poll(self) -> None:
         """Serve requests the device made to us (nothing to do on a real bus)."""
+        return None
 
+    @abc.abstractmethod
     def close(self) -> None:
         """Release the function and the DMA memory."""
 

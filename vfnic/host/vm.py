@@ -294,7 +294,12 @@ class VM:
     # -- lifecycle ---------------------------------------------------------------------
 
     def __enter__(self) -> VM:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.failed = True
+            self.stop()  # a half-started QEMU must not outlive us
+            raise
         return self
 
     def __exit__(

@@ -126,6 +126,8 @@ class Migration:
         self.log_ranges: list[tuple[int, int]] = []
         self.log_page_size = 4096
         self.fail_next_arc = False  # test hook: make the next arc fail (-> ERROR)
+        self.pages_sent = 0
+        self.pages_received = 0
         self.timings: dict[str, float] = {}
 
     # -- feature dispatch -----------------------------------------------------------------
@@ -211,13 +213,20 @@ class Migration:
                 self.out = stream.delta_record(self.precopy_base, final)
             else:
                 self.out = stream.full_record(final)
+            pages = self.device_pages()
+            if pages:
+                self.out += stream.pages_record(pages)
+            self.pages_sent = len(pages)
             self.out += stream.end_record(final)
             self.timings["save"] = time.perf_counter() - t0
         elif new == S.RESUMING:
             self.incoming = bytearray()
         elif cur == S.RESUMING and new == S.STOP:
-            image = stream.assemble(bytes(self.incoming))
+            image, pages = stream.assemble(bytes(self.incoming))
             snapshot.restore(fn, image)  # checks everything before touching the device
+            for iova, data in pages:  # DMA-written pages QEMU could not have seen
+                fn.dma.write(iova, data)
+            self.pages_received = len(pages)
             fn.running = False
             self.incoming = bytearray()
             self.timings["restore"] = time.perf_counter() - t0
@@ -232,6 +241,20 @@ class Migration:
         self.precopy_base = None
         self.incoming = bytearray()
         self.fn.running = True
+
+    def device_pages(self) -> list[tuple[int, bytes]]:
+        """Contents of every page the device wrote since dirty logging started."""
+        dma = self.fn.dma
+        if dma.dirty_log is None:
+            return []
+        out = []
+        for page in sorted(dma.dirty_total):
+            try:
+                out.append((page * stream.PAGE_SIZE, dma.read(page * stream.PAGE_SIZE,
+                                                              stream.PAGE_SIZE)))
+            except VfnicError:
+                continue  # unmapped since: nothing to carry
+        return out
 
     # -- data --------------------------------------------------------------------------------
 
@@ -270,6 +293,7 @@ class Migration:
         self.log_ranges = ranges
         self.fn.dma.dirty_page_size = page_size
         self.fn.dma.dirty_log = set()
+        self.fn.dma.dirty_total = set()
         return LogControl.pack(page_size, nranges, 0) + data[LogControl.size:]
 
     def logging_stop(self) -> None:

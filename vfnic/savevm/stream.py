@@ -4,6 +4,8 @@ Each record: magic "VFMR", version u16, kind u16, payload length u32, payload,
 CRC32 of all that. Kinds:
   FULL   a whole function snapshot (vfnic.savevm.snapshot)
   DELTA  CRC32 of the base snapshot, then patches (offset u32, length u32, bytes)
+  PAGES  guest pages the device wrote by DMA: (iova u64, page bytes)*, written
+         into the destination's guest memory when the state is restored
   END    CRC32 of the resulting snapshot
 A destination assembles FULL [DELTA] END and checks every CRC before the
 snapshot is restored, so a wrong version or a truncated or corrupted stream is
@@ -19,7 +21,8 @@ from vfnic.errors import SnapshotError
 
 MAGIC = b"VFMR"
 VERSION = 1
-KIND_FULL, KIND_DELTA, KIND_END = 1, 2, 3
+KIND_FULL, KIND_DELTA, KIND_END, KIND_PAGES = 1, 2, 3, 4
+PAGE_SIZE = 4096
 MAX_STREAM = 16 << 20
 
 Header = struct.Struct("<4sHHI")
@@ -52,6 +55,10 @@ def delta_record(base: bytes, image: bytes, chunk: int = 64) -> bytes:
     return _record(KIND_DELTA, struct.pack("<I", zlib.crc32(base)) + b"".join(patches))
 
 
+def pages_record(pages: list[tuple[int, bytes]]) -> bytes:
+    return _record(KIND_PAGES, b"".join(struct.pack("<Q", iova) + data for iova, data in pages))
+
+
 def end_record(image: bytes) -> bytes:
     return _record(KIND_END, struct.pack("<I", zlib.crc32(image)))
 
@@ -78,9 +85,11 @@ def records(data: bytes) -> list[tuple[int, bytes]]:
     return out
 
 
-def assemble(data: bytes) -> bytes:
-    """The snapshot a complete stream describes (SnapshotError if it is not complete)."""
+def assemble(data: bytes) -> tuple[bytes, list[tuple[int, bytes]]]:
+    """The snapshot and the DMA-written pages a complete stream describes
+    (SnapshotError if it is not complete)."""
     image: bytearray | None = None
+    pages: list[tuple[int, bytes]] = []
     ended = False
     for kind, payload in records(data):
         if ended:
@@ -101,6 +110,13 @@ def assemble(data: bytes) -> bytes:
                     raise SnapshotError("migration stream: patch out of range")
                 image[off : off + length] = payload[pos : pos + length]
                 pos += length
+        elif kind == KIND_PAGES:
+            step = 8 + PAGE_SIZE
+            if len(payload) % step:
+                raise SnapshotError("migration stream: bad pages record")
+            for pos in range(0, len(payload), step):
+                (iova,) = struct.unpack_from("<Q", payload, pos)
+                pages.append((iova, payload[pos + 8 : pos + step]))
         elif kind == KIND_END:
             if image is None or len(payload) != 4:
                 raise SnapshotError("migration stream: end without data")
@@ -112,4 +128,4 @@ def assemble(data: bytes) -> bytes:
             raise SnapshotError(f"migration stream: unknown record kind {kind}")
     if not ended or image is None:
         raise SnapshotError("migration stream truncated (no end record)")
-    return bytes(image)
+    return bytes(image), pages

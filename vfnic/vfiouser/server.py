@@ -153,7 +153,7 @@ class Session:
                 raise ProtocolError("version data is not NUL-terminated")
             try:
                 doc = json.loads(extra[:-1].decode("utf-8"))
-            except (UnicodeDecodeError, ValueError) as exc:
+            except (UnicodeDecodeError, ValueError, RecursionError) as exc:
                 raise ProtocolError(f"version data is not JSON: {exc}") from exc
             if not isinstance(doc, dict):
                 raise ProtocolError("version data is not a JSON object")
