@@ -14,7 +14,9 @@ import errno
 import json
 import mmap
 import os
+import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -284,8 +286,13 @@ def sock_path(server: NicServer, name: str = "vf0") -> str:
 
 @pytest.fixture
 def nic_server(tmp_path: Any) -> Iterator[NicServer]:
-    """A NicServer with 2 VFs serving in a fresh folder."""
-    server = NicServer(tmp_path, num_vfs=NUM_VFS)
+    """A NicServer with 2 VFs serving in a fresh folder (tmp_path, or a shorter
+    one when a socket path there would not fit in sun_path's 108 bytes)."""
+    folder = str(tmp_path)
+    short = None
+    if len(os.path.join(folder, "control.sock")) > 100:
+        short = folder = tempfile.mkdtemp(prefix="vfp-", dir="/tmp")
+    server = NicServer(folder, num_vfs=NUM_VFS)
     server.start()
     yield server
     # Let each session notice its client left before closing the sockets under it.
@@ -293,6 +300,8 @@ def nic_server(tmp_path: Any) -> Iterator[NicServer]:
     while any(s.attached for s in server.servers.values()) and time.monotonic() < deadline:
         time.sleep(0.005)
     server.stop()
+    if short is not None:
+        shutil.rmtree(short, ignore_errors=True)
 
 
 @pytest.fixture

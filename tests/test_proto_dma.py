@@ -7,7 +7,15 @@ import os
 from typing import Any
 
 import pytest
-from conftest_proto import (
+
+from vfnic.device.function import PciFunction
+from vfnic.vfiouser import wire
+from vfnic.vfiouser.client import VfioUserClient
+
+# Shared fixtures and helpers (tests/conftest_proto.py), rewritten for assert messages.
+pytest.register_assert_rewrite("conftest_proto")
+pytest_plugins = ["conftest_proto"]
+from conftest_proto import (  # noqa: E402
     VENDOR_ID,
     RawConn,
     close_all,
@@ -21,12 +29,6 @@ from conftest_proto import (
     sock_path,
     wait_detached,
 )
-
-from vfnic.device.function import PciFunction
-from vfnic.vfiouser import wire
-from vfnic.vfiouser.client import VfioUserClient
-
-pytest_plugins = ["conftest_proto"]  # the shared fixtures
 
 MAP = wire.Command.DMA_MAP
 UNMAP = wire.Command.DMA_UNMAP

@@ -7,18 +7,20 @@ import os
 from typing import Any
 
 import pytest
-from conftest_proto import (
+
+from vfnic.vfiouser import wire
+from vfnic.vfiouser.client import VfioUserClient
+
+# Shared fixtures and helpers (tests/conftest_proto.py), rewritten for assert messages.
+pytest.register_assert_rewrite("conftest_proto")
+pytest_plugins = ["conftest_proto"]
+from conftest_proto import (  # noqa: E402
     RawConn,
     make_eventfds,
     msg,
     open_fds,
     sock_path,
 )
-
-from vfnic.vfiouser import wire
-from vfnic.vfiouser.client import VfioUserClient
-
-pytest_plugins = ["conftest_proto"]  # the shared fixtures
 
 GET_INFO = wire.Command.DEVICE_GET_INFO
 REGION_INFO = wire.Command.DEVICE_GET_REGION_INFO

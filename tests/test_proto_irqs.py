@@ -8,7 +8,15 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest_proto import (
+
+from vfnic.device.function import PciFunction
+from vfnic.vfiouser import wire
+from vfnic.vfiouser.client import VfioUserClient
+
+# Shared fixtures and helpers (tests/conftest_proto.py), rewritten for assert messages.
+pytest.register_assert_rewrite("conftest_proto")
+pytest_plugins = ["conftest_proto"]
+from conftest_proto import (  # noqa: E402
     BAR0,
     CFG_COMMAND,
     CFG_MSIX_FLAGS,
@@ -29,12 +37,6 @@ from conftest_proto import (
     u32,
     wait_detached,
 )
-
-from vfnic.device.function import PciFunction
-from vfnic.vfiouser import wire
-from vfnic.vfiouser.client import VfioUserClient
-
-pytest_plugins = ["conftest_proto"]  # the shared fixtures
 
 SET_IRQS = wire.Command.DEVICE_SET_IRQS
 MSIX = wire.PciIrq.MSIX

@@ -5,7 +5,16 @@ from __future__ import annotations
 import errno
 
 import pytest
-from conftest_proto import (
+
+from vfnic.device.function import PciFunction
+from vfnic.savevm import snapshot
+from vfnic.vfiouser import wire
+from vfnic.vfiouser.client import VfioUserClient
+
+# Shared fixtures and helpers (tests/conftest_proto.py), rewritten for assert messages.
+pytest.register_assert_rewrite("conftest_proto")
+pytest_plugins = ["conftest_proto"]
+from conftest_proto import (  # noqa: E402
     BAR0,
     CFG_DEVICE_ID,
     CFG_VENDOR_ID,
@@ -31,13 +40,6 @@ from conftest_proto import (
     u32,
     write_multi_payload,
 )
-
-from vfnic.device.function import PciFunction
-from vfnic.savevm import snapshot
-from vfnic.vfiouser import wire
-from vfnic.vfiouser.client import VfioUserClient
-
-pytest_plugins = ["conftest_proto"]  # the shared fixtures
 
 READ = wire.Command.REGION_READ
 WRITE = wire.Command.REGION_WRITE

@@ -11,7 +11,16 @@ import time
 from typing import Any
 
 import pytest
-from conftest_proto import (
+
+from vfnic.device.function import PciFunction
+from vfnic.errors import ConnectionClosed
+from vfnic.vfiouser import wire
+from vfnic.vfiouser.client import VfioUserClient
+
+# Shared fixtures and helpers (tests/conftest_proto.py), rewritten for assert messages.
+pytest.register_assert_rewrite("conftest_proto")
+pytest_plugins = ["conftest_proto"]
+from conftest_proto import (  # noqa: E402
     BAR0,
     CFG_COMMAND,
     CFG_DEVCTL,
@@ -36,13 +45,6 @@ from conftest_proto import (
     sock_path,
     u32,
 )
-
-from vfnic.device.function import PciFunction
-from vfnic.errors import ConnectionClosed
-from vfnic.vfiouser import wire
-from vfnic.vfiouser.client import VfioUserClient
-
-pytest_plugins = ["conftest_proto"]  # the shared fixtures
 
 RESET = wire.Command.DEVICE_RESET
 FEATURE = wire.Command.DEVICE_FEATURE

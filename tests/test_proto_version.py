@@ -7,7 +7,14 @@ import json
 from typing import Any
 
 import pytest
-from conftest_proto import (
+
+from vfnic.vfiouser import wire
+from vfnic.vfiouser.client import CLIENT_CAPS, VfioUserClient
+
+# Shared fixtures and helpers (tests/conftest_proto.py), rewritten for assert messages.
+pytest.register_assert_rewrite("conftest_proto")
+pytest_plugins = ["conftest_proto"]
+from conftest_proto import (  # noqa: E402
     CFG_VENDOR_ID,
     CONFIG,
     VENDOR_ID,
@@ -24,11 +31,6 @@ from conftest_proto import (
     wait_detached,
     write_multi_payload,
 )
-
-from vfnic.vfiouser import wire
-from vfnic.vfiouser.client import CLIENT_CAPS, VfioUserClient
-
-pytest_plugins = ["conftest_proto"]  # the shared fixtures
 
 VERSION = wire.Command.VERSION
 

@@ -17,7 +17,17 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest_proto import (
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vfnic.device.function import PciFunction
+from vfnic.savevm import snapshot
+from vfnic.vfiouser import wire
+
+# Shared fixtures and helpers (tests/conftest_proto.py), rewritten for assert messages.
+pytest.register_assert_rewrite("conftest_proto")
+pytest_plugins = ["conftest_proto"]
+from conftest_proto import (  # noqa: E402
     BAR0,
     CONFIG,
     MSIX_BAR,
@@ -40,14 +50,6 @@ from conftest_proto import (
     wait_detached,
     write_multi_payload,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-from vfnic.device.function import PciFunction
-from vfnic.savevm import snapshot
-from vfnic.vfiouser import wire
-
-pytest_plugins = ["conftest_proto"]  # the shared fixtures
 
 C = wire.Command
 NONE_TRIGGER = wire.VFIO_IRQ_SET_DATA_NONE | wire.VFIO_IRQ_SET_ACTION_TRIGGER
