@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from vfnic.device.function import PciFunction
-from vfnic.errors import ConnectionClosed
+from vfnic.savevm import snapshot
 from vfnic.vfiouser import wire
 from vfnic.vfiouser.client import VfioUserClient
 
@@ -336,15 +336,43 @@ def test_too_many_fds_is_einval_and_server_keeps_serving(conn: RawConn) -> None:
     assert open_fds() == before - 17
 
 
-def test_concurrent_clients_are_refused_while_one_is_attached(nic_server: Any,
-                                                              conn: RawConn) -> None:
-    second = RawConn(sock_path(nic_server, "vf0"), timeout=2.0)
+def test_second_client_may_look_but_not_touch(nic_server: Any, conn: RawConn,
+                                              vf0: PciFunction) -> None:
+    # While a client owns the function, another connection (the migration
+    # orchestrator) gets a restricted session: reads yes, changes EPERM.
+    msg(conn, wire.Command.DMA_MAP, wire.build(wire.DmaMap, argsz=32, flags=3, offset=0,
+                                               address=0x10000, size=0x1000))
+    second = RawConn(sock_path(nic_server, "vf0"), negotiate=True)
     try:
-        with pytest.raises((ConnectionClosed, OSError)):
-            second.call(wire.Command.VERSION, b"\0\0\0\0")
+        assert second.read_vendor_id() == VENDOR_ID
+        with vf0.lock:
+            before = snapshot.save(vf0)
+        touching = {
+            wire.Command.REGION_WRITE: region_access(BAR0, REG_MTA, 4) + u32(1),
+            wire.Command.REGION_WRITE_MULTI: wire.build(wire.WriteMultiHeader, wr_cnt=1)
+            + wire.build(wire.WriteMultiEntry, offset=REG_MTA, region=BAR0, count=4,
+                         data=u32(1) + bytes(4)),
+            wire.Command.DEVICE_RESET: b"",
+            wire.Command.DMA_MAP: wire.build(wire.DmaMap, argsz=32, flags=3, offset=0,
+                                             address=0x20000, size=0x1000),
+            wire.Command.DMA_UNMAP: wire.build(wire.DmaUnmap, argsz=24, flags=0,
+                                               address=0x10000, size=0x1000),
+            wire.Command.DEVICE_SET_IRQS: wire.build(
+                wire.IrqSet, argsz=20, flags=wire.VFIO_IRQ_SET_DATA_NONE
+                | wire.VFIO_IRQ_SET_ACTION_TRIGGER, index=2, start=0, count=0),
+        }
+        for command, payload in touching.items():
+            msg(second, command, payload, expect=errno.EPERM)
+        with vf0.lock:
+            assert snapshot.save(vf0) == before
+            assert [(r.address, r.size) for r in vf0.dma.regions] == [(0x10000, 0x1000)]
     finally:
         second.close()
+    # The primary client is unaffected by the second one coming and going.
     assert conn.read_vendor_id() == VENDOR_ID
+    assert nic_server.servers["vf0"].attached
+    with vf0.lock:
+        assert [(r.address, r.size) for r in vf0.dma.regions] == [(0x10000, 0x1000)]
 
 
 def test_other_functions_serve_independently(nic_server: Any, conn: RawConn) -> None:

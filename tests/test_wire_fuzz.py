@@ -52,6 +52,9 @@ from conftest_proto import (  # noqa: E402
 )
 
 C = wire.Command
+import collections, atexit
+STATS = collections.Counter()
+atexit.register(lambda: [print(k, v) for k, v in sorted(STATS.items(), key=str)])
 NONE_TRIGGER = wire.VFIO_IRQ_SET_DATA_NONE | wire.VFIO_IRQ_SET_ACTION_TRIGGER
 EVENTFD_TRIGGER = wire.VFIO_IRQ_SET_DATA_EVENTFD | wire.VFIO_IRQ_SET_ACTION_TRIGGER
 BOOL_MASK = wire.VFIO_IRQ_SET_DATA_BOOL | wire.VFIO_IRQ_SET_ACTION_MASK
@@ -214,6 +217,7 @@ def send_and_check(conn: RawConn, fn: PciFunction, command: int, payload: bytes,
         assert after[1] == before[1], f"{name} (failed={failed}) changed the DMA mappings"
     if must_keep(MAY_CHANGE_IRQS):
         assert after[2] == before[2], f"{name} (failed={failed}) changed the IRQ set-up"
+        STATS[(wire.command_name(command), failed)] += 1
     return failed
 
 
@@ -231,6 +235,9 @@ class Fuzzer:
     def fresh(self) -> None:
         conn = self.conn
         conn.expect_ok(C.VERSION, version_payload())
+        conn.expect_ok(C.DEVICE_RESET)  # also back to RUNNING if a migration state was set
+        conn.call(C.DEVICE_FEATURE, wire.build(  # DMA_LOGGING_STOP, wherever it stands
+            wire.DeviceFeature, argsz=8, flags=wire.VFIO_DEVICE_FEATURE_SET | 7))
         conn.expect_ok(C.DMA_UNMAP, dma_unmap_payload(0, 0, flags=2))
         for index in range(wire.NUM_PCI_IRQS):
             conn.expect_ok(C.DEVICE_SET_IRQS, irq_set_payload(index, NONE_TRIGGER, 0, 0))
