@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from vfnic.device.function import PciFunction
+from vfnic.errors import DmaError
 from vfnic.vfiouser import wire
 from vfnic.vfiouser.client import VfioUserClient
 
@@ -83,8 +84,6 @@ def test_dma_map_read_only_region_refuses_device_writes(client: VfioUserClient,
         client.dma_map(0x300000, PAGE, flags=wire.DMA_MAP_FLAG_READ, fd=fd)
     finally:
         os.close(fd)
-    from vfnic.errors import DmaError
-
     with vf0.lock, pytest.raises(DmaError):
         vf0.dma.write(0x300000, b"x")
 

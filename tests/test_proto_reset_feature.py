@@ -185,8 +185,6 @@ def test_mig_data_read_when_not_migrating_is_einval(client: VfioUserClient) -> N
 
 def test_mig_data_write_when_not_migrating_is_einval(client: VfioUserClient,
                                                      vf0: PciFunction) -> None:
-    from vfnic.savevm import snapshot
-
     with vf0.lock:
         image = snapshot.save(vf0)
     expect_errno(errno.EINVAL, client.mig_data_write, image)

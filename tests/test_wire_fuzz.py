@@ -52,9 +52,6 @@ from conftest_proto import (  # noqa: E402
 )
 
 C = wire.Command
-import collections, atexit
-STATS = collections.Counter()
-atexit.register(lambda: [print(k, v) for k, v in sorted(STATS.items(), key=str)])
 NONE_TRIGGER = wire.VFIO_IRQ_SET_DATA_NONE | wire.VFIO_IRQ_SET_ACTION_TRIGGER
 EVENTFD_TRIGGER = wire.VFIO_IRQ_SET_DATA_EVENTFD | wire.VFIO_IRQ_SET_ACTION_TRIGGER
 BOOL_MASK = wire.VFIO_IRQ_SET_DATA_BOOL | wire.VFIO_IRQ_SET_ACTION_MASK
@@ -217,7 +214,6 @@ def send_and_check(conn: RawConn, fn: PciFunction, command: int, payload: bytes,
         assert after[1] == before[1], f"{name} (failed={failed}) changed the DMA mappings"
     if must_keep(MAY_CHANGE_IRQS):
         assert after[2] == before[2], f"{name} (failed={failed}) changed the IRQ set-up"
-        STATS[(wire.command_name(command), failed)] += 1
     return failed
 
 

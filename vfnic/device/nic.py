@@ -262,6 +262,11 @@ class NicServer:
                 return self.migration_command(vf, state, float(req.get("timeout", 5.0)))
             self.nic.set_link_state(vf, state)
             return None
+        if op == "announce":
+            vf = int(req.get("vf", -1))
+            if not 0 <= vf < len(self.nic.vfs):
+                raise UsageError(f"no VF {vf}")
+            return self.nic.switch.announce(self.nic.vfs[vf], int(req.get("count", 1)))
         if op == "vf-mac":
             self.nic.set_vf_mac(int(req.get("vf", -1)), str(req.get("mac")))
             return None

@@ -133,5 +133,16 @@ class Switch:
             if src is not None and self.uplink is not None:
                 self.uplink.send(frame)
 
+    def announce(self, fn: PciFunction, count: int = 1) -> int:
+        """Announce ``fn``'s MAC on the LAN after it moved (a RARP broadcast, as QEMU's
+        announce-self does for virtio-net), so the switches learn its new port."""
+        mac = fn.mac
+        rarp = (b"\xff" * 6 + mac + b"\x80\x35" + struct.pack(">HHBBH", 1, 0x0800, 6, 4, 3)
+                + mac + b"\0" * 4 + mac + b"\0" * 4)
+        frame = rarp.ljust(60, b"\0")
+        for _ in range(count):
+            self.forward(fn, frame)
+        return count
+
     def from_uplink(self, frame: bytes) -> None:
         self.forward(None, frame)

@@ -199,7 +199,9 @@ class VM:
         keep: bool = False,
         verbose: bool = False,
         die_with_parent: bool = True,
+        netns: str | None = None,
     ) -> None:
+        self.netns = netns  # run QEMU inside this network namespace (a lab host)
         self.functions = list(functions)
         self.command = command
         self.mem = mem
@@ -326,6 +328,8 @@ class VM:
         if len(str(self.console_socket)) > 107:  # sun_path holds 108 bytes
             raise UsageError(f"run dir path too long for unix sockets: {self.run_dir}")
         argv = self.argv()
+        if self.netns:
+            argv = ["ip", "netns", "exec", self.netns, *argv]
         self._log_fd = os.open(self.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.started_at = time.monotonic()
         self._progress(f"starting QEMU ({self.accel or runtime.accel()}), run dir {self.run_dir}")

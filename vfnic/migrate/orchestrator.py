@@ -73,6 +73,7 @@ class Options:
     corrupt_stream: bool = False  # fault injection: flip a byte of the device state
     kill_destination_at: str | None = None  # fault injection: kill the destination QEMU
     destination_pid: int | None = None
+    announce: bool = True  # transparent: the destination NIC announces the VF's MAC
 
 
 @dataclass
@@ -319,6 +320,8 @@ class Orchestrator:
         self.db.set_state(State.RUNNING)
         await self.qb.execute("cont")
         self.dest_running = True
+        if opts.mode == "transparent" and opts.announce:
+            await asyncio.to_thread(self._announce)
         if opts.mode == "cooperative":
             result = await self._control(self.dst, "resume")
             s.resume_us, s.resume_ms = result.get("driver_us"), result.get("mailbox_ms")
@@ -326,6 +329,11 @@ class Orchestrator:
         if opts.quit_source:
             with contextlib.suppress(Exception):
                 await self.qa.execute("quit")
+
+    def _announce(self) -> None:
+        from vfnic.device.nic import control_call
+
+        control_call(self.dst.nic_dir, {"op": "announce", "vf": self.dst.vf, "count": 3})
 
     async def _wait_first_pass(self) -> None:
         """Wait until QEMU has sent guest RAM once (the bulk of pre-copy)."""
