@@ -211,6 +211,18 @@ def test_dma_map_huge_size_with_fd_is_einval(conn: RawConn, vf0: PciFunction) ->
     assert regions(vf0) == []
 
 
+def test_dma_map_larger_than_the_fd_is_einval(conn: RawConn, vf0: PciFunction) -> None:
+    # Mapping past the end of the file would fault (SIGBUS) on the first device access.
+    fd = make_memfd(PAGE)
+    try:
+        msg(conn, MAP, dma_map_payload(0x10000, 2 * PAGE), expect=errno.EINVAL, fds=[fd])
+        msg(conn, MAP, dma_map_payload(0x10000, PAGE, offset=PAGE), expect=errno.EINVAL,
+            fds=[fd])
+    finally:
+        os.close(fd)
+    assert regions(vf0) == []
+
+
 # -- DMA_UNMAP -----------------------------------------------------------------------
 
 

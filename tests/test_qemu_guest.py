@@ -23,7 +23,8 @@ import mmap, os, struct, sys
 pf, vf = sys.argv[1], sys.argv[2]
 cfg = open(pf + "/config", "rb").read()
 # SR-IOV capability body at 0x100 (InitialVFs 0x0c, TotalVFs 0x0e, NumVFs 0x10, VF DID 0x1a)
-print("sriov", *(hex(struct.unpack_from("<H", cfg, 0x100 + o)[0]) for o in (0x0c, 0x0e, 0x10, 0x1a)))
+fields = (0x0c, 0x0e, 0x10, 0x1a)
+print("sriov", *(hex(struct.unpack_from("<H", cfg, 0x100 + o)[0]) for o in fields))
 fd = os.open(vf + "/config", os.O_RDWR)
 cmd = struct.unpack("<H", os.pread(fd, 2, 4))[0]
 os.pwrite(fd, struct.pack("<H", cmd | 0x2), 4)  # memory space on

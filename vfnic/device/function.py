@@ -290,6 +290,13 @@ class PciFunction:
         self.function_reset()
         self.migration.reset()
 
+    def software_reset(self) -> None:
+        """CTRL.RST: the NIC's registers and queues, not PCI config (only FLR does that)."""
+        self.bank.reset()
+        self.datapath.backlog.clear()
+        self.bank.set("RAL", int.from_bytes(self.perm_mac[:4], "little"))
+        self.bank.set("RAH", int.from_bytes(self.perm_mac[4:6], "little") | (1 << 31))
+
     def function_reset(self) -> None:
         """Function level reset (PCIe FLR, CTRL.RST): registers, config, MSI-X."""
         self.bank.reset()

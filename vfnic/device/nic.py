@@ -89,7 +89,7 @@ class Nic:
 
     def _on_ctrl(self, fn: PciFunction, value: int) -> None:
         if value & T.CTRL_RST:  # self-clearing software reset of the function's registers
-            fn.function_reset()
+            fn.software_reset()
         self._update_link(fn)
 
     def _update_link(self, fn: PciFunction) -> None:

@@ -275,10 +275,12 @@ class Orchestrator:
         s.precopy_bytes = len(precopy)
         await self.qa.execute("migrate", {"uri": opts.uri})
         if opts.mode == "cooperative":
-            await self._wait_first_pass()
-            result = await self._control(self.src, "suspend")
-            self.suspended = True
-            s.suspend_us, s.suspend_ms = result.get("driver_us"), result.get("mailbox_ms")
+            if await self._wait_suspend_point():
+                result = await self._control(self.src, "suspend")
+                self.suspended = True
+                s.suspend_us, s.suspend_ms = result.get("driver_us"), result.get("mailbox_ms")
+            else:
+                self.progress("  the guest was stopped before the VF driver could suspend")
             await self.qa.execute("migrate-set-parameters",
                                   {"downtime-limit": opts.downtime_limit_ms})
         await self._wait_migration({"pre-switchover"}, opts.timeout)
@@ -335,8 +337,11 @@ class Orchestrator:
 
         control_call(self.dst.nic_dir, {"op": "announce", "vf": self.dst.vf, "count": 3})
 
-    async def _wait_first_pass(self) -> None:
-        """Wait until QEMU has sent guest RAM once (the bulk of pre-copy)."""
+    async def _wait_suspend_point(self) -> bool:
+        """Wait until most of the first RAM pass is sent, the moment to suspend the
+        VF driver. With downtime-limit 0, QEMU cannot switch over while pass 1 still
+        has pages left, so the guest is still running here. False if QEMU reached
+        switchover anyway (an idle guest with nothing left to send)."""
         deadline = time.monotonic() + self.opts.timeout
         while time.monotonic() < deadline:
             info: dict[str, Any] = await self.qa.execute("query-migrate")  # type: ignore[assignment]
@@ -344,11 +349,13 @@ class Orchestrator:
             if status in ("failed", "cancelled"):
                 raise MigrationError(f"QEMU migration {status}: {info.get('error-desc', '')}")
             if status == "pre-switchover":
-                raise MigrationError("QEMU reached switchover before the VF driver suspended")
-            if info.get("ram", {}).get("dirty-sync-count", 0) >= 2:
-                return
-            await asyncio.sleep(0.02)
-        raise MigrationError("RAM pre-copy did not finish its first pass")
+                return False
+            ram = info.get("ram", {})
+            total = ram.get("total", 0) or 1
+            if ram.get("dirty-sync-count", 0) >= 2 or ram.get("remaining", total) <= total // 4:
+                return True
+            await asyncio.sleep(0.01)
+        raise MigrationError("RAM pre-copy did not progress")
 
     async def _wait_destination_loaded(self) -> None:
         deadline = time.monotonic() + 60

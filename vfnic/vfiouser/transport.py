@@ -268,7 +268,15 @@ class Endpoint:
                         except BlockingIOError:
                             pass
                         if self.on_wake is not None:
-                            self.on_wake()
+                            # Device work counts as handling: commands that arrive
+                            # while it waits for a DMA reply are deferred, in order.
+                            self._handling += 1
+                            try:
+                                self.on_wake()
+                            finally:
+                                self._handling -= 1
+                            while self._deferred and not self._handling:
+                                self._handle(self._deferred.popleft())
                     if self.sock in ready:
                         self._dispatch_one()
         except ConnectionClosed:
