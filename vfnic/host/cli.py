@@ -11,6 +11,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from vfnic.errors import UsageError
 from vfnic.host import runtime
 from vfnic.host.vm import DEFAULT_MEM, VM, VfioUserFunction
 
@@ -40,6 +41,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     r.add_argument("--mem", type=_mem_size, default=DEFAULT_MEM, help="guest RAM (512M)")
     r.add_argument("--smp", type=int, default=1, help="guest vCPUs (1)")
     r.add_argument("--exec", metavar="CMD", help="bash command to run in the guest")
+    r.add_argument("--ip", metavar="ADDR/LEN",
+                   help="start the guest driver at boot on the first VF, with this IPv4 address")
+    r.add_argument("--netns", metavar="NS", help="run QEMU in this network namespace")
     r.add_argument("--timeout", type=float, default=300.0, help="for --exec, seconds (300)")
     r.add_argument(
         "--qemu-arg",
@@ -76,8 +80,20 @@ def _vm_run(args: argparse.Namespace) -> int:
     for fn in functions:
         fn.check()
     signal.signal(signal.SIGTERM, _on_sigterm)
+    kernel_args = []
+    if args.ip:
+        import ipaddress
+
+        try:
+            ipaddress.ip_interface(args.ip)
+        except ValueError:
+            raise UsageError(f"--ip: not an IPv4 address/prefix: {args.ip!r}") from None
+        if not args.vf:
+            raise UsageError("--ip needs a --vf to put the address on")
+        kernel_args.append(f"vfnic.ip={args.ip}")
     common: dict[str, Any] = dict(
-        mem=args.mem, smp=args.smp, extra_args=args.qemu_arg, verbose=True
+        mem=args.mem, smp=args.smp, extra_args=args.qemu_arg, verbose=True,
+        kernel_args=kernel_args, netns=args.netns,
     )
     if args.exec is not None:
         with VM(functions, command=args.exec, **common) as vm:

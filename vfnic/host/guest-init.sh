@@ -46,6 +46,19 @@ poweroff_now() {
     while :; do sleep 1; done
 }
 
+# vfnic.ip=ADDR/LEN: start the vfnic guest driver on the first VF at boot.
+ip_arg=$(karg vfnic.ip)
+if [ -n "$ip_arg" ]; then
+    python3 -m vfnic.guestdriver --ip "$ip_arg" > /run/vfnic-driver.log 2>&1 &
+    echo $! > /run/vfnic-driver.pid
+    for _ in $(seq 600); do
+        grep -q ready /run/vfnic-driver.log 2>/dev/null && break
+        kill -0 "$(cat /run/vfnic-driver.pid)" 2>/dev/null || break
+        sleep 0.1
+    done
+    cat /run/vfnic-driver.log
+fi
+
 exec_arg=$(karg vfnic.exec)
 if [ -n "$exec_arg" ]; then
     token=$(karg vfnic.token)

@@ -361,8 +361,10 @@ class Session:
                 raise ProtocolError(f"REGION_WRITE_MULTI entry {i}: count {w.count}")
             writes.append(w)
         with self.device.lock:
-            for w in writes:  # validate all first, so a bad entry writes nothing
-                self.device.region_info(w.region)
+            for i, w in enumerate(writes):  # validate all first: a bad entry writes nothing
+                _, size = self.device.region_info(w.region)
+                if size == 0 or w.offset >= size or w.offset + w.count > size:
+                    raise ProtocolError(f"REGION_WRITE_MULTI entry {i} outside region {w.region}")
             for w in writes:
                 self.device.region_write(w.region, w.offset, bytes(w.data[: w.count]))
         return msg.payload[:8]

@@ -170,7 +170,7 @@ WriteMultiEntry = Struct(
     "data" / Bytes(8),
 ).compile()
 WRITE_MULTI_ENTRY_SIZE = 24
-WRITE_MULTI_MAX = 64  # QEMU's VFIO_USER_MULTI_MAX
+WRITE_MULTI_MAX = 200  # QEMU's VFIO_USER_MULTI_MAX (hw/vfio-user/protocol.h)
 
 # VFIO_USER_DMA_READ / VFIO_USER_DMA_WRITE (server -> client)
 DmaAccess = Struct("address" / Int64ul, "count" / Int64ul).compile()
