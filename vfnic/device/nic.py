@@ -246,8 +246,9 @@ class NicServer:
                 f.write(json.dumps(reply).encode() + b"\n")
                 f.flush()
 
-    def migration_command(self, vf: int, state: str, timeout: float) -> dict[str, Any]:
-        return _migration_command(self.nic, vf, state, timeout)
+    def migration_command(self, vf: int, state: str, timeout: float,
+                          words: list[int] | None = None) -> dict[str, Any]:
+        return _migration_command(self.nic, vf, state, timeout, words)
 
     def control_request(self, req: dict[str, Any]) -> Any:
         op = req.get("op")
@@ -259,7 +260,8 @@ class NicServer:
             state = str(req.get("state"))
             vf = int(req.get("vf", -1))
             if state in MIGRATION_COMMANDS:
-                return self.migration_command(vf, state, float(req.get("timeout", 5.0)))
+                words = [int(w) & 0xFFFFFFFF for w in req.get("args", [])][:7]
+                return self.migration_command(vf, state, float(req.get("timeout", 5.0)), words)
             self.nic.set_link_state(vf, state)
             return None
         if op == "announce":
@@ -281,14 +283,15 @@ MIGRATION_COMMANDS = {
 }
 
 
-def _migration_command(nic: Nic, vf: int, state: str, timeout: float) -> dict[str, Any]:
+def _migration_command(nic: Nic, vf: int, state: str, timeout: float,
+                       words: list[int] | None = None) -> dict[str, Any]:
     """Pass a migration command to the VF driver through the mailbox and wait
     for its acknowledgement (the 2015 prototype's `ip link set PF vf N state X`)."""
     from vfnic.regs.mailbox import MsgType
 
     if not 0 <= vf < len(nic.vfs):
         raise UsageError(f"no VF {vf}")
-    pending = nic.pf_agent.send_and_wait(vf, MsgType[MIGRATION_COMMANDS[state]], timeout)
+    pending = nic.pf_agent.send_and_wait(vf, MsgType[MIGRATION_COMMANDS[state]], timeout, words)
     return {
         "vf": vf,
         "command": state,

@@ -118,10 +118,11 @@ class PfAgent:
         self.nic.raise_cause(fn, T.EICR_MAILBOX)
         return pending
 
-    def send_and_wait(self, vf: int, msg_type: int, timeout: float) -> PendingMessage:
+    def send_and_wait(self, vf: int, msg_type: int, timeout: float,
+                      words: list[int] | None = None) -> PendingMessage:
         """Post a PF message and wait (without the NIC lock) for the VF driver's ACK."""
         with self.nic.lock:
-            pending = self.post(self.nic.vfs[vf], msg_type)
+            pending = self.post(self.nic.vfs[vf], msg_type, words)
         if not pending.acked.wait(timeout):
             with self.nic.lock:
                 if self.pending.get(vf) is pending:

@@ -365,7 +365,8 @@ class VfDriver:
         return [self.suspend()]
 
     def on_resume(self, args: list[int]) -> list[int]:
-        return [self.resume()]
+        garp = not (args and args[0] & M.RESUME_NO_GARP)
+        return [self.resume(garp)]
 
     # -- suspend / resume (the cooperative half of a VF live migration) -------------
 
@@ -386,7 +387,7 @@ class VfDriver:
         self.last_suspend_us = int((time.perf_counter() - t0) * 1e6)
         return self.last_suspend_us
 
-    def resume(self) -> int:
+    def resume(self, garp: bool = True) -> int:
         """Restore what the driver programmed (the VF may be a fresh one on another
         host), re-enable the queues, announce our IPv4 address. Returns microseconds."""
         t0 = time.perf_counter()
@@ -403,7 +404,7 @@ class VfDriver:
         self.suspended = False
         if self.link_listener is not None:
             self.link_listener(self.link_up)
-        if self.ipv4 is not None and self.link_up:
+        if garp and self.ipv4 is not None and self.link_up:
             self.tx(gratuitous_arp(self.mac, self.ipv4))
         self.last_resume_us = int((time.perf_counter() - t0) * 1e6)
         return self.last_resume_us

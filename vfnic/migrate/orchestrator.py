@@ -74,6 +74,7 @@ class Options:
     kill_destination_at: str | None = None  # fault injection: kill the destination QEMU
     destination_pid: int | None = None
     announce: bool = True  # transparent: the destination NIC announces the VF's MAC
+    garp: bool = True  # cooperative: the VF driver sends a gratuitous ARP on resume
 
 
 @dataclass
@@ -151,11 +152,12 @@ class Orchestrator:
 
             os.kill(self.opts.destination_pid, signal.SIGKILL)
 
-    async def _control(self, host: Host, state: str) -> dict[str, Any]:
+    async def _control(self, host: Host, state: str, args: list[int] | None = None
+                       ) -> dict[str, Any]:
         from vfnic.device.nic import control_call
 
         req = {"op": "vf-state", "vf": host.vf, "state": state,
-               "timeout": self.opts.mailbox_timeout}
+               "timeout": self.opts.mailbox_timeout, "args": args or []}
         result = await asyncio.to_thread(control_call, host.nic_dir, req,
                                          self.opts.mailbox_timeout + 5)
         return dict(result)
@@ -325,7 +327,10 @@ class Orchestrator:
         if opts.mode == "transparent" and opts.announce:
             await asyncio.to_thread(self._announce)
         if opts.mode == "cooperative":
-            result = await self._control(self.dst, "resume")
+            from vfnic.regs.mailbox import RESUME_NO_GARP
+
+            result = await self._control(self.dst, "resume",
+                                         [0 if opts.garp else RESUME_NO_GARP])
             s.resume_us, s.resume_ms = result.get("driver_us"), result.get("mailbox_ms")
         s.phases_ms["restore"] = (time.perf_counter() - tp) * 1000
         if opts.quit_source:

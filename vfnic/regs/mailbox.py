@@ -42,6 +42,9 @@ class MsgType(enum.IntEnum):
     RESUME = 0x203  # restore state, interface up, gratuitous ARP; ack when done
 
 
+RESUME_NO_GARP = 1 << 0  # RESUME word 1: do not send the gratuitous ARP (for measurements)
+
+
 def mac_to_words(mac: bytes) -> tuple[int, int]:
     return int.from_bytes(mac[:4], "little"), int.from_bytes(mac[4:6], "little")
 
