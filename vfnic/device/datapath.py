@@ -140,7 +140,12 @@ class DataPath:
         """A frame for this function (from the switch). DMA through messages may
         only be done by the thread serving the client: queue it and wake that thread."""
         fn = self.fn
-        if not fn.running or fn.session is None or not self.enabled("R", 0):
+        if not fn.running:
+            # Stopped for migration: the device state must not change (vfio STOP), so
+            # the drop is counted outside it, for the host (`vfnic link show`).
+            fn.stopped_drops += 1
+            return
+        if fn.session is None or not self.enabled("R", 0):
             self._count("MPC")
             return
         if fn.dma.has_message_regions() and not fn.in_serving_thread():
@@ -158,7 +163,10 @@ class DataPath:
 
     def _deliver(self, frame: bytes, q: int = 0) -> bool:
         fn = self.fn
-        if not fn.running or not self.enabled("R", q):
+        if not fn.running:
+            fn.stopped_drops += 1
+            return False
+        if not self.enabled("R", q):
             self._count("MPC")
             return False
         base, count = self.ring("R", q)

@@ -67,6 +67,7 @@ class PciFunction:
         self.link_state = LINK_AUTO
         self.nic: Nic | None = None
         self.running = True  # False in the migration STOP states: no DMA, no interrupts
+        self.stopped_drops = 0  # frames that arrived while stopped (host-side counter)
         self.serving_thread: int | None = None
         self.dma = DmaController()
         self.bank = RegisterBank(PF_TABLE if is_pf else VF_TABLE, BAR0_SIZE)

@@ -161,6 +161,8 @@ class Nic:
                 "link": "up" if fn.bank.get("STATUS") & T.STATUS_LU else "down",
                 "state": LINK_STATE_NAMES[fn.link_state],
                 "attached": bool(srv and srv.attached),
+                "migration": fn.migration.state.name,
+                "dropped_while_stopped": fn.stopped_drops,
             }
 
         with self.lock:

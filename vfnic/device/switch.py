@@ -113,7 +113,8 @@ class Switch:
         with self.nic.lock:
             self.forwarded += 1
             if src is not None and not self._link_up(src):
-                src.bank.set("TXERRC", src.bank.get("TXERRC") + 1)
+                if src.running:
+                    src.bank.set("TXERRC", src.bank.get("TXERRC") + 1)
                 return
             dst = frame[:6]
             if dst[0] & 1:  # broadcast / multicast: flood
@@ -127,8 +128,10 @@ class Switch:
                 if fn is not src and self._address(fn) == dst:
                     if self._link_up(fn):
                         fn.datapath.receive(frame)
-                    else:
+                    elif fn.running:
                         fn.bank.set("MPC", fn.bank.get("MPC") + 1)
+                    else:
+                        fn.stopped_drops += 1
                     return
             if src is not None and self.uplink is not None:
                 self.uplink.send(frame)
