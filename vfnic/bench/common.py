@@ -1,0 +1,229 @@
+"""What every benchmark section shares: progress lines, statistics, the machine's
+description, a `vfnic serve` child process, and the results a section hands to the
+report (markdown tables plus the raw numbers)."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+_T0 = time.monotonic()
+
+
+def log(msg: str) -> None:
+    """One progress line on stderr, with the time since the bench started."""
+    print(f"[bench {time.monotonic() - _T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+# -- statistics ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stat:
+    median: float
+    min: float
+    max: float
+    n: int
+
+    @staticmethod
+    def of(values: Sequence[float]) -> Stat | None:
+        vals = [v for v in values if v is not None]
+        if not vals:
+            return None
+        return Stat(statistics.median(vals), min(vals), max(vals), len(vals))
+
+    def text(self, fmt: str = "{:.1f}") -> str:
+        if self.n == 1:
+            return fmt.format(self.median)
+        return f"{fmt.format(self.median)} ({fmt.format(self.min)}–{fmt.format(self.max)})"
+
+
+def stat_text(values: Sequence[float], fmt: str = "{:.1f}") -> str:
+    s = Stat.of(values)
+    return "–" if s is None else s.text(fmt)
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    vals = sorted(values)
+    if not vals:
+        return float("nan")
+    k = min(len(vals) - 1, max(0, round(p / 100 * (len(vals) - 1))))
+    return vals[k]
+
+
+def met(flag: bool | None) -> str:
+    return "n/a" if flag is None else ("**met**" if flag else "**not met**")
+
+
+# -- tables and section results ------------------------------------------------------
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub markdown table."""
+    def cell(v: object) -> str:
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |",
+             "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+@dataclass
+class Section:
+    """One section of BENCHMARKS.md: markdown body, raw numbers, failures."""
+
+    key: str
+    title: str
+    parts: list[str] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+    seconds: float = 0.0
+
+    def add(self, text: str) -> None:
+        self.parts.append(text.strip("\n"))
+
+    def fail(self, what: str, exc: BaseException) -> None:
+        msg = f"{what}: {type(exc).__name__}: {exc}"
+        self.failures.append(msg)
+        log(f"FAILED {msg}")
+        traceback.print_exc(file=sys.stderr)
+
+    def attempt(self, what: str, fn: Callable[[], T]) -> T | None:
+        """Run one measurement; a failure is recorded and the section goes on."""
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - reported, the rest must go on
+            self.fail(what, exc)
+            return None
+
+
+# -- the machine ---------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine() -> dict[str, str]:
+    from vfnic.host import runtime
+
+    try:
+        qemu = runtime.qemu_version()
+        accel = runtime.accel()
+    except Exception as exc:  # noqa: BLE001 - described, not fatal here
+        qemu, accel = f"unavailable ({exc})", "?"
+    try:
+        debian = Path("/etc/debian_version").read_text().strip()
+    except OSError:
+        debian = "?"
+    return {
+        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "nproc": str(os.cpu_count()),
+        "cpu": cpu_model(),
+        "kernel": platform.release(),
+        "debian": debian,
+        "python": platform.python_version(),
+        "qemu": qemu,
+        "accel": accel.upper(),
+        "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
+
+
+# -- processes -----------------------------------------------------------------------
+
+
+def stop_process(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM,
+                 timeout: float = 10.0) -> None:
+    """Stop a child we started, by its pid: a signal, then SIGKILL if it lingers."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def short_tmpdir(prefix: str) -> Iterator[Path]:
+    """A temporary folder with a short path (UNIX socket paths hold 108 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def serve(directory: Path, vfs: int = 2, cpus: str | None = None,
+          nic_id: int = 0) -> Iterator[Path]:
+    """`python -m vfnic.cli serve` as a separate process (optionally pinned with taskset)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "vfnic.cli", "serve", "--dir", str(directory),
+            "--vfs", str(vfs), "--nic-id", str(nic_id)]
+    if cpus is not None:
+        argv = ["taskset", "-c", cpus, *argv]
+    logf = open(directory / "serve.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while not (directory / "control.sock").exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"vfnic serve did not start (see {directory}/serve.log)")
+            time.sleep(0.02)
+        yield directory
+    finally:
+        stop_process(proc)
+        logf.close()
+
+
+def worker_argv(*args: str, netns: str | None = None) -> list[str]:
+    """argv of `python -m vfnic.bench.worker ...`, optionally inside a network namespace."""
+    argv = [sys.executable, "-m", "vfnic.bench.worker", *args]
+    return ["ip", "netns", "exec", netns, *argv] if netns else argv
+
+
+def wait_console(vm: Any, pattern: str, timeout: float, what: str) -> str:
+    """Wait until a regex shows up in a VM's console log; returns the log text."""
+    import re
+
+    rx = re.compile(pattern)
+    deadline = time.monotonic() + timeout
+    while True:
+        text = ""
+        if vm.console_log.exists():
+            text = vm.console_log.read_text(errors="replace")
+        if rx.search(text):
+            return text
+        if not vm.running():
+            raise RuntimeError(f"QEMU exited while waiting for {what} "
+                               f"(console: {vm.console_log})")
+        if time.monotonic() > deadline:
+            tail = text[-400:].replace("\r", "")
+            raise RuntimeError(f"no {what} within {timeout:.0f} s; console tail: {tail!r}")
+        time.sleep(0.2)
