@@ -227,3 +227,62 @@ def wait_console(vm: Any, pattern: str, timeout: float, what: str) -> str:
             tail = text[-400:].replace("\r", "")
             raise RuntimeError(f"no {what} within {timeout:.0f} s; console tail: {tail!r}")
         time.sleep(0.2)
+
+
+class Worker:
+    """A `vfnic.bench.worker` child: JSON lines on stdout, stopped by pid."""
+
+    def __init__(self, argv: list[str], ready_timeout: float = 60.0) -> None:
+        import json
+
+        self.argv = argv
+        # Unbuffered: the ready line is read byte by byte, nothing is held back
+        # from communicate() later.
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     bufsize=0)
+        self.ready: dict[str, Any] = {}
+        self._json = json
+        self._wait_ready(ready_timeout)
+
+    def _readline(self, timeout: float) -> str:
+        import select
+
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            return ""
+        return bytes(self.proc.stdout.readline()).decode()
+
+    def _wait_ready(self, timeout: float) -> None:
+        line = self._readline(timeout)
+        if not line:
+            err = self._stderr()
+            self.kill()
+            raise RuntimeError(f"worker {' '.join(self.argv[-6:])} not ready: {err[-600:]}")
+        self.ready = dict(self._json.loads(line))
+
+    def _stderr(self) -> str:
+        if self.proc.poll() is None:
+            return ""
+        assert self.proc.stderr is not None
+        return bytes(self.proc.stderr.read()).decode(errors="replace")
+
+    def result(self, stop: bool = True, timeout: float = 60.0) -> dict[str, Any]:
+        """Stop the worker (SIGTERM) if asked, and return its result line."""
+        if stop and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            out_b, err_b = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise RuntimeError(f"worker {self.argv[-6:]} did not finish in {timeout:.0f} s") \
+                from None
+        out, err = out_b.decode(errors="replace"), err_b.decode(errors="replace")
+        lines = [ln for ln in out.splitlines() if ln.strip()]
+        if self.proc.returncode != 0 or not lines:
+            raise RuntimeError(f"worker {' '.join(self.argv[-6:])} failed "
+                               f"(status {self.proc.returncode}): {err.strip()[-800:]}")
+        return dict(self._json.loads(lines[-1]))
+
+    def kill(self) -> None:
+        stop_process(self.proc, signal.SIGTERM, 5.0)

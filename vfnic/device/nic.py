@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,10 +81,16 @@ class Nic:
         hooks["EICS"] = lambda _n, v: self.raise_cause(fn, v)
         hooks["EIMS"] = lambda _n, v: self._deliver(fn)
         dp = fn.datapath
+        def ctl(kind: str, q: int) -> Callable[[str, int], None]:
+            return lambda _n, _v: dp.on_ctl_write(kind, q)
+
+        def tail(kind: str, q: int) -> Callable[[str, int], None]:
+            return lambda _n, _v: dp.on_tail_write(kind, q)
+
         for q in range(T.NUM_QUEUES):
             for kind in ("R", "T"):
-                hooks[f"{kind}XDCTL{q}"] = lambda _n, _v, k=kind, q=q: dp.on_ctl_write(k, q)
-                hooks[f"{kind}DT{q}"] = lambda _n, _v, k=kind, q=q: dp.on_tail_write(k, q)
+                hooks[f"{kind}XDCTL{q}"] = ctl(kind, q)
+                hooks[f"{kind}DT{q}"] = tail(kind, q)
         if not fn.is_pf:
             hooks["VFMBDOORBELL"] = lambda _n, v: self.pf_agent.on_vf_doorbell(fn, v)
 

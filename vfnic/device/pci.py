@@ -137,7 +137,7 @@ class ConfigSpace:
 
     def capabilities(self) -> list[tuple[int, int]]:
         """(id, offset) of each standard capability, in list order."""
-        out = []
+        out: list[tuple[int, int]] = []
         pos = self.data[CAPABILITY_LIST]
         while pos and len(out) < 48:
             out.append((self.data[pos], pos))
@@ -145,7 +145,7 @@ class ConfigSpace:
         return out
 
     def ext_capabilities(self) -> list[tuple[int, int]]:
-        out = []
+        out: list[tuple[int, int]] = []
         pos = 0x100
         while pos and len(out) < 128:
             header = self.get(pos, 4)

@@ -102,7 +102,7 @@ def path(cur: State, new: State, flags: int = SUPPORTED) -> list[State]:
     raises ProtocolError(EINVAL) where the kernel refuses."""
     if new not in NEEDS or NEEDS[new] & flags != NEEDS[new]:
         raise ProtocolError(f"migration state {int(new)} is not supported")
-    steps = []
+    steps: list[State] = []
     while cur != new:
         nxt = NEXT[cur][new]
         while NEEDS[nxt] & flags != NEEDS[nxt]:  # skip optional states not supported

@@ -256,7 +256,7 @@ class Endpoint:
         try:
             while True:
                 try:
-                    ready, _, _ = select.select([self.sock, self.wake_fd], [], [])
+                    ready, _, _ = select.select([self.sock.fileno(), self.wake_fd], [], [])
                 except (ValueError, OSError):  # closed under us by stop()
                     return
                 with self._recv_lock:
@@ -277,7 +277,7 @@ class Endpoint:
                                 self._handling -= 1
                             while self._deferred and not self._handling:
                                 self._handle(self._deferred.popleft())
-                    if self.sock in ready:
+                    if self.sock.fileno() in ready:
                         self._dispatch_one()
         except ConnectionClosed:
             pass
@@ -372,10 +372,13 @@ class Endpoint:
             else:
                 with self._cond:
                     if msg_id not in self._replies and not self.closed:
-                        left = None if deadline is None else deadline - time.monotonic()
-                        if left is not None and left <= 0:
-                            raise TimeoutError(f"no reply to message {msg_id}")
-                        self._cond.wait(0.05 if left is None else min(left, 0.05))
+                        wait = 0.05
+                        if deadline is not None:
+                            left = deadline - time.monotonic()
+                            if left <= 0:
+                                raise TimeoutError(f"no reply to message {msg_id}")
+                            wait = min(left, 0.05)
+                        self._cond.wait(wait)
 
     def close(self) -> None:
         self._wake_all()
