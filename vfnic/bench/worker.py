@@ -323,6 +323,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
                 break
             conn.sendall(data)
     srv.close()
+    _emit({"done": True})
     return 0
 
 

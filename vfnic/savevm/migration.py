@@ -57,7 +57,7 @@ S = State
 # vfio_from_fsm_table: NEXT[cur][new] is the next state on the way from cur to new.
 NEXT: dict[State, dict[State, State]] = {
     S.STOP: {S.STOP: S.STOP, S.RUNNING: S.RUNNING_P2P, S.PRE_COPY: S.RUNNING_P2P,
-             S.PRE_COPY_P2P: S.PRE_COPY_P2P, S.STOP_COPY: S.STOP_COPY, S.RESUMING: S.RESUMING,
+             S.PRE_COPY_P2P: S.RUNNING_P2P, S.STOP_COPY: S.STOP_COPY, S.RESUMING: S.RESUMING,
              S.RUNNING_P2P: S.RUNNING_P2P, S.ERROR: S.ERROR},
     S.RUNNING: {S.STOP: S.RUNNING_P2P, S.RUNNING: S.RUNNING, S.PRE_COPY: S.PRE_COPY,
                 S.PRE_COPY_P2P: S.RUNNING_P2P, S.STOP_COPY: S.RUNNING_P2P,
