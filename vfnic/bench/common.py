@@ -232,17 +232,20 @@ def wait_console(vm: Any, pattern: str, timeout: float, what: str) -> str:
 class Worker:
     """A `vfnic.bench.worker` child: JSON lines on stdout, stopped by pid."""
 
-    def __init__(self, argv: list[str], ready_timeout: float = 60.0) -> None:
+    def __init__(self, argv: list[str], ready_timeout: float | None = 60.0,
+                 show_stderr: bool = False) -> None:
         import json
 
         self.argv = argv
         # Unbuffered: the ready line is read byte by byte, nothing is held back
-        # from communicate() later.
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        # from communicate() later. show_stderr: its progress goes to our stderr.
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE,
+                                     stderr=None if show_stderr else subprocess.PIPE,
                                      bufsize=0)
         self.ready: dict[str, Any] = {}
         self._json = json
-        self._wait_ready(ready_timeout)
+        if ready_timeout is not None:
+            self._wait_ready(ready_timeout)
 
     def _readline(self, timeout: float) -> str:
         import select
@@ -262,7 +265,7 @@ class Worker:
         self.ready = dict(self._json.loads(line))
 
     def _stderr(self) -> str:
-        if self.proc.poll() is None:
+        if self.proc.poll() is None or self.proc.stderr is None:
             return ""
         assert self.proc.stderr is not None
         return bytes(self.proc.stderr.read()).decode(errors="replace")
@@ -277,7 +280,7 @@ class Worker:
             self.kill()
             raise RuntimeError(f"worker {self.argv[-6:]} did not finish in {timeout:.0f} s") \
                 from None
-        out, err = out_b.decode(errors="replace"), err_b.decode(errors="replace")
+        out, err = out_b.decode(errors="replace"), (err_b or b"").decode(errors="replace")
         lines = [ln for ln in out.splitlines() if ln.strip()]
         if self.proc.returncode != 0 or not lines:
             raise RuntimeError(f"worker {' '.join(self.argv[-6:])} failed "

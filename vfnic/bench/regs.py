@@ -324,8 +324,8 @@ def run(quick: bool = False) -> Section:
     sec.add(f"Our vfio-user client (`vfnic.vfiouser.client.VfioUserClient`, Python) against a "
             f"`python -m vfnic.cli serve` process: BAR0 reads of STATUS (a full round trip: "
             f"request, server, reply), non-posted and posted writes of MTA. Median of {runs} "
-            f"runs (min–max), each run against a freshly started server; reads: {n_read:,} per run, "
-            f"posted writes: {n_write:,} per run followed by one read that waits for them all. "
+            f"runs (min–max), each run against a freshly started server; reads: {n_read:,} "
+            f"per run, posted writes: {n_write:,} per run followed by one read that waits for them all. "
             f"p50/p99 over {n_read:,} individually timed reads per run, all runs pooled.")
     sec.add(table(["placement", "reads/s", "read RTT µs", "read p50 / p99 µs",
                    "non-posted writes/s", "posted writes/s", "µs per posted write"], rows))
