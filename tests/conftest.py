@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from vfnic.device.nic import NicServer
+from vfnic.migrate.lab import Lab, require_root
 
 
 @pytest.fixture
@@ -26,3 +27,15 @@ def nic(short_dir: Path) -> Iterator[NicServer]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def lab(short_dir: Path) -> Iterator[Lab]:
+    """Two hosts, a peer and a fabric in network namespaces (vfnic.migrate.lab)."""
+    require_root()
+    lab = Lab(short_dir)
+    lab.up()
+    try:
+        yield lab
+    finally:
+        lab.down()

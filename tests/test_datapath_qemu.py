@@ -8,24 +8,9 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 
 from vfnic.host.vm import VM, VfioUserFunction
-from vfnic.migrate.lab import GUEST_IP, Lab, require_root, sh
-
-
-@pytest.fixture
-def lab(short_dir: Path) -> Iterator[Lab]:
-    require_root()
-    lab = Lab(short_dir)
-    lab.up()
-    try:
-        yield lab
-    finally:
-        lab.down()
+from vfnic.migrate.lab import GUEST_IP, Lab, sh
 
 
 def wait_reachable(lab: Lab, timeout: float = 120) -> None:

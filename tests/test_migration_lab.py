@@ -9,13 +9,11 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from vfnic.host.vm import VM, VfioUserFunction
-from vfnic.migrate.lab import GUEST_IP, Lab, Pinger, require_root, sh
+from vfnic.migrate.lab import GUEST_IP, Lab, Pinger, sh
 from vfnic.migrate.orchestrator import Host, Options, migrate
 
 RECEIVER = r"""
@@ -40,17 +38,6 @@ while time.monotonic() < end:
     time.sleep(0.02)
 print("sent", n, flush=True)
 """
-
-
-@pytest.fixture
-def lab(short_dir: Path) -> Iterator[Lab]:
-    require_root()
-    lab = Lab(short_dir)
-    lab.up()
-    try:
-        yield lab
-    finally:
-        lab.down()
 
 
 def seqs(vm: VM) -> list[int]:
