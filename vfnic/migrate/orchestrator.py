@@ -97,6 +97,7 @@ class Summary:
     regs_equal: bool | None = None  # destination VF registers == source at switchover
     error: str | None = None
     phases_ms: dict[str, float] = field(default_factory=dict)
+    timeline_ms: dict[str, float] = field(default_factory=dict)  # events since the start
 
     def text(self) -> str:
         lines = [f"migration {self.status} ({self.mode} mode)"]
@@ -138,6 +139,10 @@ class Orchestrator:
         self.suspended = False
         self.migrating_driver = False
         self.dest_running = False
+        self.t0 = time.perf_counter()
+
+    def _mark(self, event: str) -> None:
+        self.summary.timeline_ms[event] = round((time.perf_counter() - self.t0) * 1000, 1)
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -180,7 +185,7 @@ class Orchestrator:
                 last = time.monotonic()
             if time.monotonic() > deadline:
                 raise MigrationError(f"migration did not reach {sorted(want)} in {timeout:g} s")
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.005 if "completed" in want else 0.02)
 
     async def _find_device(self, qmp: QMPClient, host: Host) -> tuple[int, int, int]:
         """(bus, slot, function) of the VF in that QEMU (by id, else by IDs)."""
@@ -224,7 +229,7 @@ class Orchestrator:
     # -- the migration --------------------------------------------------------------------
 
     async def run(self) -> Summary:
-        t0 = time.perf_counter()
+        t0 = self.t0 = time.perf_counter()
         try:
             await self._run()
             self.summary.status = "completed"
@@ -286,6 +291,7 @@ class Orchestrator:
             await self.qa.execute("migrate-set-parameters",
                                   {"downtime-limit": opts.downtime_limit_ms})
         await self._wait_migration({"pre-switchover"}, opts.timeout)
+        self._mark("source-stopped")
         s.phases_ms["precopy"] = (time.perf_counter() - tp) * 1000
 
         tp = time.perf_counter()
@@ -301,11 +307,14 @@ class Orchestrator:
         if opts.mode == "transparent":
             s.device_pages = _count_pages(final)
             self.da.logging_stop()
+        self._mark("device-saved")
         await self.qa.execute("migrate-continue", {"state": "pre-switchover"})
         info = await self._wait_migration({"completed"}, opts.timeout)
+        self._mark("source-completed")
         s.vm_downtime_ms = info.get("downtime")
         s.ram_transferred = info.get("ram", {}).get("transferred", 0)
         await self._wait_destination_loaded()
+        self._mark("destination-loaded")
         s.phases_ms["switchover"] = (time.perf_counter() - tp) * 1000
 
         tp = time.perf_counter()
@@ -319,19 +328,24 @@ class Orchestrator:
         self.db.write_all(stream)
         self.db.set_state(State.STOP)  # the stream is checked and restored here
         s.restore_ms = (time.perf_counter() - tr) * 1000
+        self._mark("device-restored")
         s.regs_equal = self.db.regs() == source_regs
         await self._replay_config(source_config)
+        self._mark("config-replayed")
         self.db.set_state(State.RUNNING)
         await self.qb.execute("cont")
+        self._mark("destination-running")
         self.dest_running = True
         if opts.mode == "transparent" and opts.announce:
             await asyncio.to_thread(self._announce)
+            self._mark("announced")
         if opts.mode == "cooperative":
             from vfnic.regs.mailbox import RESUME_NO_GARP
 
             result = await self._control(self.dst, "resume",
                                          [0 if opts.garp else RESUME_NO_GARP])
             s.resume_us, s.resume_ms = result.get("driver_us"), result.get("mailbox_ms")
+            self._mark("driver-resumed")
         s.phases_ms["restore"] = (time.perf_counter() - tp) * 1000
         if opts.quit_source:
             with contextlib.suppress(Exception):
@@ -371,7 +385,7 @@ class Orchestrator:
             if st.get("status") in ("running",):
                 raise MigrationError("the destination started running before the VF was restored"
                                      " (start it with -S)")
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.005)
         raise MigrationError("the destination did not finish loading the migration")
 
     async def _rollback(self) -> None:
