@@ -393,3 +393,26 @@ def test_entry_point_reports_a_missing_function_in_one_line(tmp_path: Path) -> N
     assert res.returncode == 1
     assert res.stderr.startswith("vfnic-guestdriver: error: 0000:00:1f.7: no vfnic function")
     assert res.stderr.count("\n") == 1
+
+
+def test_unsolicited_neighbour_advertisement_is_well_formed() -> None:
+    import ipaddress
+    import struct as st
+
+    from vfnic.guestdriver.driver import unsolicited_na
+
+    mac = bytes.fromhex("025646000001")
+    addr = ipaddress.IPv6Address("fe80::56:46ff:fe00:1").packed
+    frame = unsolicited_na(mac, addr)
+    assert frame[:6] == bytes.fromhex("333300000001") and frame[12:14] == b"\x86\xdd"
+    ip6, icmp = frame[14:54], frame[54:]
+    assert ip6[6] == 58 and ip6[7] == 255 and ip6[8:24] == addr
+    assert st.unpack("!H", ip6[4:6])[0] == len(icmp) == 32
+    assert icmp[0] == 136 and icmp[4] & 0x20 and icmp[8:24] == addr and icmp[26:32] == mac
+    # RFC 4443 2.3: summing the pseudo-header and the message, checksum included, gives 0xffff
+    pseudo = ip6[8:40] + st.pack("!I3xB", len(icmp), 58)
+    words = st.unpack(f"!{(len(pseudo) + len(icmp)) // 2}H", pseudo + icmp)
+    total = sum(words)
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    assert total == 0xFFFF

@@ -109,7 +109,7 @@ class Section:
         """Run one measurement; a failure is recorded and the section goes on."""
         try:
             return fn()
-        except Exception as exc:  # noqa: BLE001 - reported, the rest must go on
+        except Exception as exc:  # reported; the rest must go on
             self.fail(what, exc)
             return None
 
@@ -133,7 +133,7 @@ def machine() -> dict[str, str]:
     try:
         qemu = runtime.qemu_version()
         accel = runtime.accel()
-    except Exception as exc:  # noqa: BLE001 - described, not fatal here
+    except Exception as exc:  # described, not fatal here
         qemu, accel = f"unavailable ({exc})", "?"
     try:
         debian = Path("/etc/debian_version").read_text().strip()
@@ -188,7 +188,7 @@ def serve(directory: Path, vfs: int = 2, cpus: str | None = None,
             "--vfs", str(vfs), "--nic-id", str(nic_id)]
     if cpus is not None:
         argv = ["taskset", "-c", cpus, *argv]
-    logf = open(directory / "serve.log", "wb")  # noqa: SIM115 - closed below
+    logf = open(directory / "serve.log", "wb")  # closed below
     proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 20

@@ -325,8 +325,9 @@ def run(quick: bool = False) -> Section:
             f"`python -m vfnic.cli serve` process: BAR0 reads of STATUS (a full round trip: "
             f"request, server, reply), non-posted and posted writes of MTA. Median of {runs} "
             f"runs (min–max), each run against a freshly started server; reads: {n_read:,} "
-            f"per run, posted writes: {n_write:,} per run followed by one read that waits for them all. "
-            f"p50/p99 over {n_read:,} individually timed reads per run, all runs pooled.")
+            f"per run, posted writes: {n_write:,} per run followed by one read that waits "
+            f"for them all. p50/p99 over {n_read:,} individually timed reads per run, "
+            f"all runs pooled.")
     sec.add(table(["placement", "reads/s", "read RTT µs", "read p50 / p99 µs",
                    "non-posted writes/s", "posted writes/s", "µs per posted write"], rows))
     frows: list[list[object]] = []

@@ -115,6 +115,25 @@ def gratuitous_arp(mac: bytes, ipv4: bytes) -> bytes:
     return (eth + arp).ljust(60, b"\0")
 
 
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def unsolicited_na(mac: bytes, ipv6: bytes) -> bytes:
+    """Unsolicited neighbour advertisement (RFC 4861 7.2.6) to all nodes, Override set."""
+    all_nodes = bytes.fromhex("ff020000000000000000000000000001")
+    icmp = struct.pack("!BBHI16sBB6s", 136, 0, 0, 0x20000000, ipv6, 2, 1, mac)
+    pseudo = ipv6 + all_nodes + struct.pack("!I3xB", len(icmp), 58)
+    icmp = icmp[:2] + struct.pack("!H", _checksum(pseudo + icmp)) + icmp[4:]
+    ip6 = struct.pack("!IHBB16s16s", 6 << 28, len(icmp), 58, 255, ipv6, all_nodes)
+    return b"\x33\x33\x00\x00\x00\x01" + mac + b"\x86\xdd" + ip6 + icmp
+
+
 class VfDriver:
     """Queue 0 of a vfnic VF: reset, MAC from the PF, RX/TX rings, mailbox."""
 
@@ -127,6 +146,8 @@ class VfDriver:
         self.watchdog_interval = watchdog_interval
         self.mac = bytes(6)
         self.ipv4: bytes | None = None  # for the gratuitous ARP after RESUME
+        # The interface's IPv6 addresses, for unsolicited neighbour advertisements.
+        self.ipv6_addresses: Callable[[], list[bytes]] | None = None
         self.link_up = False
         self.dirtying = False  # between MIGRATE and CANCEL_MIGRATION
         self.suspended = False
@@ -406,6 +427,9 @@ class VfDriver:
             self.link_listener(self.link_up)
         if garp and self.ipv4 is not None and self.link_up:
             self.tx(gratuitous_arp(self.mac, self.ipv4))
+        if garp and self.link_up and self.ipv6_addresses is not None:
+            for addr in self.ipv6_addresses():
+                self.tx(unsolicited_na(self.mac, addr))
         self.last_resume_us = int((time.perf_counter() - t0) * 1e6)
         return self.last_resume_us
 

@@ -110,7 +110,17 @@ class TapBridge:
         ip_command("link", "set", "dev", self.ifname, "up", netns=self.netns)
         tap.set_carrier(self.driver.link_up)
         self.driver.link_listener = tap.set_carrier
+        self.driver.ipv6_addresses = self.ipv6_addresses
         return tap
+
+    def ipv6_addresses(self) -> list[bytes]:
+        """The TAP's IPv6 addresses (/proc/net/if_inet6), for neighbour advertisements."""
+        try:
+            with open("/proc/net/if_inet6") as f:
+                rows = [line.split() for line in f]
+        except OSError:
+            return []
+        return [bytes.fromhex(r[0]) for r in rows if len(r) >= 6 and r[5] == self.ifname]
 
     def run(self) -> None:
         """Move frames until ``stop_event`` is set."""

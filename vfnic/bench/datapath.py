@@ -1,0 +1,388 @@
+"""Section "datapath": packets through a VF.
+
+Host side (no QEMU): the VF driver model (HostBus + VfDriver, "guest memory" a
+memfd shared with the server) in worker processes against `vfnic serve`:
+  vf0 -> vf1           through the NIC's internal switch
+  vf0 -> uplink        out of the uplink TAP, over the lab's LAN bridge to the peer
+  uplink -> vf0        the peer sends, the VF driver counts
+Inside a TCG guest: the guest (booted with vfnic.ip: the guest driver bridges
+the VF to the TAP vfnic0) and the peer exchange UDP, and the peer pings the
+guest; the same guest with QEMU's virtio-net on a TAP on the same LAN bridge,
+in the same run, one after the other.
+
+Frame sizes: UDP payload 18 B (60 B frames, 64 B on the wire with the FCS) and
+1472 B (1514 B frames: full 1500 B IP packets).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from vfnic.bench.common import (
+    Section,
+    Worker,
+    log,
+    serve,
+    short_tmpdir,
+    table,
+    wait_console,
+    worker_argv,
+)
+
+PAYLOADS = (18, 1472)
+CTL_PORT = 5009
+_ids = itertools.count()
+
+
+def frame_len(payload: int) -> int:
+    return max(60, payload + 42)
+
+
+def label(payload: int) -> str:
+    return f"{frame_len(payload) + 4} B" if payload < 46 else f"{frame_len(payload)} B (1500 IP)"
+
+
+def mbps(frames: float, payload: int) -> float:
+    """Frame throughput in Mbit/s (Ethernet header + payload, no FCS/preamble)."""
+    return frames * frame_len(payload) * 8 / 1e6
+
+
+def _rate(count: int, span: float) -> float:
+    return count / span if span > 0 and count > 1 else 0.0
+
+
+# -- host side --------------------------------------------------------------------------
+
+
+def host_pair(sock_tx: Path, sock_rx: Path, payload: int, dur: float) -> dict[str, Any]:
+    """Driver on one VF sends to a driver on another VF of the same NIC."""
+    rx = Worker(worker_argv("hostdrv-rx", "--sock", str(sock_rx)))
+    try:
+        tx = Worker(worker_argv("hostdrv-tx", "--sock", str(sock_tx), "--dst-mac",
+                                rx.ready["mac"], "--payload", str(payload), "--dur", str(dur)))
+        txr = tx.result(stop=False, timeout=dur + 60)
+        time.sleep(0.3)
+        rxr = rx.result()
+    finally:
+        rx.kill()
+    return {"tx": txr, "rx": rxr}
+
+
+def host_to_uplink(lab: Any, sock: Path, payload: int, dur: float) -> dict[str, Any]:
+    from vfnic.migrate.lab import PEER_IP
+
+    peer_mac = _mac_of(lab, "peer", f"{lab.ident}peer0")
+    rx = Worker(worker_argv("udp-recv", "--bind", PEER_IP, "--port", "5001",
+                            netns=lab.ns("peer")))
+    try:
+        tx = Worker(worker_argv("hostdrv-tx", "--sock", str(sock), "--dst-mac", peer_mac,
+                                "--dst-ip", PEER_IP, "--src-ip", "10.77.0.3", "--port", "5001",
+                                "--payload", str(payload), "--dur", str(dur)))
+        txr = tx.result(stop=False, timeout=dur + 60)
+        time.sleep(0.5)
+        rxr = rx.result()
+    finally:
+        rx.kill()
+    return {"tx": txr, "rx": {"frames": rxr["count"], "bytes": rxr["bytes"],
+                              "span": rxr["span"]}}
+
+
+def uplink_to_host(lab: Any, sock: Path, payload: int, dur: float) -> dict[str, Any]:
+    from vfnic.migrate.lab import sh
+
+    rx = Worker(worker_argv("hostdrv-rx", "--sock", str(sock)))
+    try:
+        sh("ip", "-n", lab.ns("peer"), "neigh", "replace", "10.77.0.3", "lladdr",
+           rx.ready["mac"], "dev", f"{lab.ident}peer0", "nud", "permanent")
+        tx = Worker(worker_argv("udp-send", "--dst", "10.77.0.3", "--port", "5001", "--size",
+                                str(payload), "--dur", str(dur), netns=lab.ns("peer")),
+                    ready_timeout=None)
+        txr = tx.result(stop=False, timeout=dur + 60)
+        time.sleep(0.5)
+        rxr = rx.result()
+    finally:
+        rx.kill()
+    return {"tx": {"sent": txr["sent"], "elapsed": txr["elapsed"], "dropped": txr["errors"]},
+            "rx": rxr}
+
+
+def _mac_of(lab: Any, ns: str, ifname: str) -> str:
+    from vfnic.migrate.lab import sh
+
+    out = sh("ip", "-n", lab.ns(ns), "-j", "link", "show", ifname).stdout
+    return str(json.loads(out)[0]["address"])
+
+
+def host_rows(results: dict[str, dict[str, Any]]) -> list[list[object]]:
+    rows: list[list[object]] = []
+    for key, r in results.items():
+        path, payload_s = key.rsplit(" ", 1)
+        payload = int(payload_s)
+        if "error" in r:
+            rows.append([path, label(payload), "failed", r["error"], "", "", ""])
+            continue
+        tx, rx = r["tx"], r["rx"]
+        sent_rate = tx["sent"] / tx["elapsed"] if tx["elapsed"] else 0.0
+        got = _rate(rx["frames"], rx["span"])
+        lost = tx["sent"] - rx["frames"]
+        mpc = rx.get("device", {}).get("MPC")
+        rows.append([path, label(payload), f"{sent_rate:,.0f}", f"{got:,.0f}",
+                     f"{mbps(got, payload):,.1f}",
+                     f"{lost:,} of {tx['sent']:,} ({100 * lost / max(tx['sent'], 1):.1f} %)",
+                     "–" if mpc is None else f"{mpc:,}"])
+    return rows
+
+
+# -- inside the guest ---------------------------------------------------------------------
+
+GUEST_SERVER = r"""
+cat > /run/bench-server.py <<'PY'
+import json, socket, sys, time
+
+def send(req):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    s.connect((req["dst"], req["port"]))
+    payload = bytes(req["size"])
+    sent = errors = 0
+    t0 = time.perf_counter()
+    end = t0 + req["dur"]
+    while True:
+        for _ in range(32):
+            try:
+                s.send(payload)
+                sent += 1
+            except OSError:
+                errors += 1
+        if time.perf_counter() >= end:
+            break
+    s.close()
+    return {"sent": sent, "errors": errors, "elapsed": time.perf_counter() - t0}
+
+def recv(req, f):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    s.bind(("0.0.0.0", req["port"]))
+    s.settimeout(0.2)
+    f.write(b'{"listening": true}\n')
+    f.flush()
+    count = nbytes = 0
+    first = last = 0.0
+    deadline = time.monotonic() + req["max"]
+    buf = bytearray(65536)
+    while time.monotonic() < deadline:
+        try:
+            n = s.recv_into(buf)
+        except socket.timeout:
+            if count and time.perf_counter() - last > req["idle"]:
+                break
+            continue
+        last = time.perf_counter()
+        if not count:
+            first = last
+        count += 1
+        nbytes += n
+    s.close()
+    return {"count": count, "bytes": nbytes, "span": last - first}
+
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", __PORT__))
+srv.listen(1)
+print("@@bench-server-ready", flush=True)
+while True:
+    conn, _ = srv.accept()
+    f = conn.makefile("rwb")
+    for line in f:
+        req = json.loads(line)
+        if req["op"] == "quit":
+            sys.exit(0)
+        out = send(req) if req["op"] == "send" else recv(req, f)
+        f.write(json.dumps(out).encode() + b"\n")
+        f.flush()
+    conn.close()
+PY
+__NETSETUP__
+echo "guest interfaces: $(ls /sys/class/net | tr '\n' ' ')"
+python3 /run/bench-server.py
+"""
+
+VIRTIO_NETSETUP = """
+IF=$(for d in /sys/class/net/*; do [ -e "$d/device" ] && basename "$d"; done | head -n1)
+echo "virtio-net interface: $IF"
+ip addr add 10.77.0.2/24 dev "$IF"
+ip link set "$IF" up
+"""
+
+
+def guest_command(kind: str) -> str:
+    net = VIRTIO_NETSETUP if kind == "virtio" else ""
+    return GUEST_SERVER.replace("__PORT__", str(CTL_PORT)).replace("__NETSETUP__", net)
+
+
+def virtio_args(tap: str, mac: str = "52:54:00:12:34:56") -> list[str]:
+    return ["-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
+            "-device", f"virtio-net-pci,netdev=n0,mac={mac},romfile="]
+
+
+def guest_datapath(lab: Any, kind: str, nic_dir: Path | None, dur: float,
+                   ping: int) -> dict[str, Any]:
+    """Boot one guest (kind 'vf' or 'virtio') in host a and run the peer's side."""
+    from vfnic.host.vm import VM, VfioUserFunction
+    from vfnic.migrate.lab import GUEST_IP, PEER_IP, sh
+
+    sh("ip", "-n", lab.ns("peer"), "neigh", "flush", "all", check=False)
+    if kind == "vf":
+        assert nic_dir is not None
+        vm = VM([VfioUserFunction(nic_dir / "vf0.sock", "vf0")], command=guest_command(kind),
+                kernel_args=[f"vfnic.ip={GUEST_IP}/24"], netns=lab.ns("a"))
+    else:
+        tap = f"{lab.ident}d{next(_ids)}"
+        vm = VM([], command=guest_command(kind), extra_args=virtio_args(tap),
+                netns=lab.ns("a"))
+    try:
+        t0 = time.monotonic()
+        vm.start()
+        if kind == "virtio":
+            lab.plug_into_lan("a", tap)
+        wait_console(vm, r"@@bench-server-ready", 240, "the guest's benchmark server")
+        log(f"datapath: {kind} guest up after {time.monotonic() - t0:.1f} s")
+        w = Worker(worker_argv("peer-guest", "--guest", GUEST_IP, "--me", PEER_IP,
+                               "--ctl", str(CTL_PORT), "--dur", str(dur), "--ping", str(ping),
+                               "--sizes", ",".join(str(p) for p in PAYLOADS),
+                               netns=lab.ns("peer")),
+                   ready_timeout=None, show_stderr=True)
+        res = w.result(stop=False, timeout=600)
+        console = vm.console_log.read_text(errors="replace")
+        m = re.search(r"virtio-net interface: (\S+)", console)
+        if m:
+            res["ifname"] = m.group(1)
+        return res
+    finally:
+        vm.stop()
+
+
+def guest_rows(kind: str, r: dict[str, Any]) -> list[list[object]]:
+    rows: list[list[object]] = []
+    name = "vfnic VF (guest driver + TAP)" if kind == "vf" else "virtio-net (TAP)"
+    for payload in PAYLOADS:
+        t = r.get(f"tx{payload}")
+        if t:
+            sent = t["guest"]["sent"]
+            offered = sent / t["guest"]["elapsed"]
+            got = _rate(t["peer"]["count"], t["peer"]["span"])
+            lost = sent - t["peer"]["count"]
+            rows.append([name, "guest → peer", label(payload), f"{offered:,.0f}",
+                         f"{got:,.0f}", f"{mbps(got, payload):,.2f}",
+                         f"{100 * lost / max(sent, 1):.1f} %"])
+    for payload in PAYLOADS:
+        t = r.get(f"rx{payload}")
+        if t:
+            sent = t["peer"]["sent"]
+            offered = sent / t["peer"]["elapsed"]
+            got = _rate(t["guest"]["count"], t["guest"]["span"])
+            lost = sent - t["guest"]["count"]
+            rows.append([name, "peer → guest", label(payload), f"{offered:,.0f}",
+                         f"{got:,.0f}", f"{mbps(got, payload):,.2f}",
+                         f"{100 * lost / max(sent, 1):.1f} %"])
+    return rows
+
+
+# -- the section --------------------------------------------------------------------------
+
+
+def run(quick: bool = False) -> Section:
+    from vfnic.migrate.lab import Lab, require_root
+
+    sec = Section("datapath", "Datapath")
+    dur = 2.0 if quick else 5.0
+    host: dict[str, dict[str, Any]] = {}
+    guest: dict[str, dict[str, Any]] = {}
+    with short_tmpdir("vfb-") as tmp:
+        # vf0 -> vf1 needs no lab: one NIC, no uplink, unix sockets only.
+        with serve(tmp / "nic", vfs=2) as nic:
+            for payload in PAYLOADS:
+                log(f"datapath: host driver vf0 -> vf1, {label(payload)}, {dur:g} s")
+                key = f"vf0 → vf1 (internal switch) {payload}"
+                r = sec.attempt(key, partial(host_pair, nic / "vf0.sock", nic / "vf1.sock",
+                                             payload, dur))
+                host[key] = r if r is not None else {"error": sec.failures[-1]}
+        try:
+            require_root()
+            lab = Lab(tmp / "lab")
+            (tmp / "lab").mkdir()
+            lab.up()
+        except Exception as exc:  # reported, the rest goes on
+            sec.fail("lab (network namespaces)", exc)
+            lab = None
+        if lab is not None:
+            try:
+                nic_a = lab.start_nic("a", vfs=2, nic_id=1)
+                for payload in PAYLOADS:
+                    log(f"datapath: host driver vf0 -> uplink -> peer, {label(payload)}")
+                    key = f"vf0 → uplink TAP → bridge → peer UDP socket {payload}"
+                    r = sec.attempt(key, partial(host_to_uplink, lab, nic_a / "vf0.sock",
+                                                 payload, dur))
+                    host[key] = r if r is not None else {"error": sec.failures[-1]}
+                for payload in PAYLOADS:
+                    log(f"datapath: peer -> uplink -> host driver vf1, {label(payload)}")
+                    key = f"peer UDP socket → bridge → uplink TAP → vf1 {payload}"
+                    r = sec.attempt(key, partial(uplink_to_host, lab, nic_a / "vf1.sock",
+                                                 payload, dur))
+                    host[key] = r if r is not None else {"error": sec.failures[-1]}
+                for kind in ("vf", "virtio"):
+                    log(f"datapath: TCG guest on {kind}: ping, UDP both ways, {dur:g} s each")
+                    g = sec.attempt(f"guest datapath ({kind})", partial(
+                        guest_datapath, lab, kind, nic_a, dur, 30 if quick else 100))
+                    if g is not None:
+                        guest[kind] = g
+            finally:
+                lab.down()
+    sec.data["host"] = host
+    sec.data["guest"] = guest
+
+    sec.add(f"Host-side VF driver model (`HostBus` + `VfDriver`, one process per driver, "
+            f"`tx_batch` of 32 frames per TDT doorbell) against `vfnic serve` (one Python "
+            f"process: every frame crosses it). {dur:g} s per row; the sender sends as fast as "
+            f"it can. *Received/s* is counted by the receiver between its first and last "
+            f"frame; *lost* are frames the sender's driver queued that never arrived (for "
+            f"the peer's socket sender: datagrams it sent).")
+    sec.add(table(["path", "frame", "sent/s", "received/s", "Mbit/s (frames)", "lost",
+                   "receiver MPC"], host_rows(host)))
+    if guest:
+        rows: list[list[object]] = []
+        for kind in ("vf", "virtio"):
+            if kind in guest:
+                rows += guest_rows(kind, guest[kind])
+        sec.add(f"Inside a TCG guest (1 vCPU, 512 MiB) on host a of the lab, to and from the "
+                f"peer namespace through the LAN bridge: python3 UDP sender/receiver in the "
+                f"guest, the same in the peer, {dur:g} s per row, unthrottled. Both guests in "
+                f"the same run, one after the other. *offered/s*: datagrams the sender's "
+                f"socket accepted; *received/s*: counted by the receiver between its first "
+                f"and last datagram.")
+        sec.add(table(["guest NIC", "direction", "frame", "offered/s", "received/s",
+                       "Mbit/s (frames)", "lost"], rows))
+        prow: list[list[object]] = []
+        for kind in ("vf", "virtio"):
+            p = guest.get(kind, {}).get("ping", {})
+            if "avg" in p:
+                prow.append(["vfnic VF" if kind == "vf" else "virtio-net",
+                             f"{p['min']:.3f}", f"{p['avg']:.3f}", f"{p['max']:.3f}",
+                             f"{p['mdev']:.3f}", f"{p.get('received', '?')}/{p.get('sent', '?')}"])
+        if prow:
+            sec.add("Ping RTT, peer → guest, before the UDP runs (`ping -i 0.05`), ms:")
+            sec.add(table(["guest NIC", "min", "avg", "max", "mdev", "replies"], prow))
+        if "virtio" in guest and "ifname" in guest["virtio"]:
+            sec.add(f"(The virtio-net guest's interface is `{guest['virtio']['ifname']}`.)")
+    return sec
+
+
+if __name__ == "__main__":  # pragma: no cover - manual use
+    print("\n\n".join(run(quick="--quick" in sys.argv).parts))

@@ -1,0 +1,658 @@
+"""Section "migration": live migration of one guest between the lab's two hosts.
+
+Configurations (the same guest image, 512 MiB, 1 vCPU, idle but for what its
+NIC needs; every one repeated):
+  VF transparent                vfnic orchestrator, DMA dirty logging, NIC announce
+  VF cooperative                vfnic orchestrator, driver suspend/resume + GARP
+  VF cooperative, no GARP       Options(garp=False)
+  VF transparent, no announce   Options(announce=False)
+  virtio-net                    plain QEMU migration, QEMU's own announce
+  no NIC                        plain QEMU migration (VM downtime baseline)
+The guest is booted once per kind (VF, virtio-net, none) and migrated back and
+forth (a -> b -> a ...), the four VF configurations interleaved round-robin on
+the same guest. The peer pings the guest every 10 ms; network downtime is the
+longest gap between two replies (minus the interval).
+
+Also measured here, beside the migrations: the PF agent's own cost of a
+SUSPEND/RESUME message (in process) and the mailbox round trip to a host-side
+driver polling as fast as it can.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vfnic.bench.common import (
+    Section,
+    Worker,
+    log,
+    met,
+    serve,
+    short_tmpdir,
+    stat_text,
+    table,
+    wait_console,
+    worker_argv,
+)
+
+PING_INTERVAL = 0.01
+_ports = itertools.count(4700)
+_taps = itertools.count()
+
+
+@dataclass(frozen=True)
+class Config:
+    key: str
+    label: str
+    guest: str  # "vf", "virtio" or "none"
+    mode: str = "transparent"
+    garp: bool = True
+    announce: bool = True
+
+
+CONFIGS = (
+    Config("vf-transparent", "VF transparent", "vf", "transparent"),
+    Config("vf-cooperative", "VF cooperative", "vf", "cooperative"),
+    Config("vf-coop-nogarp", "VF cooperative, no GARP", "vf", "cooperative", garp=False),
+    Config("vf-transp-noannounce", "VF transparent, no announce", "vf", "transparent",
+           announce=False),
+    Config("virtio", "virtio-net (QEMU)", "virtio"),
+    Config("none", "no NIC", "none"),
+)
+
+
+@dataclass
+class Run:
+    config: str
+    index: int
+    direction: str = ""
+    ok: bool = False
+    error: str | None = None
+    total_ms: float | None = None
+    vm_downtime_ms: float | None = None
+    pause_ms: float | None = None  # source stopped -> destination running
+    net_downtime_ms: float | None = None
+    recovered: bool | None = None
+    window_s: float | None = None
+    ping: tuple[int, int] | None = None  # (sent, replies) over the whole window
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+# -- ping from the peer, replies followed live -------------------------------------------
+
+
+class LivePinger:
+    """`ping -D -i 0.01` from the peer namespace; reply timestamps kept as they come."""
+
+    def __init__(self, netns: str, target: str, interval: float = PING_INTERVAL) -> None:
+        self.interval = interval
+        self.replies: list[float] = []
+        self.sent = 0
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", netns, "ping", "-D", "-n", "-W", "1", "-i", f"{interval:g}",
+             target], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.started = time.time()
+        self._rx = re.compile(r"^\[(\d+\.\d+)\] \d+ bytes from .*icmp_seq=(\d+)")
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            m = self._rx.match(line)
+            if m:
+                self.replies.append(float(m.group(1)))
+            t = re.search(r"(\d+) packets transmitted", line)
+            if t:
+                self.sent = int(t.group(1))
+
+    def replies_after(self, t: float) -> int:
+        return sum(1 for r in self.replies if r > t)
+
+    def stop(self) -> float:
+        self.proc.send_signal(signal.SIGINT)  # our own ping, by pid
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._thread.join(5)
+        return time.time()
+
+
+def ping_once(netns: str, target: str) -> bool:
+    return subprocess.run(["ip", "netns", "exec", netns, "ping", "-c1", "-W1", target],
+                          capture_output=True, check=False).returncode == 0
+
+
+# -- plain QEMU migration (virtio-net and no-NIC baselines) -------------------------------
+
+
+async def _plain_migrate(src_qmp: str, dst_qmp: str, uri: str,
+                         timeout: float = 300) -> dict[str, Any]:
+    """`migrate`, wait for completion, `cont` the destination (started with -S), quit
+    the source. Pause = RESUME event on the destination - STOP event on the source
+    (QMP event timestamps, both QEMUs on this host's clock)."""
+    from qemu.qmp import QMPClient
+
+    qa, qb = QMPClient("bench-source"), QMPClient("bench-destination")
+    await qa.connect(src_qmp)
+    await qb.connect(dst_qmp)
+    try:
+        t0 = time.perf_counter()
+        await qa.execute("migrate", {"uri": uri})
+        deadline = time.monotonic() + timeout
+        info: dict[str, Any] = {}
+        while True:
+            info = await qa.execute("query-migrate")  # type: ignore[assignment]
+            st = info.get("status")
+            if st == "completed":
+                break
+            if st in ("failed", "cancelled"):
+                raise RuntimeError(f"QEMU migration {st}: {info.get('error-desc', '')}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"migration did not complete in {timeout:.0f} s")
+            await asyncio.sleep(0.005)
+        while True:
+            st2: dict[str, Any] = await qb.execute("query-status")  # type: ignore[assignment]
+            if st2.get("status") in ("paused", "postmigrate", "prelaunch"):
+                break
+            if st2.get("status") == "running":
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError("the destination did not finish loading")
+            await asyncio.sleep(0.005)
+        await qb.execute("cont")
+        total_ms = (time.perf_counter() - t0) * 1000
+        await asyncio.sleep(0.05)  # let the RESUME event arrive
+
+        def stamp(events: list[Any], name: str) -> float | None:
+            for ev in events:
+                if ev.get("event") == name:
+                    ts = ev.get("timestamp", {})
+                    return float(ts.get("seconds", 0)) + float(ts.get("microseconds", 0)) / 1e6
+            return None
+
+        stop = stamp(qa.events.clear(), "STOP")
+        resume = stamp(qb.events.clear(), "RESUME")
+        pause = (resume - stop) * 1000 if stop is not None and resume is not None else None
+        with contextlib.suppress(Exception):
+            await qa.execute("quit")
+        return {"total_ms": total_ms, "vm_downtime_ms": info.get("downtime"),
+                "pause_ms": pause, "ram_transferred": info.get("ram", {}).get("transferred", 0)}
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await qa.execute("migrate_cancel")
+        with contextlib.suppress(Exception):
+            await qb.execute("quit")
+        raise
+    finally:
+        for q in (qa, qb):
+            with contextlib.suppress(Exception):
+                await q.disconnect()
+
+
+# -- one guest, migrated back and forth ------------------------------------------------------
+
+
+class PingPong:
+    """A guest of one kind living on host a or b of the lab, moved by each run."""
+
+    def __init__(self, lab: Any, kind: str, nic_dirs: dict[str, Path]) -> None:
+        self.lab = lab
+        self.kind = kind
+        self.nic_dirs = nic_dirs
+        self.token = f"bench{kind}"
+        self.vm: Any = None
+        self.side = "a"
+        self.boots = 0
+
+    def _command(self) -> str:
+        from vfnic.bench.datapath import VIRTIO_NETSETUP
+
+        net = VIRTIO_NETSETUP if self.kind == "virtio" else ""
+        return f"{net}\necho @@bench-guest-up\nexec sleep 1000000\n"
+
+    def _vm(self, side: str, incoming: str | None) -> tuple[Any, str | None]:
+        from vfnic.bench.datapath import virtio_args
+        from vfnic.host.vm import VM, VfioUserFunction
+        from vfnic.migrate.lab import GUEST_IP
+
+        functions = []
+        kernel_args: list[str] = []
+        extra: list[str] = []
+        tap = None
+        if self.kind == "vf":
+            functions = [VfioUserFunction(self.nic_dirs[side] / "vf0.sock", "vf0")]
+            kernel_args = [f"vfnic.ip={GUEST_IP}/24"]
+        elif self.kind == "virtio":
+            tap = f"{self.lab.ident}m{next(_taps)}"
+            extra += virtio_args(tap)
+        if incoming:
+            extra += ["-S", "-incoming", incoming]
+        vm = VM(functions, command=self._command(), kernel_args=kernel_args, extra_args=extra,
+                token=self.token, netns=self.lab.ns(side))
+        return vm, tap
+
+    def boot(self) -> None:
+
+        self.close()
+        self.side = "a"
+        t0 = time.monotonic()
+        vm, tap = self._vm("a", None)
+        self.vm = vm
+        vm.start()
+        if tap:
+            self.lab.plug_into_lan("a", tap)
+        wait_console(vm, r"@@bench-guest-up", 240, f"the {self.kind} guest")
+        if self.kind != "none" and not self.wait_reachable(120):
+            raise RuntimeError(f"the {self.kind} guest is not reachable from the peer")
+        self.boots += 1
+        log(f"migration: {self.kind} guest up after {time.monotonic() - t0:.1f} s")
+
+    def wait_reachable(self, timeout: float) -> bool:
+        from vfnic.migrate.lab import GUEST_IP, sh
+
+        deadline = time.monotonic() + timeout
+        flushed = False
+        start = time.monotonic()
+        while time.monotonic() < deadline:
+            if ping_once(self.lab.ns("peer"), GUEST_IP):
+                return True
+            if not flushed and time.monotonic() - start > 2:
+                # After a run without announce/GARP the LAN bridge still sends the guest's
+                # MAC to the old host's port: forget what it learned (flood until relearned).
+                sh("ip", "-n", self.lab.ns("fab"), "link", "set", "dev", "lan", "type",
+                   "bridge", "fdb_flush", check=False)
+                sh("ip", "-n", self.lab.ns("peer"), "neigh", "flush", "all", check=False)
+                flushed = True
+            if not self.vm.running():
+                return False
+        return False
+
+    def migrate(self, cfg: Config, index: int, window: float) -> Run:
+        from vfnic.migrate.lab import GUEST_IP
+        from vfnic.migrate.orchestrator import Host, Options, migrate
+
+        run = Run(cfg.key, index)
+        if self.vm is None or not self.vm.running():
+            self.boot()
+        elif self.kind != "none" and not self.wait_reachable(30):
+            log(f"migration: {self.kind} guest unreachable before the run, rebooting it")
+            self.boot()
+        src, dst_side = self.side, ("b" if self.side == "a" else "a")
+        run.direction = f"{src}→{dst_side}"
+        port = next(_ports)
+        uri = f"tcp:{self.lab.host_ip(dst_side)}:{port}"
+        dst, tap = self._vm(dst_side, uri)
+        pinger: LivePinger | None = None
+        try:
+            dst.start()
+            if tap:
+                self.lab.plug_into_lan(dst_side, tap)
+            if self.kind != "none":
+                pinger = LivePinger(self.lab.ns("peer"), GUEST_IP)
+                time.sleep(1.5)
+                if not pinger.replies:
+                    raise RuntimeError("no ping replies before the migration")
+            t_start = time.time()
+            if self.kind == "vf":
+                opts = Options(uri, mode=cfg.mode, garp=cfg.garp, announce=cfg.announce,
+                               quit_source=True)
+                summary = migrate(Host(str(self.vm.qmp_socket), str(self.nic_dirs[src]), 0),
+                                  Host(str(dst.qmp_socket), str(self.nic_dirs[dst_side]), 0),
+                                  opts, progress=lambda line: log(f"  migrate: {line}"))
+                run.summary = asdict(summary)
+                if summary.status != "completed":
+                    raise RuntimeError(f"migration {summary.status}: {summary.error}")
+                run.total_ms = summary.total_ms
+                run.vm_downtime_ms = summary.vm_downtime_ms
+                tl = summary.timeline_ms
+                if "source-stopped" in tl and "destination-running" in tl:
+                    run.pause_ms = tl["destination-running"] - tl["source-stopped"]
+            else:
+                res = asyncio.run(_plain_migrate(str(self.vm.qmp_socket), str(dst.qmp_socket),
+                                                 uri))
+                run.total_ms = res["total_ms"]
+                run.vm_downtime_ms = res["vm_downtime_ms"]
+                run.pause_ms = res["pause_ms"]
+                run.summary = {"ram_transferred": res["ram_transferred"]}
+            t_end = time.time()
+            if pinger is not None:
+                deadline = t_end + window
+                recovered_at = None
+                while time.time() < deadline:
+                    if recovered_at is None and pinger.replies_after(t_end):
+                        recovered_at = time.time()
+                    if recovered_at is not None and time.time() > recovered_at + 1.0:
+                        break
+                    time.sleep(0.05)
+                t_stop = pinger.stop()
+                reps = [r for r in pinger.replies if r >= t_start - 1.5]
+                run.ping = (pinger.sent, len(pinger.replies))
+                run.window_s = window
+                if not any(r > t_end for r in reps):
+                    run.recovered = False
+                    run.net_downtime_ms = None
+                    last = max((r for r in reps if r <= t_end), default=t_start)
+                    run.summary["silent_s"] = t_stop - last
+                else:
+                    run.recovered = True
+                    gap = max(b - a for a, b in zip(reps, reps[1:], strict=False))
+                    run.net_downtime_ms = max(0.0, (gap - PING_INTERVAL) * 1000)
+                pinger = None
+            run.ok = True
+            old = self.vm
+            self.vm, self.side = dst, dst_side
+            old.stop()
+            return run
+        except Exception as exc:
+            run.error = f"{type(exc).__name__}: {exc}"
+            log(f"migration: {cfg.key} run {index} FAILED: {run.error}")
+            dst.stop()
+            if self.vm is not None and not self.vm.running():
+                self.vm.stop()
+                self.vm = None  # rebooted by the next run
+            return run
+        finally:
+            if pinger is not None:
+                pinger.stop()
+
+    def close(self) -> None:
+        if self.vm is not None:
+            self.vm.stop()
+            self.vm = None
+
+
+# -- device-side costs of SUSPEND / RESUME ------------------------------------------------
+
+
+def pf_agent_cost(n: int = 2000) -> dict[str, float]:
+    """µs the device model spends on a PF -> VF message: posting it (mailbox words,
+    PFSTS, interrupt cause) and handling the VF's ACK doorbell. In process, no transport."""
+    from vfnic.device.nic import Nic
+    from vfnic.regs import mailbox as M
+    from vfnic.regs import table as T
+
+    nic = Nic(2)
+    fn = nic.vfs[0]
+    offs = {r.name: r.offset for r in T.VF_TABLE}
+    out: dict[str, float] = {}
+    for name, msg in (("suspend", M.MsgType.SUSPEND), ("resume", M.MsgType.RESUME)):
+        post: list[float] = []
+        ack: list[float] = []
+        reply = (int(msg) | M.FLAG_ACK).to_bytes(4, "little")
+        for _ in range(n):
+            t0 = time.perf_counter_ns()
+            with nic.lock:
+                nic.pf_agent.post(fn, msg)
+            t1 = time.perf_counter_ns()
+            # what the VF driver writes: its reply word, then the ACK doorbell
+            fn.region_write(0, offs[f"VFMBMEM{M.REQ_BASE}"], reply)
+            fn.region_write(0, offs["VFMAILBOX"], T.MBX_PFSTS.to_bytes(4, "little"))
+            t2 = time.perf_counter_ns()
+            with nic.lock:  # as the server's session does for a guest write
+                fn.region_write(0, offs["VFMBDOORBELL"], T.MBX_ACK.to_bytes(4, "little"))
+            t3 = time.perf_counter_ns()
+            post.append((t1 - t0) / 1000)
+            ack.append((t3 - t2) / 1000)
+            nic.pf_agent.pending.clear()
+        out[f"{name}_post_us"] = statistics.median(post)
+        out[f"{name}_ack_us"] = statistics.median(ack)
+    return out
+
+
+def mailbox_rtt(cycles: int) -> dict[str, list[float]]:
+    """SUSPEND/RESUME through `vfnic serve`'s management socket to a host-side driver
+    that polls VFMAILBOX as fast as it can (no TCG): the mailbox round trip floor."""
+    from vfnic.device.nic import control_call
+
+    out: dict[str, list[float]] = {"suspend_ms": [], "resume_ms": [], "suspend_us": [],
+                                   "resume_us": []}
+    with short_tmpdir("vfb-") as tmp, serve(tmp / "nic", vfs=2) as nic:
+        w = Worker(worker_argv("mbx-driver", "--sock", str(nic / "vf0.sock")))
+        try:
+            for _ in range(cycles):
+                for state in ("suspend", "resume"):
+                    r = control_call(nic, {"op": "vf-state", "vf": 0, "state": state,
+                                           "timeout": 5.0})
+                    out[f"{state}_ms"].append(float(r["mailbox_ms"]))
+                    out[f"{state}_us"].append(float(r["driver_us"]))
+            w.result()
+        finally:
+            w.kill()
+    return out
+
+
+# -- the section --------------------------------------------------------------------------
+
+
+def _vals(runs: list[Run], attr: str) -> list[float]:
+    return [float(getattr(r, attr)) for r in runs if r.ok and getattr(r, attr) is not None]
+
+
+def _sum_vals(runs: list[Run], key: str) -> list[float]:
+    return [float(r.summary[key]) for r in runs if r.ok and r.summary.get(key) is not None]
+
+
+def net_text(runs: list[Run]) -> str:
+    ok = [r for r in runs if r.ok]
+    if not ok or all(r.recovered is None for r in ok):
+        return "n/a (no NIC)"
+    vals = [r.net_downtime_ms for r in ok if r.recovered and r.net_downtime_ms is not None]
+    lost = [r for r in ok if r.recovered is False]
+    parts = []
+    if vals:
+        parts.append(stat_text(vals, "{:.0f}"))
+    if lost:
+        window = max(r.window_s or 0 for r in lost)
+        parts.append(f"no recovery within {window:.0f} s in {len(lost)} of {len(ok)} runs"
+                     if vals else f"no recovery within {window:.0f} s (all {len(ok)} runs)")
+    return "; ".join(parts)
+
+
+def run(quick: bool = False, runs: int | None = None, plot_path: Path | None = None) -> Section:
+    from vfnic.migrate.lab import Lab, require_root
+
+    sec = Section("migration", "Live migration")
+    nruns = runs or (2 if quick else 5)
+    window = 5.0 if quick else 10.0
+    results: dict[str, list[Run]] = {c.key: [] for c in CONFIGS}
+    boots: dict[str, int] = {}
+
+    log("migration: PF agent cost per message (in process)")
+    pf = sec.attempt("PF agent cost", pf_agent_cost)
+    log("migration: mailbox round trip to a host-side driver")
+    mbx = sec.attempt("mailbox round trip (host-side driver)",
+                      lambda: mailbox_rtt(10 if quick else 30))
+
+    with short_tmpdir("vfm-") as tmp:
+        lab = None
+        try:
+            require_root()
+            lab = Lab(tmp)
+            lab.up()
+            nic_dirs = {"a": lab.start_nic("a", 2, 1), "b": lab.start_nic("b", 2, 2)}
+            groups = (("vf", [c for c in CONFIGS if c.guest == "vf"]),
+                      ("virtio", [c for c in CONFIGS if c.guest == "virtio"]),
+                      ("none", [c for c in CONFIGS if c.guest == "none"]))
+            for kind, cfgs in groups:
+                pp = PingPong(lab, kind, nic_dirs)
+                try:
+                    for i in range(nruns):
+                        for cfg in cfgs:
+                            log(f"migration: {cfg.label}, run {i + 1}/{nruns}")
+                            try:
+                                r = pp.migrate(cfg, i, window)
+                            except Exception as exc:  # e.g. the guest did not boot
+                                r = Run(cfg.key, i, error=f"{type(exc).__name__}: {exc}")
+                                log(f"migration: {cfg.key} run {i} FAILED: {r.error}")
+                            results[cfg.key].append(r)
+                            if r.ok:
+                                log(f"migration: {cfg.key}: total {r.total_ms:.0f} ms, VM "
+                                    f"downtime {r.vm_downtime_ms} ms, network "
+                                    + (f"{r.net_downtime_ms:.0f} ms" if r.net_downtime_ms
+                                       is not None else ("n/a" if r.recovered is None
+                                                         else "no recovery")))
+                finally:
+                    boots[kind] = pp.boots
+                    pp.close()
+        except Exception as exc:
+            sec.fail("migration lab", exc)
+        finally:
+            if lab is not None:
+                lab.down()
+
+    sec.data["runs"] = {k: [asdict(r) for r in v] for k, v in results.items()}
+    sec.data["pf_agent"] = pf
+    sec.data["mailbox"] = mbx
+    for key, rs in results.items():
+        for r in rs:
+            if not r.ok:
+                sec.failures.append(f"{key} run {r.index + 1}: {r.error}")
+
+    # -- main table --
+    rows: list[list[object]] = []
+    for c in CONFIGS:
+        rs = results[c.key]
+        ok = [r for r in rs if r.ok]
+        rows.append([c.label, f"{len(ok)}/{len(rs)}", stat_text(_vals(rs, "total_ms"), "{:.0f}"),
+                     stat_text(_vals(rs, "vm_downtime_ms"), "{:.0f}"),
+                     stat_text(_vals(rs, "pause_ms"), "{:.0f}"), net_text(rs),
+                     stat_text([v / 2**20 for v in _sum_vals(rs, "ram_transferred")], "{:.0f}")])
+    sec.add(f"One guest per kind (512 MiB, 1 vCPU, TCG), migrated back and forth between the "
+            f"lab's hosts a and b over their migration network (veth + bridge); {nruns} runs "
+            f"per configuration, the four VF configurations interleaved on the same guest. "
+            f"Median (min–max) over the runs that completed. *Migration time*: `migrate` to "
+            f"the destination running (the orchestrator's total for the VF). *VM downtime*: "
+            f"QEMU's `downtime` from `query-migrate`. *Guest pause*: source stopped → "
+            f"destination running (VF: the orchestrator's timeline, the stop observed by "
+            f"20 ms polling; baselines: QMP STOP/RESUME event timestamps). *Network downtime*: "
+            f"the peer pings every {PING_INTERVAL * 1000:.0f} ms; the longest gap between two "
+            f"replies minus the interval; watched for up to {window:.0f} s after the "
+            f"migration returned.")
+    sec.add(table(["configuration", "runs ok", "migration time ms", "VM downtime ms (QEMU)",
+                   "guest pause ms", "network downtime ms", "RAM sent MiB"], rows))
+    sec.add("![migration time, VM downtime and network downtime by configuration]"
+            "(docs/bench/migration.png)")
+
+    # -- VF details --
+    drows: list[list[object]] = []
+    for c in CONFIGS:
+        if c.guest != "vf":
+            continue
+        rs = results[c.key]
+        drows.append([c.label, stat_text(_sum_vals(rs, "save_ms"), "{:.2f}"),
+                      stat_text(_sum_vals(rs, "restore_ms"), "{:.2f}"),
+                      stat_text(_sum_vals(rs, "device_state_bytes"), "{:,.0f}"),
+                      stat_text(_sum_vals(rs, "device_pages"), "{:.0f}"),
+                      stat_text([v / 1000 for v in _sum_vals(rs, "suspend_us")], "{:.1f}"),
+                      stat_text(_sum_vals(rs, "suspend_ms"), "{:.1f}"),
+                      stat_text([v / 1000 for v in _sum_vals(rs, "resume_us")], "{:.1f}"),
+                      stat_text(_sum_vals(rs, "resume_ms"), "{:.1f}")])
+    sec.add("VF state transfer and the guest driver's suspend/resume, from the "
+            "orchestrator's `Summary` of the same runs. *save*: STOP_COPY + reading the "
+            "final device state (with the DMA-written pages in transparent mode), during the "
+            "pause; *restore*: RESUMING + writing the stream + STOP on the destination VF. "
+            "*driver*: what the guest's VF driver reports for its own work (word 1 of its "
+            "ACK); *mailbox*: the PF's round trip, management socket to ACK, including the "
+            "guest driver's 5 ms mailbox poll, all under TCG.")
+    sec.add(table(["configuration", "save ms", "restore ms", "device state bytes",
+                   "DMA pages", "suspend: driver ms", "suspend: mailbox ms",
+                   "resume: driver ms", "resume: mailbox ms"], drows))
+    if mbx:
+        sec.add("Mailbox round trip without TCG: a host-side driver (`HostBus` + `VfDriver`) "
+                "that polls VFMAILBOX as fast as it can, SUSPEND/RESUME sent through "
+                f"`vfnic serve`'s management socket, {len(mbx['suspend_ms'])} cycles:")
+        sec.add(table(["message", "mailbox round trip ms", "driver's own work ms"], [
+            ["SUSPEND", stat_text(mbx["suspend_ms"], "{:.2f}"),
+             stat_text([v / 1000 for v in mbx["suspend_us"]], "{:.2f}")],
+            ["RESUME", stat_text(mbx["resume_ms"], "{:.2f}"),
+             stat_text([v / 1000 for v in mbx["resume_us"]], "{:.2f}")]]))
+
+    # -- targets --
+    sec.add(targets_text(results, pf))
+    if plot_path is not None:
+        from vfnic.bench.plot import migration_plot
+
+        try:
+            migration_plot(results, CONFIGS, plot_path, window)
+            log(f"migration: plot written to {plot_path}")
+        except Exception as exc:
+            sec.fail("plot", exc)
+    sec.data["boots"] = boots
+    return sec
+
+
+def _median(vals: list[float]) -> float | None:
+    return statistics.median(vals) if vals else None
+
+
+def targets_text(results: dict[str, list[Run]], pf: dict[str, float] | None) -> str:
+    lines = ["**Targets**", ""]
+    # 1. suspend / resume under 1 ms inside the device model
+    for key, label in (("vf-cooperative", "cooperative"), ("vf-transparent", "transparent")):
+        rs = results.get(key, [])
+        save = _median(_sum_vals(rs, "save_ms"))
+        restore = _median(_sum_vals(rs, "restore_ms"))
+        if save is None or restore is None:
+            lines.append(f"- Suspend/resume < 1 ms in the device model ({label}): no data")
+            continue
+        if key == "vf-cooperative" and pf:
+            sus = save + (pf["suspend_post_us"] + pf["suspend_ack_us"]) / 1000
+            res = restore + (pf["resume_post_us"] + pf["resume_ack_us"]) / 1000
+            how = ("PF agent SUSPEND post+ACK "
+                   f"{(pf['suspend_post_us'] + pf['suspend_ack_us']):.1f} µs + save; "
+                   f"restore + PF agent RESUME post+ACK "
+                   f"{(pf['resume_post_us'] + pf['resume_ack_us']):.1f} µs")
+        else:
+            sus, res = save, restore
+            how = "save; restore (no mailbox messages in transparent mode)"
+        lines.append(f"- Suspend and resume each < 1 ms inside the device model "
+                     f"({label}, medians: {how}): suspend {sus:.2f} ms {met(sus < 1)}, "
+                     f"resume {res:.2f} ms {met(res < 1)}. The guest driver's own "
+                     f"figures are in the table above, separately.")
+    # 2. VM downtime within 10 % of no NIC
+    base = _median(_vals(results.get("none", []), "vm_downtime_ms"))
+    for key in ("vf-transparent", "vf-cooperative"):
+        v = _median(_vals(results.get(key, []), "vm_downtime_ms"))
+        if base is None or v is None:
+            lines.append(f"- VM downtime within 10 % of no NIC ({key}): no data")
+            continue
+        ok = v <= base * 1.10
+        lines.append(f"- VM downtime within 10 % of the same VM without a NIC ({key}): "
+                     f"{v:.0f} ms vs {base:.0f} ms ({(v / base - 1) * 100:+.0f} %) {met(ok)}")
+    # 3. network downtime no worse than virtio-net
+    vr = [r for r in results.get("virtio", []) if r.ok]
+    vnet = _median([r.net_downtime_ms for r in vr if r.net_downtime_ms is not None])
+    for key in ("vf-transparent", "vf-cooperative", "vf-coop-nogarp", "vf-transp-noannounce"):
+        rs = [r for r in results.get(key, []) if r.ok]
+        if not rs or vnet is None:
+            lines.append(f"- Network downtime no worse than virtio-net ({key}): no data")
+            continue
+        if any(r.recovered is False for r in rs):
+            lines.append(f"- Network downtime no worse than virtio-net ({key}): "
+                         f"{net_text(rs)} vs {vnet:.0f} ms {met(False)}")
+            continue
+        v = _median([r.net_downtime_ms for r in rs if r.net_downtime_ms is not None])
+        assert v is not None
+        lines.append(f"- Network downtime no worse than virtio-net ({key}): {v:.0f} ms vs "
+                     f"{vnet:.0f} ms (medians) {met(v <= vnet)}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover - manual use
+    print("\n\n".join(run(quick="--quick" in sys.argv, plot_path=Path("/tmp/migration.png"))
+                      .parts))

@@ -1,0 +1,69 @@
+"""docs/bench/migration.png: migration time, VM downtime and network downtime by
+configuration, grouped bars (medians, min–max whiskers), log scale."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def migration_plot(results: dict[str, Any], configs: Sequence[Any], path: Path,
+                   window: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = (("total_ms", "migration time", "#4c72b0"),
+               ("vm_downtime_ms", "VM downtime (QEMU)", "#dd8452"),
+               ("net_downtime_ms", "network downtime (ping)", "#55a868"))
+    labels = [c.label for c in configs]
+    n = len(metrics)
+    width = 0.8 / n
+    fig, ax = plt.subplots(figsize=(11, 5.2), dpi=110)
+    ymax = 1.0
+    for j, (attr, name, color) in enumerate(metrics):
+        for i, c in enumerate(configs):
+            runs = [r for r in results.get(c.key, []) if r.ok]
+            x = i - 0.4 + width * (j + 0.5)
+            if attr == "net_downtime_ms":
+                if c.guest == "none":
+                    ax.text(x, 1.2, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
+                    continue
+                if any(r.recovered is False for r in runs):
+                    h = window * 1000
+                    ax.bar(x, h, width, color="white", edgecolor=color, hatch="//",
+                           label=None)
+                    ax.text(x, h * 1.08, f"no recovery\nin {window:.0f} s", ha="center",
+                            va="bottom", fontsize=6.5, color=color)
+                    ymax = max(ymax, h * 3)
+                    continue
+            vals = [float(getattr(r, attr)) for r in runs if getattr(r, attr) is not None]
+            if not vals:
+                ax.text(x, 1.2, "failed" if not runs else "–", ha="center", va="bottom",
+                        fontsize=7, rotation=90)
+                continue
+            vals.sort()
+            med = vals[len(vals) // 2] if len(vals) % 2 else \
+                (vals[len(vals) // 2 - 1] + vals[len(vals) // 2]) / 2
+            med = max(med, 0.5)
+            err = [[med - max(min(vals), 0.5)], [max(vals) - med]]
+            ax.bar(x, med, width, color=color, yerr=err, capsize=2, ecolor="#333333",
+                   label=name if i == 0 else None)
+            ax.text(x, max(vals) * 1.08, f"{med:.0f}", ha="center", va="bottom", fontsize=6.5)
+            ymax = max(ymax, max(vals) * 3)
+    # one legend entry per metric even if its first configuration had no bar
+    handles = [plt.Rectangle((0, 0), 1, 1, color=col) for _, _, col in metrics]
+    ax.legend(handles, [m[1] for m in metrics], loc="upper left", fontsize=8, ncols=3)
+    ax.set_yscale("log")
+    ax.set_ylim(0.5, ymax)
+    ax.set_ylabel("ms (log scale; median, whiskers min–max)")
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_title("Live migration of a TCG guest: vfnic VF vs virtio-net vs no NIC", fontsize=10)
+    ax.grid(axis="y", which="major", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
