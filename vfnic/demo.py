@@ -111,8 +111,7 @@ def step_network_and_migration(work: Path, modes: list[str]) -> None:
             sent, got = pinger.loss()
             print(f"  network downtime  {pinger.downtime_ms():9.1f} ms "
                   f"(peer ping every 10 ms: {sent} sent, {got} answered)")
-            print(json.dumps({"phases_ms": {k: round(v, 1) for k, v in
-                                            summary.phases_ms.items()}}))
+            print("  timeline (ms)    ", json.dumps(summary.timeline_ms))
             if summary.status != "completed":
                 raise SystemExit("demo migration failed")
         finally:
