@@ -302,13 +302,14 @@ class Orchestrator:
         s.save_ms = (time.perf_counter() - ts) * 1000
         s.stopcopy_bytes = len(final)
         s.device_state_bytes = s.precopy_bytes + s.stopcopy_bytes
+        self._mark("device-saved")
+        await self.qa.execute("migrate-continue", {"state": "pre-switchover"})
+        # The source VF is stopped: what it shows now is its state at switchover.
         source_regs = self.da.regs()
         source_config = self.da.config()
         if opts.mode == "transparent":
             s.device_pages = _count_pages(final)
             self.da.logging_stop()
-        self._mark("device-saved")
-        await self.qa.execute("migrate-continue", {"state": "pre-switchover"})
         info = await self._wait_migration({"completed"}, opts.timeout)
         self._mark("source-completed")
         s.vm_downtime_ms = info.get("downtime")
