@@ -223,7 +223,8 @@ class Orchestrator:
             return int.from_bytes(config[off : off + 4], "little")
 
         for off in (0x10, 0x14, 0x18, 0x1C, 0x20, 0x24, 0x3C):
-            await write(off, dword(off))
+            if dword(off):  # unimplemented BARs stay 0 after the destination's reset
+                await write(off, dword(off))
         await write(0x04, dword(0x04) & 0xFFFF)  # command last: enables decoding
 
     # -- the migration --------------------------------------------------------------------
