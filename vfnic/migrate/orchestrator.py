@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import QMPClient
+from qemu.qmp import EventListener, QMPClient
 
 from vfnic.errors import VfnicError
 from vfnic.migrate.devicelink import DeviceLink
@@ -132,6 +132,7 @@ class Orchestrator:
         self.progress = progress or _stderr_progress
         self.summary = Summary(opts.mode)
         self.qa = QMPClient("source")
+        self.events = EventListener("MIGRATION")
         self.qb = QMPClient("destination")
         self.da: DeviceLink | None = None
         self.db: DeviceLink | None = None
@@ -168,6 +169,8 @@ class Orchestrator:
         return dict(result)
 
     async def _wait_migration(self, want: set[str], timeout: float) -> dict[str, Any]:
+        """Wait for QEMU's migration status to reach one of ``want``: woken at once by
+        its MIGRATION events (capability "events"), polled for progress meanwhile."""
         deadline = time.monotonic() + timeout
         last = 0.0
         while True:
@@ -185,7 +188,13 @@ class Orchestrator:
                 last = time.monotonic()
             if time.monotonic() > deadline:
                 raise MigrationError(f"migration did not reach {sorted(want)} in {timeout:g} s")
-            await asyncio.sleep(0.005 if "completed" in want else 0.02)
+            try:
+                while True:  # sleep until a status event (or 100 ms for progress)
+                    event: dict[str, Any] = dict(await asyncio.wait_for(self.events.get(), 0.1))
+                    if event.get("data", {}).get("status") in want | {"failed", "cancelled"}:
+                        break
+            except TimeoutError:
+                pass
 
     async def _find_device(self, qmp: QMPClient, host: Host) -> tuple[int, int, int]:
         """(bus, slot, function) of the VF in that QEMU (by id, else by IDs)."""
@@ -256,6 +265,7 @@ class Orchestrator:
         tp = time.perf_counter()
         self._enter("setup")
         await self.qa.connect(self.src.qmp)
+        self.qa.register_listener(self.events)
         await self.qb.connect(self.dst.qmp)
         dst_status: dict[str, Any] = await self.qb.execute("query-status")  # type: ignore[assignment]
         if dst_status.get("status") != "inmigrate":
@@ -266,7 +276,8 @@ class Orchestrator:
         if self.da.state() != State.RUNNING:
             raise MigrationError(f"source VF is in state {self.da.state().name}, not RUNNING")
         await self.qa.execute("migrate-set-capabilities", {"capabilities": [
-            {"capability": "pause-before-switchover", "state": True}]})
+            {"capability": "pause-before-switchover", "state": True},
+            {"capability": "events", "state": True}]})
         if opts.mode == "transparent":
             self.da.logging_start()
         else:
