@@ -95,6 +95,7 @@ class Section:
     failures: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     seconds: float = 0.0
+    foreign: str = ""  # ForeignCpu.text() over the section
 
     def add(self, text: str) -> None:
         self.parts.append(text.strip("\n"))
@@ -289,3 +290,59 @@ class Worker:
 
     def kill(self) -> None:
         stop_process(self.proc, signal.SIGTERM, 5.0)
+
+
+# -- other load on the machine -----------------------------------------------------------
+
+_PF_KTHREAD = 0x00200000
+
+
+def _proc_table() -> dict[int, tuple[int, int, int, int]]:
+    """pid -> (ppid, flags, start time, utime + stime) in clock ticks, from /proc."""
+    out: dict[int, tuple[int, int, int, int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                data = f.read()
+        except OSError:
+            continue
+        fields = data[data.rfind(")") + 2 :].split()
+        # fields[0] is field 3 (state): ppid 4, flags 9, utime 14, stime 15, starttime 22
+        out[int(entry)] = (int(fields[1]), int(fields[6]), int(fields[19]),
+                           int(fields[11]) + int(fields[12]))
+    return out
+
+
+class ForeignCpu:
+    """CPU time used by processes outside this process tree (kernel threads left out),
+    so that a result disturbed by something else running on the machine shows it."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.start = self._foreign()
+
+    @staticmethod
+    def _foreign() -> dict[tuple[int, int], int]:
+        table = _proc_table()
+        children: dict[int, list[int]] = {}
+        for pid, (ppid, _flags, _st, _cpu) in table.items():
+            children.setdefault(ppid, []).append(pid)
+        mine = {os.getpid()}
+        todo = [os.getpid()]
+        while todo:
+            for c in children.get(todo.pop(), []):
+                if c not in mine:
+                    mine.add(c)
+                    todo.append(c)
+        return {(pid, st): cpu for pid, (ppid, flags, st, cpu) in table.items()
+                if pid not in mine and not flags & _PF_KTHREAD and pid != 2 and ppid != 2}
+
+    def text(self) -> str:
+        now = self._foreign()
+        ticks = sum(cpu - self.start.get(key, 0) for key, cpu in now.items())
+        secs = max(0, ticks) / os.sysconf("SC_CLK_TCK")
+        wall = max(time.monotonic() - self.t0, 1e-3)
+        return (f"{secs:.1f} CPU-s ({100 * secs / wall:.0f} % of one CPU on average) "
+                f"used by other processes meanwhile")

@@ -67,7 +67,10 @@ def host_pair(sock_tx: Path, sock_rx: Path, payload: int, dur: float) -> dict[st
     try:
         tx = Worker(worker_argv("hostdrv-tx", "--sock", str(sock_tx), "--dst-mac",
                                 rx.ready["mac"], "--payload", str(payload), "--dur", str(dur)))
-        txr = tx.result(stop=False, timeout=dur + 60)
+        try:
+            txr = tx.result(stop=False, timeout=dur + 60)
+        finally:
+            tx.kill()
         time.sleep(0.3)
         rxr = rx.result()
     finally:
@@ -85,7 +88,10 @@ def host_to_uplink(lab: Any, sock: Path, payload: int, dur: float) -> dict[str, 
         tx = Worker(worker_argv("hostdrv-tx", "--sock", str(sock), "--dst-mac", peer_mac,
                                 "--dst-ip", PEER_IP, "--src-ip", "10.77.0.3", "--port", "5001",
                                 "--payload", str(payload), "--dur", str(dur)))
-        txr = tx.result(stop=False, timeout=dur + 60)
+        try:
+            txr = tx.result(stop=False, timeout=dur + 60)
+        finally:
+            tx.kill()
         time.sleep(0.5)
         rxr = rx.result()
     finally:
@@ -104,7 +110,10 @@ def uplink_to_host(lab: Any, sock: Path, payload: int, dur: float) -> dict[str, 
         tx = Worker(worker_argv("udp-send", "--dst", "10.77.0.3", "--port", "5001", "--size",
                                 str(payload), "--dur", str(dur), netns=lab.ns("peer")),
                     ready_timeout=None)
-        txr = tx.result(stop=False, timeout=dur + 60)
+        try:
+            txr = tx.result(stop=False, timeout=dur + 60)
+        finally:
+            tx.kill()
         time.sleep(0.5)
         rxr = rx.result()
     finally:
@@ -144,7 +153,24 @@ def host_rows(results: dict[str, dict[str, Any]]) -> list[list[object]]:
 
 GUEST_SERVER = r"""
 cat > /run/bench-server.py <<'PY'
-import json, socket, sys, time
+import json, os, socket, sys, time
+
+def counters():
+    # where frames get lost inside the guest: interface queues and UDP sockets
+    out = {}
+    for ifn in os.listdir("/sys/class/net"):
+        if ifn != "lo":
+            d = "/sys/class/net/%s/statistics/" % ifn
+            for k in ("tx_packets", "tx_dropped", "rx_packets", "rx_dropped"):
+                out[ifn + "." + k] = int(open(d + k).read())
+    rows = [l.split() for l in open("/proc/net/snmp") if l.startswith("Udp:")]
+    for k, v in zip(rows[0][1:], rows[1][1:]):
+        out["udp." + k] = int(v)
+    return out
+
+def delta(before):
+    after = counters()
+    return {k: after[k] - before.get(k, 0) for k in after}
 
 def send(req):
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -204,7 +230,9 @@ while True:
         req = json.loads(line)
         if req["op"] == "quit":
             sys.exit(0)
+        before = counters()
         out = send(req) if req["op"] == "send" else recv(req, f)
+        out["counters"] = delta(before)
         f.write(json.dumps(out).encode() + b"\n")
         f.flush()
     conn.close()
@@ -257,9 +285,13 @@ def guest_datapath(lab: Any, kind: str, nic_dir: Path | None, dur: float,
         w = Worker(worker_argv("peer-guest", "--guest", GUEST_IP, "--me", PEER_IP,
                                "--ctl", str(CTL_PORT), "--dur", str(dur), "--ping", str(ping),
                                "--sizes", ",".join(str(p) for p in PAYLOADS),
+                               *(["--nic-dir", str(nic_dir)] if kind == "vf" else []),
                                netns=lab.ns("peer")),
                    ready_timeout=None, show_stderr=True)
-        res = w.result(stop=False, timeout=600)
+        try:
+            res = w.result(stop=False, timeout=600)
+        finally:
+            w.kill()
         console = vm.console_log.read_text(errors="replace")
         m = re.search(r"virtio-net interface: (\S+)", console)
         if m:
@@ -269,9 +301,28 @@ def guest_datapath(lab: Any, kind: str, nic_dir: Path | None, dur: float,
         vm.stop()
 
 
+def _lost_where(t: dict[str, Any], ifname: str, tx: bool) -> str:
+    """The guest's own drop counters over one run (interface queue, UDP socket) and,
+    for the VF, the device's statistics registers."""
+    c = t["guest"].get("counters", {})
+    dev = t.get("device")
+    if tx:
+        out = (f"guest: {ifname} tx_dropped {c.get(f'{ifname}.tx_dropped', 0):,}, "
+               f"UDP SndbufErrors {c.get('udp.SndbufErrors', 0):,}")
+        if dev:
+            out += f"; VF sent (GPTC) {dev['GPTC']:,}, TXERRC {dev['TXERRC']:,}"
+        return out
+    out = (f"guest: {ifname} rx_dropped {c.get(f'{ifname}.rx_dropped', 0):,}, "
+           f"UDP RcvbufErrors {c.get('udp.RcvbufErrors', 0):,}")
+    if dev:
+        out += f"; VF received (GPRC) {dev['GPRC']:,}, missed (MPC) {dev['MPC']:,}"
+    return out
+
+
 def guest_rows(kind: str, r: dict[str, Any]) -> list[list[object]]:
     rows: list[list[object]] = []
     name = "vfnic VF (guest driver + TAP)" if kind == "vf" else "virtio-net (TAP)"
+    ifname = "vfnic0" if kind == "vf" else str(r.get("ifname", "eth0"))
     for payload in PAYLOADS:
         t = r.get(f"tx{payload}")
         if t:
@@ -281,7 +332,8 @@ def guest_rows(kind: str, r: dict[str, Any]) -> list[list[object]]:
             lost = sent - t["peer"]["count"]
             rows.append([name, "guest → peer", label(payload), f"{offered:,.0f}",
                          f"{got:,.0f}", f"{mbps(got, payload):,.2f}",
-                         f"{100 * lost / max(sent, 1):.1f} %"])
+                         f"{100 * lost / max(sent, 1):.1f} %",
+                         _lost_where(t, ifname, True)])
     for payload in PAYLOADS:
         t = r.get(f"rx{payload}")
         if t:
@@ -291,7 +343,8 @@ def guest_rows(kind: str, r: dict[str, Any]) -> list[list[object]]:
             lost = sent - t["guest"]["count"]
             rows.append([name, "peer → guest", label(payload), f"{offered:,.0f}",
                          f"{got:,.0f}", f"{mbps(got, payload):,.2f}",
-                         f"{100 * lost / max(sent, 1):.1f} %"])
+                         f"{100 * lost / max(sent, 1):.1f} %",
+                         _lost_where(t, ifname, False)])
     return rows
 
 
@@ -366,9 +419,13 @@ def run(quick: bool = False) -> Section:
                 f"guest, the same in the peer, {dur:g} s per row, unthrottled. Both guests in "
                 f"the same run, one after the other. *offered/s*: datagrams the sender's "
                 f"socket accepted; *received/s*: counted by the receiver between its first "
-                f"and last datagram.")
+                f"and last datagram. *Drop counters* over each row: the guest's own "
+                f"(interface queue, UDP socket) and, for the VF, its statistics registers "
+                f"(frames the VF moved; MPC: frames it dropped because no RX descriptor was "
+                f"free, i.e. the guest driver did not refill its ring fast enough, or the "
+                f"queue was stopped).")
         sec.add(table(["guest NIC", "direction", "frame", "offered/s", "received/s",
-                       "Mbit/s (frames)", "lost"], rows))
+                       "Mbit/s (frames)", "lost", "drop counters"], rows))
         prow: list[list[object]] = []
         for kind in ("vf", "virtio"):
             p = guest.get(kind, {}).get("ping", {})

@@ -18,7 +18,7 @@ def migration_plot(results: dict[str, Any], configs: Sequence[Any], path: Path,
     metrics = (("total_ms", "migration time", "#4c72b0"),
                ("vm_downtime_ms", "VM downtime (QEMU)", "#dd8452"),
                ("net_downtime_ms", "network downtime (ping)", "#55a868"))
-    labels = [c.label for c in configs]
+    labels = [c.label.replace(", ", ",\n") for c in configs]
     n = len(metrics)
     width = 0.8 / n
     fig, ax = plt.subplots(figsize=(11, 5.2), dpi=110)
@@ -31,13 +31,19 @@ def migration_plot(results: dict[str, Any], configs: Sequence[Any], path: Path,
                 if c.guest == "none":
                     ax.text(x, 1.2, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
                     continue
-                if any(r.recovered is False for r in runs):
+                lost = sum(1 for r in runs if r.recovered is False)
+                if lost and 2 * lost <= len(runs):  # a minority: the bar is the others'
+                    ax.text(x, 0.6, f"{lost}/{len(runs)} no\nrecovery", ha="center",
+                            va="bottom", fontsize=5.5, color="black",
+                            bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5})
+                elif lost:  # most runs never recovered: a hatched bar up to the window
                     h = window * 1000
                     ax.bar(x, h, width, color="white", edgecolor=color, hatch="//",
                            label=None)
-                    ax.text(x, h * 1.08, f"no recovery\nin {window:.0f} s", ha="center",
-                            va="bottom", fontsize=6.5, color=color)
-                    ymax = max(ymax, h * 3)
+                    ax.text(x, h * 1.08, f"no recovery\nin {window:.0f} s\n"
+                            f"({lost}/{len(runs)} runs)", ha="center", va="bottom",
+                            fontsize=6, color=color)
+                    ymax = max(ymax, h * 4)
                     continue
             vals = [float(getattr(r, attr)) for r in runs if getattr(r, attr) is not None]
             if not vals:

@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import re
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -343,6 +344,16 @@ def run(quick: bool = False) -> Section:
     if frows:
         sec.add("Floors, measured in the same run:")
         sec.add(table(["what", "round trips/s", "µs"], frows))
+    same = floors.get("echo same core (both on CPU 0)")
+    split = floors.get("echo different cores (client CPU 0, server CPU 1)")
+    if same and split:
+        s_us = 1e6 / statistics.median(same)
+        d_us = 1e6 / statistics.median(split)
+        sec.add(f"A round trip between two processes costs {s_us:.1f} µs on one core and "
+                f"{d_us:.1f} µs across the two cores of this machine (the Python echo "
+                f"above): each cross-core wakeup adds about {(d_us - s_us) / 2:.0f} µs. "
+                f"Unpinned, the scheduler picks the placement when the processes start, so "
+                f"the unpinned rows follow whichever placement it chose in this run.")
     if med_read_us is not None:
         ok = med_read_us < READ_TARGET_US
         sec.add(f"**Target: read round trip < {READ_TARGET_US:.0f} µs** — {met(ok)} with the "

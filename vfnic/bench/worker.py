@@ -123,6 +123,11 @@ def cmd_hostdrv_tx(args: argparse.Namespace) -> int:
 
 def cmd_mbx_driver(args: argparse.Namespace) -> int:
     driver = _driver(args.sock)
+    # Bringing the link up made the PF post LINK_CHANGE: take it before saying ready, so
+    # that the first SUSPEND does not land while that message is being handled.
+    deadline = time.monotonic() + 2.0
+    while driver.counters.pf_messages < 1 and time.monotonic() < deadline:
+        driver.watchdog(force=True)
     _emit({"ready": True, "mac": driver.mac_text})
     while not STOP:
         driver.watchdog(force=True)  # one VFMAILBOX read per loop: the fastest poll
@@ -294,18 +299,75 @@ def guest_rx(ctl: Control, guest: str, port: int, size: int, dur: float) -> dict
     return {"peer": sent, "guest": reply}
 
 
+DEVICE_STATS = ("GPRC", "GPTC", "MPC", "RXERRC", "TXERRC")
+
+
+def device_stats(nic_dir: str | None, function: str = "vf0") -> dict[str, int]:
+    """The VF's statistics registers, through `vfnic serve`'s management socket."""
+    if not nic_dir:
+        return {}
+    from vfnic.device.nic import control_call
+
+    regs = control_call(nic_dir, {"op": "regs", "function": function})
+    return {r["name"]: int(r["value"]) for r in regs if r["name"] in DEVICE_STATS}
+
+
+def _with_device(nic_dir: str | None, fn: Any, *args: Any) -> dict[str, Any]:
+    before = device_stats(nic_dir)
+    res: dict[str, Any] = fn(*args)
+    if nic_dir:
+        after = device_stats(nic_dir)
+        res["device"] = {k: (after[k] - before[k]) & 0xFFFFFFFF for k in after}
+    return res
+
+
 def cmd_peer_guest(args: argparse.Namespace) -> int:
     ctl = Control(args.guest, args.ctl)
     result: dict[str, Any] = {"ping": ping_rtt(args.guest, args.ping, 0.05)}
     sizes = [int(x) for x in args.sizes.split(",")]
     for size in sizes:
         print(f"peer-guest: guest -> peer, {size} B payload", file=sys.stderr, flush=True)
-        result[f"tx{size}"] = guest_tx(ctl, args.me, args.port, size, args.dur)
+        result[f"tx{size}"] = _with_device(args.nic_dir, guest_tx, ctl, args.me, args.port,
+                                           size, args.dur)
     for size in sizes:
         print(f"peer-guest: peer -> guest, {size} B payload", file=sys.stderr, flush=True)
-        result[f"rx{size}"] = guest_rx(ctl, args.guest, args.port + 1, size, args.dur)
+        result[f"rx{size}"] = _with_device(args.nic_dir, guest_rx, ctl, args.guest,
+                                           args.port + 1, size, args.dur)
     ctl.send({"op": "quit"})
     _emit(result)
+    return 0
+
+
+def cmd_l2_watch(args: argparse.Namespace) -> int:
+    """Count the frames that announce where the guest is, as the peer sees them:
+    gratuitous ARPs for its IPv4 address, RARPs (QEMU's and the NIC's announce) and
+    IPv6 neighbour advertisements, each with the time of the first one."""
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))  # ETH_P_ALL
+    s.bind((args.iface, 0))
+    s.settimeout(0.1)
+    ip = socket.inet_aton(args.ip)
+    counts = {"garp": 0, "rarp": 0, "na": 0}
+    first: dict[str, float] = {}
+    _emit({"ready": True})
+    while not STOP:
+        try:
+            frame, addr = s.recvfrom(65535)
+        except (TimeoutError, InterruptedError):
+            continue
+        if addr[2] == socket.PACKET_OUTGOING:
+            continue
+        kind = None
+        et = frame[12:14]
+        if et == b"\x08\x06" and len(frame) >= 42 and frame[28:32] == frame[38:42] == ip:
+            kind = "garp"
+        elif et == b"\x80\x35":
+            kind = "rarp"
+        elif et == b"\x86\xdd" and len(frame) > 54 and frame[20] == 58 and frame[54] == 136:
+            kind = "na"
+        if kind:
+            counts[kind] += 1
+            first.setdefault(kind, time.time())
+    _emit({"counts": counts, "first": first})
     return 0
 
 
@@ -365,7 +427,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--sizes", default="18,1472")
     s.add_argument("--dur", type=float, default=5.0)
     s.add_argument("--ping", type=int, default=50)
+    s.add_argument("--nic-dir", help="vfnic serve folder: the VF's statistics per test")
     s.set_defaults(fn=cmd_peer_guest)
+    s = sub.add_parser("l2-watch")
+    s.add_argument("--iface", required=True)
+    s.add_argument("--ip", required=True)
+    s.set_defaults(fn=cmd_l2_watch)
     s = sub.add_parser("echo")
     s.add_argument("--path", required=True)
     s.set_defaults(fn=cmd_echo)
