@@ -344,5 +344,8 @@ class ForeignCpu:
         ticks = sum(cpu - self.start.get(key, 0) for key, cpu in now.items())
         secs = max(0, ticks) / os.sysconf("SC_CLK_TCK")
         wall = max(time.monotonic() - self.t0, 1e-3)
-        return (f"{secs:.1f} CPU-s ({100 * secs / wall:.0f} % of one CPU on average) "
-                f"used by other processes meanwhile")
+        share = secs / wall
+        return (f"{secs:.1f} CPU-s ({100 * share:.0f} % of one CPU on average) "
+                f"used by other processes meanwhile"
+                + (" (**more than 5 %: these results may be disturbed**)"
+                   if share > 0.05 else ""))

@@ -852,13 +852,16 @@ def targets_text(results: dict[str, list[Run]], pf: dict[str, float] | None) -> 
         lines.append(f"- VM downtime within 10 % of the same VM without a NIC ({key}): "
                      f"{v:.0f} ms vs {base:.0f} ms ({(v / base - 1) * 100:+.0f} %) {met(ok)}")
     if saved:
+        virtio_dt = stat_text(_vals(results.get("virtio", []), "vm_downtime_ms"), "{:.0f}")
         lines.append(f"  (The VF's own work in the pause, transparent and cooperative runs "
                      f"together, median (min–max): saving its state inside QEMU's "
                      f"downtime {stat_text(saved, '{:.1f}')} ms (from the stop as the "
                      f"orchestrator sees it); after QEMU's downtime, restoring it, replaying the "
                      f"PCI config and `cont` {stat_text(restored, '{:.1f}')} ms."
                      f" The rest of QEMU's downtime is its final RAM pass, whose size "
-                     f"varies from run to run.)")
+                     f"varies from run to run and grows with what the guest dirties: the "
+                     f"virtio-net guest, which carries the same ping traffic without a VF, "
+                     f"had {virtio_dt} ms; the VF guest also runs its polling driver.)")
     # 3. network downtime no worse than virtio-net
     vr = [r for r in results.get("virtio", []) if r.ok]
     vnet = _median([r.net_downtime_ms for r in vr if r.net_downtime_ms is not None])

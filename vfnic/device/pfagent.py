@@ -30,15 +30,18 @@ class MailboxTimeout(VfnicError):
 class PendingMessage:
     msg_type: int
     sent: float
+    words: list[int] = field(default_factory=list)
     acked: threading.Event = field(default_factory=threading.Event)
     reply: list[int] = field(default_factory=list)
     rtt: float = 0.0
+    abandoned: bool = False  # its sender stopped waiting
 
 
 class PfAgent:
     def __init__(self, nic: Nic) -> None:
         self.nic = nic
-        self.pending: dict[int, PendingMessage] = {}  # VF index -> message awaiting ACK
+        self.pending: dict[int, PendingMessage] = {}  # VF index -> message in the mailbox
+        self.queued: dict[int, list[PendingMessage]] = {}  # behind it, in order
         self.admin_mac: dict[int, bytes] = {}  # VF index -> MAC set by the host
 
     # -- VF -> PF ----------------------------------------------------------------------
@@ -104,19 +107,41 @@ class PfAgent:
         pending.reply = reply
         pending.rtt = time.monotonic() - pending.sent
         pending.acked.set()
+        del self.pending[fn.index]
+        self._next(fn)
+
+    def _next(self, fn: PciFunction) -> None:
+        """Write the next queued message now that the mailbox is free."""
+        queue = self.queued.get(fn.index, [])
+        while queue:
+            nxt = queue.pop(0)
+            if not nxt.abandoned:
+                self._write_message(fn, nxt)
+                return
 
     # -- PF -> VF ----------------------------------------------------------------------
 
     def post(self, fn: PciFunction, msg_type: int,
              words: list[int] | None = None) -> PendingMessage:
         """Write a PF message into the VF's mailbox and interrupt it (NIC lock held)."""
-        body = [msg_type, *(words or [])]
+        pending = PendingMessage(msg_type, time.monotonic(), list(words or []))
+        current = self.pending.get(fn.index)
+        # One message in the mailbox at a time: a message someone waits for is not
+        # overwritten (the VF would never see it); a bare notification may be.
+        if current is not None and not current.abandoned and \
+                current.msg_type != M.MsgType.LINK_CHANGE:
+            self.queued.setdefault(fn.index, []).append(pending)
+        else:
+            self._write_message(fn, pending)
+        return pending
+
+    def _write_message(self, fn: PciFunction, pending: PendingMessage) -> None:
+        body = [pending.msg_type, *pending.words]
         self._write(fn, M.PF_BASE, body + [0] * (M.MSG_WORDS - len(body)))
-        pending = PendingMessage(msg_type, time.monotonic())
+        pending.sent = time.monotonic()
         self.pending[fn.index] = pending
         fn.bank.set_bits("VFMAILBOX", T.MBX_PFSTS)
         self.nic.raise_cause(fn, T.EICR_MAILBOX)
-        return pending
 
     def send_and_wait(self, vf: int, msg_type: int, timeout: float,
                       words: list[int] | None = None) -> PendingMessage:
@@ -125,13 +150,12 @@ class PfAgent:
             pending = self.post(self.nic.vfs[vf], msg_type, words)
         if not pending.acked.wait(timeout):
             with self.nic.lock:
+                pending.abandoned = True
                 if self.pending.get(vf) is pending:
                     del self.pending[vf]
+                    self._next(self.nic.vfs[vf])
             name = M.MsgType(msg_type).name.lower()
             raise MailboxTimeout(f"vf {vf}: no acknowledgement of {name} within {timeout:g} s")
-        with self.nic.lock:
-            if self.pending.get(vf) is pending:
-                del self.pending[vf]
         return pending
 
     def notify_link(self, fn: PciFunction) -> None:

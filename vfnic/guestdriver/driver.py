@@ -46,7 +46,7 @@ REG = {r.name: r.offset for r in T.VF_TABLE}
 DEFAULT_RING_SIZE = 128  # descriptors per ring; RDLEN must be a multiple of 128 bytes
 MAILBOX_TIMEOUT = 1.0
 WATCHDOG_INTERVAL = 0.005  # VFMAILBOX and QERR are polled this often
-PF_MSG_ARGS: dict[int, int] = {M.MsgType.LINK_CHANGE: 1}  # words after the type, per PF message
+PF_MSG_ARGS: dict[int, int] = {M.MsgType.LINK_CHANGE: 1, M.MsgType.RESUME: 1}  # words per message
 
 
 class DriverError(VfnicError):
@@ -239,6 +239,8 @@ class VfDriver:
 
     def rx_poll(self) -> list[bytes]:
         """Frames received since the last call; their descriptors go back to the device."""
+        if self.suspended:  # the interface is down: keep what arrived for resume
+            return []
         frames, self._rx_backlog = self._rx_backlog, []
         last = self._rx_collect(frames)
         if last is not None and not self.suspended:
@@ -339,10 +341,10 @@ class VfDriver:
         """Handle a PF message if VFMAILBOX.PFSTS says one is waiting."""
         if not self.get_reg("VFMAILBOX") & T.MBX_PFSTS:
             return False
+        self.set_reg("VFMAILBOX", T.MBX_PFSTS)  # W1C first: a later message sets it again
         msg_type = self.get_reg(f"VFMBMEM{M.PF_BASE}") & M.TYPE_MASK
         args = [self.get_reg(f"VFMBMEM{M.PF_BASE + 1 + i}")
                 for i in range(PF_MSG_ARGS.get(msg_type, 0))]
-        self.set_reg("VFMAILBOX", T.MBX_PFSTS)
         self.counters.pf_messages += 1
         handlers: dict[int, Callable[[list[int]], list[int]]] = {
             M.MsgType.LINK_CHANGE: self.on_link_change,

@@ -387,6 +387,9 @@ class Endpoint:
         except OSError:
             pass
         self.sock.close()
-        if self.wake_fd >= 0:
-            os.close(self.wake_fd)
-            self.wake_fd = -1
+        fd, self.wake_fd = self.wake_fd, -1  # close once, even from two threads
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
