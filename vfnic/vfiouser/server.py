@@ -16,7 +16,7 @@ import threading
 from typing import Protocol
 
 from vfnic.dma.controller import DmaController
-from vfnic.errors import ConnectionClosed, ProtocolError, RemoteError, VfnicError
+from vfnic.errors import ConnectionClosed, DmaError, ProtocolError, RemoteError, VfnicError
 from vfnic.vfiouser import wire
 from vfnic.vfiouser.transport import DEFAULT_MAX_DATA_XFER, Endpoint, Message
 
@@ -67,7 +67,6 @@ class Session:
         self.endpoint = Endpoint(sock, self.dispatch, DEFAULT_MAX_DATA_XFER, SERVER_MAX_MSG_FDS)
         self.negotiated = False
         self.client_max_data_xfer = DEFAULT_MAX_DATA_XFER
-        self.client_caps: dict[str, object] = {}
         self.handlers = {
             wire.Command.VERSION: self.on_version,
             wire.Command.DMA_MAP: self.on_dma_map,
@@ -110,8 +109,7 @@ class Session:
                 raise ProtocolError(f"{wire.command_name(msg.command)} takes no fds")
             reply = handler(msg)
             if not msg.no_reply:
-                payload, fds = reply if isinstance(reply, tuple) else (reply, None)
-                self.endpoint.reply(msg, payload, fds)
+                self.endpoint.reply(msg, reply)
         except ConnectionClosed:
             raise
         except VfnicError as exc:
@@ -119,12 +117,11 @@ class Session:
             log.debug("%s: error %s: %s", wire.command_name(msg.command), exc.errno, exc)
             if not msg.no_reply:
                 self.endpoint.reply_error(msg, exc.errno)
-        except Exception as exc:  # a bug must not take the server down
+        except Exception:  # a bug must not take the server down
             msg.close_fds()
             log.exception("%s: internal error", wire.command_name(msg.command))
             if not msg.no_reply:
                 self.endpoint.reply_error(msg, errno.EIO)
-            del exc
 
     @staticmethod
     def _need(msg: Message, size: int, exact: bool = False) -> None:
@@ -171,7 +168,6 @@ class Session:
         assert isinstance(pgsizes, int)
         if not pgsizes & SERVER_PGSIZES:
             raise ProtocolError(f"no common page size in pgsizes {pgsizes:#x}", errno.ENOTSUP)
-        self.client_caps = caps
         self.client_max_data_xfer = min(xfer, DEFAULT_MAX_DATA_XFER)
         ours: dict[str, object] = {
             "max_msg_fds": SERVER_MAX_MSG_FDS,
@@ -217,28 +213,26 @@ class Session:
                 self.device.dma.unmap(req.address, req.size)
         return msg.payload
 
+    def _dma_request(self, command: wire.Command, payload: bytes) -> bytes:
+        """A server-to-client DMA message; any failure becomes a DmaError."""
+        name = wire.command_name(command)
+        try:
+            reply = self.endpoint.request(command, payload, timeout=10)
+        except TimeoutError as exc:
+            raise DmaError(f"client did not answer {name}: {exc}", errno.ETIMEDOUT) from exc
+        except RemoteError as exc:
+            raise DmaError(f"client refused {name}: {exc}", exc.errno) from exc
+        assert reply is not None
+        return reply.payload[wire.DMA_ACCESS_SIZE:]
+
     def dma_read(self, address: int, length: int) -> bytes:
         """Read client memory through VFIO_USER_DMA_READ messages."""
         out = bytearray()
-        step = self.client_max_data_xfer
         while len(out) < length:
-            n = min(step, length - len(out))
+            n = min(self.client_max_data_xfer, length - len(out))
             payload = wire.build(wire.DmaAccess, address=address + len(out), count=n)
-            try:
-                reply = self.endpoint.request(wire.Command.DMA_READ, payload, timeout=10)
-            except TimeoutError as exc:
-                from vfnic.errors import DmaError
-
-                raise DmaError(f"client did not answer DMA_READ: {exc}", errno.ETIMEDOUT) from exc
-            except RemoteError as exc:
-                from vfnic.errors import DmaError
-
-                raise DmaError(f"client refused DMA_READ: {exc}", exc.errno) from exc
-            assert reply is not None
-            data = reply.payload[wire.DMA_ACCESS_SIZE:]
+            data = self._dma_request(wire.Command.DMA_READ, payload)
             if len(data) != n:
-                from vfnic.errors import DmaError
-
                 raise DmaError(f"DMA_READ reply carried {len(data)} bytes, not {n}")
             out += data
         return bytes(out)
@@ -249,16 +243,7 @@ class Session:
         for pos in range(0, len(data), step):
             chunk = data[pos : pos + step]
             payload = wire.build(wire.DmaAccess, address=address + pos, count=len(chunk))
-            try:
-                self.endpoint.request(wire.Command.DMA_WRITE, payload + chunk, timeout=10)
-            except TimeoutError as exc:
-                from vfnic.errors import DmaError
-
-                raise DmaError(f"client did not answer DMA_WRITE: {exc}", errno.ETIMEDOUT) from exc
-            except RemoteError as exc:
-                from vfnic.errors import DmaError
-
-                raise DmaError(f"client refused DMA_WRITE: {exc}", exc.errno) from exc
+            self._dma_request(wire.Command.DMA_WRITE, payload + chunk)
 
     # -- device information ------------------------------------------------------------
 

@@ -16,8 +16,10 @@ import array
 import collections
 import errno as _errno
 import os
+import select
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -177,12 +179,9 @@ class Endpoint:
         fds: list[int] = []
         try:
             raw = self._recv_exact(wire.HEADER_SIZE, fds)
-        except (ConnectionResetError, BrokenPipeError, ValueError) as exc:
-            self.closed = True
-            raise ConnectionClosed(f"connection lost: {exc}") from exc
-        except OSError as exc:
-            if isinstance(exc, TimeoutError):
-                raise
+        except TimeoutError:
+            raise
+        except (OSError, ValueError) as exc:  # reset, or closed under us
             self.closed = True
             raise ConnectionClosed(f"connection lost: {exc}") from exc
         msg_id, command, msg_size, flags, error = wire.HEADER.unpack(raw)
@@ -235,11 +234,20 @@ class Endpoint:
             if not msg.no_reply:
                 self.reply_error(msg, _errno.ENOTSUP)
             return
+        on_command = self.on_command
+        self._as_handler(lambda: on_command(msg))
+
+    def _as_handler(self, work: Callable[[], None]) -> None:
+        """Run command handling or device work: commands that arrive while it waits
+        for a reply of its own are deferred, then handled in order."""
         self._handling += 1
         try:
-            self.on_command(msg)
+            work()
         finally:
             self._handling -= 1
+        if not self._handling:
+            while self._deferred:
+                self._handle(self._deferred.popleft())
 
     def wake(self) -> None:
         """Ask the serving thread to run ``on_wake`` (device work that needs it,
@@ -251,8 +259,6 @@ class Endpoint:
 
     def serve_forever(self) -> None:
         """Handle incoming messages until the peer closes the connection."""
-        import select
-
         try:
             while True:
                 try:
@@ -260,23 +266,13 @@ class Endpoint:
                 except (ValueError, OSError):  # closed under us by stop()
                     return
                 with self._recv_lock:
-                    while self._deferred and not self._handling:
-                        self._handle(self._deferred.popleft())
                     if self.wake_fd in ready:
                         try:
                             os.eventfd_read(self.wake_fd)
                         except BlockingIOError:
                             pass
                         if self.on_wake is not None:
-                            # Device work counts as handling: commands that arrive
-                            # while it waits for a DMA reply are deferred, in order.
-                            self._handling += 1
-                            try:
-                                self.on_wake()
-                            finally:
-                                self._handling -= 1
-                            while self._deferred and not self._handling:
-                                self._handle(self._deferred.popleft())
+                            self._as_handler(self.on_wake)
                     if self.sock.fileno() in ready:
                         self._dispatch_one()
         except ConnectionClosed:
@@ -286,8 +282,6 @@ class Endpoint:
 
     def poll(self, timeout: float) -> bool:
         """Handle messages already waiting on the socket (client side, when idle)."""
-        import select
-
         if not self._recv_lock.acquire(timeout=timeout):
             return False
         try:
@@ -295,8 +289,6 @@ class Endpoint:
             if not r:
                 return False
             self._dispatch_one()
-            while self._deferred and not self._handling:
-                self._handle(self._deferred.popleft())
             return True
         finally:
             self._recv_lock.release()
@@ -337,8 +329,6 @@ class Endpoint:
         return reply
 
     def _wait_reply(self, msg_id: int, timeout: float | None) -> Message:
-        import time
-
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             with self._cond:
@@ -353,20 +343,16 @@ class Endpoint:
                         if msg_id in self._replies:
                             continue
                     if deadline is not None:
+                        # Wait for data with poll, not socket timeouts: those flip
+                        # O_NONBLOCK with two fcntl calls per request.
                         left = deadline - time.monotonic()
-                        if left <= 0:
+                        if left <= 0 or not select.select([self.sock], [], [], left)[0]:
                             raise TimeoutError(f"no reply to message {msg_id}")
-                        self.sock.settimeout(left)
                     try:
                         self._dispatch_one()
-                    except TimeoutError:
-                        raise TimeoutError(f"no reply to message {msg_id}") from None
                     except ConnectionClosed:
                         self._wake_all()
                         raise
-                    finally:
-                        if deadline is not None:
-                            self.sock.settimeout(None)
                 finally:
                     self._recv_lock.release()
             else:
