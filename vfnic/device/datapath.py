@@ -140,17 +140,12 @@ class DataPath:
         """A frame for this function (from the switch). DMA through messages may
         only be done by the thread serving the client: queue it and wake that thread."""
         fn = self.fn
-        if not fn.running:
-            # Stopped for migration: the device state must not change (vfio STOP), so
-            # the drop is counted outside it, for the host (`vfnic link show`).
-            fn.stopped_drops += 1
-            return
-        if fn.session is None or not self.enabled("R", 0):
-            self._count("MPC")
+        if not fn.running or fn.session is None or not self.enabled("R", 0):
+            fn.count_drop()
             return
         if fn.dma.has_message_regions() and not fn.in_serving_thread():
             if len(self.backlog) >= RX_BACKLOG:
-                self._count("MPC")
+                fn.count_drop()
                 return
             self.backlog.append(frame)
             fn.session.endpoint.wake()
@@ -163,16 +158,13 @@ class DataPath:
 
     def _deliver(self, frame: bytes, q: int = 0) -> bool:
         fn = self.fn
-        if not fn.running:
-            fn.stopped_drops += 1
-            return False
-        if not self.enabled("R", q):
-            self._count("MPC")
+        if not fn.running or not self.enabled("R", q):
+            fn.count_drop()
             return False
         base, count = self.ring("R", q)
         head, tail = self._reg("RDH", q), self._reg("RDT", q)
         if head == tail:  # no descriptor posted: the frame is missed
-            self._count("MPC")
+            fn.count_drop()
             return False
         slot = base + head * D.DESC_SIZE
         try:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from vfnic.device import pci
 from vfnic.dma.controller import DmaController
 from vfnic.errors import DmaError, ProtocolError
+from vfnic.regs import table as T
 from vfnic.regs.bank import RegisterBank
 from vfnic.regs.table import BAR0_SIZE, PF_TABLE, VF_TABLE
 from vfnic.vfiouser import wire
@@ -76,7 +77,6 @@ class PciFunction:
         self.irq_fds: dict[tuple[int, int], int] = {}  # (irq index, sub-index) -> eventfd
         self.irq_masked: set[tuple[int, int]] = set()
         self.session: Session | None = None
-        self.interrupts_sent = 0
         self._build_config()
         from vfnic.device.datapath import DataPath
         from vfnic.savevm.migration import Migration
@@ -283,7 +283,6 @@ class PciFunction:
         if fd is None or (index, vector) in self.irq_masked or not self.running:
             return False
         os.write(fd, struct.pack("<Q", 1))
-        self.interrupts_sent += 1
         return True
 
     def reset(self) -> None:
@@ -295,20 +294,16 @@ class PciFunction:
         """CTRL.RST: the NIC's registers and queues, not PCI config (only FLR does that)."""
         self.bank.reset()
         self.datapath.backlog.clear()
-        self.bank.set("RAL", int.from_bytes(self.perm_mac[:4], "little"))
-        self.bank.set("RAH", int.from_bytes(self.perm_mac[4:6], "little") | (1 << 31))
+        self.load_mac(self.perm_mac)
 
     def function_reset(self) -> None:
-        """Function level reset (PCIe FLR, CTRL.RST): registers, config, MSI-X."""
-        self.bank.reset()
-        self.datapath.backlog.clear()
+        """Function level reset (PCIe FLR): registers, then config space and MSI-X."""
+        self.software_reset()
         self._reset_config()
         self.msix[:] = bytes(MSIX_BAR_SIZE)
         for v in range(MSIX_VECTORS):  # vector control: masked after reset
             self.msix[v * MSIX_ENTRY + 12] = 1
         self.irq_masked.clear()
-        self.bank.set("RAL", int.from_bytes(self.perm_mac[:4], "little"))
-        self.bank.set("RAH", int.from_bytes(self.perm_mac[4:6], "little") | (1 << 31))
 
     def feature(self, flags: int, data: bytes, argsz: int) -> bytes:
         return self.migration.feature(flags, data, argsz)
@@ -318,6 +313,19 @@ class PciFunction:
 
     def mig_data_write(self, data: bytes) -> None:
         self.migration.write(data)
+
+    def count_drop(self, stat: str = "MPC") -> None:
+        """A frame lost: in a statistics register, or, while stopped for migration (when
+        the device state must not change, vfio STOP), in a host-side counter."""
+        if self.running:
+            self.bank.set(stat, (self.bank.get(stat) + 1) & 0xFFFFFFFF)
+        else:
+            self.stopped_drops += 1
+
+    def load_mac(self, mac: bytes) -> None:
+        """Program the receive address (RAL/RAH, address valid) with ``mac``."""
+        self.bank.set("RAL", int.from_bytes(mac[:4], "little"))
+        self.bank.set("RAH", int.from_bytes(mac[4:6], "little") | T.RAH_AV)
 
     def in_serving_thread(self) -> bool:
         return self.serving_thread == threading.get_ident()

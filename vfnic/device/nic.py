@@ -65,6 +65,11 @@ class Nic:
     def functions(self) -> list[PciFunction]:
         return [self.pf, *self.vfs]
 
+    def vf(self, index: int) -> PciFunction:
+        if not 0 <= index < len(self.vfs):
+            raise UsageError(f"no VF {index} (this NIC has {len(self.vfs)})")
+        return self.vfs[index]
+
     def function(self, name: str) -> PciFunction:
         for fn in self.functions:
             if fn.name == name:
@@ -133,10 +138,8 @@ class Nic:
         names = {v: k for k, v in LINK_STATE_NAMES.items()}
         if state not in names:
             raise UsageError(f"link state must be one of {', '.join(names)}")
-        if not 0 <= vf < len(self.vfs):
-            raise UsageError(f"no VF {vf}")
+        fn = self.vf(vf)
         with self.lock:
-            fn = self.vfs[vf]
             fn.link_state = names[state]
             self._update_link(fn)
 
@@ -148,14 +151,11 @@ class Nic:
             mac = b""
         if len(mac) != 6 or mac[0] & 1:
             raise UsageError(f"bad unicast MAC address {mac_text!r}")
-        if not 0 <= vf < len(self.vfs):
-            raise UsageError(f"no VF {vf}")
+        fn = self.vf(vf)
         with self.lock:
-            fn = self.vfs[vf]
             fn.perm_mac = mac
             self.pf_agent.admin_mac[vf] = mac
-            fn.bank.set("RAL", int.from_bytes(mac[:4], "little"))
-            fn.bank.set("RAH", int.from_bytes(mac[4:], "little") | (1 << 31))
+            fn.load_mac(mac)
 
     # -- views for the management socket ---------------------------------------------
 
@@ -257,7 +257,21 @@ class NicServer:
 
     def migration_command(self, vf: int, state: str, timeout: float,
                           words: list[int] | None = None) -> dict[str, Any]:
-        return _migration_command(self.nic, vf, state, timeout, words)
+        """Pass a migration command to the VF driver through the mailbox and wait
+        for its acknowledgement (the 2015 prototype's `ip link set PF vf N state X`)."""
+        from vfnic.regs.mailbox import MsgType
+
+        self.nic.vf(vf)
+        pending = self.nic.pf_agent.send_and_wait(vf, MsgType[MIGRATION_COMMANDS[state]],
+                                                  timeout, words)
+        return {
+            "vf": vf,
+            "command": state,
+            "acked": True,
+            "mailbox_ms": round(pending.rtt * 1000, 3),
+            # The driver reports how long it took, in microseconds, in reply word 1.
+            "driver_us": pending.reply[1] if len(pending.reply) > 1 else None,
+        }
 
     def control_request(self, req: dict[str, Any]) -> Any:
         op = req.get("op")
@@ -274,10 +288,8 @@ class NicServer:
             self.nic.set_link_state(vf, state)
             return None
         if op == "announce":
-            vf = int(req.get("vf", -1))
-            if not 0 <= vf < len(self.nic.vfs):
-                raise UsageError(f"no VF {vf}")
-            return self.nic.switch.announce(self.nic.vfs[vf], int(req.get("count", 1)))
+            fn = self.nic.vf(int(req.get("vf", -1)))
+            return self.nic.switch.announce(fn, int(req.get("count", 1)))
         if op == "vf-mac":
             self.nic.set_vf_mac(int(req.get("vf", -1)), str(req.get("mac")))
             return None
@@ -290,25 +302,6 @@ MIGRATION_COMMANDS = {
     "suspend": "SUSPEND",
     "resume": "RESUME",
 }
-
-
-def _migration_command(nic: Nic, vf: int, state: str, timeout: float,
-                       words: list[int] | None = None) -> dict[str, Any]:
-    """Pass a migration command to the VF driver through the mailbox and wait
-    for its acknowledgement (the 2015 prototype's `ip link set PF vf N state X`)."""
-    from vfnic.regs.mailbox import MsgType
-
-    if not 0 <= vf < len(nic.vfs):
-        raise UsageError(f"no VF {vf}")
-    pending = nic.pf_agent.send_and_wait(vf, MsgType[MIGRATION_COMMANDS[state]], timeout, words)
-    return {
-        "vf": vf,
-        "command": state,
-        "acked": True,
-        "mailbox_ms": round(pending.rtt * 1000, 3),
-        # The driver reports how long it took, in microseconds, in reply word 1.
-        "driver_us": pending.reply[1] if len(pending.reply) > 1 else None,
-    }
 
 
 def control_call(directory: str | os.PathLike[str], req: dict[str, Any],

@@ -104,7 +104,7 @@ class Switch:
 
     @staticmethod
     def _address(fn: PciFunction) -> bytes | None:
-        if not fn.bank.get("RAH") & (1 << 31):
+        if not fn.bank.get("RAH") & T.RAH_AV:
             return None
         return fn.mac
 
@@ -113,8 +113,7 @@ class Switch:
         with self.nic.lock:
             self.forwarded += 1
             if src is not None and not self._link_up(src):
-                if src.running:
-                    src.bank.set("TXERRC", src.bank.get("TXERRC") + 1)
+                src.count_drop("TXERRC")
                 return
             dst = frame[:6]
             if dst[0] & 1:  # broadcast / multicast: flood
@@ -128,10 +127,8 @@ class Switch:
                 if fn is not src and self._address(fn) == dst:
                     if self._link_up(fn):
                         fn.datapath.receive(frame)
-                    elif fn.running:
-                        fn.bank.set("MPC", fn.bank.get("MPC") + 1)
                     else:
-                        fn.stopped_drops += 1
+                        fn.count_drop()
                     return
             if src is not None and self.uplink is not None:
                 self.uplink.send(frame)

@@ -52,9 +52,10 @@ class DmaController:
         self.regions: list[DmaRegion] = []  # sorted by address
         self.message_read: MessageRead | None = None
         self.message_write: MessageWrite | None = None
-        self.dirty_log: set[int] | None = None  # page numbers written, when logging
-        self.dirty_total: set[int] = set()  # every 4 KiB page written since logging started
-        self.dirty_page_size = PAGE_SIZE
+        # 4 KiB page numbers the device wrote: since the last report (None: not
+        # logging), and since logging started (carried by the migration stream).
+        self.dirty_log: set[int] | None = None
+        self.dirty_total: set[int] = set()
 
     # -- mapping ----------------------------------------------------------------------
 
@@ -145,8 +146,6 @@ class DmaController:
                 raise DmaError("no client connection for DMA_WRITE", errno.ENODEV)
             self.message_write(address, data)
         if self.dirty_log is not None and data:
-            ps = self.dirty_page_size
-            self.dirty_log.update(range(address // ps, (address + len(data) - 1) // ps + 1))
-            self.dirty_total.update(
-                range(address // PAGE_SIZE, (address + len(data) - 1) // PAGE_SIZE + 1)
-            )
+            pages = range(address // PAGE_SIZE, (address + len(data) - 1) // PAGE_SIZE + 1)
+            self.dirty_log.update(pages)
+            self.dirty_total.update(pages)

@@ -45,6 +45,8 @@ MAX_VFS = 8  # TotalVFs: PF mailbox slots
 # CTRL bits
 CTRL_RST = 1 << 26  # device reset (self-clearing)
 CTRL_SLU = 1 << 6  # set link up
+# RAH bits
+RAH_AV = 1 << 31  # address valid
 # STATUS bits
 STATUS_LU = 1 << 1  # link up
 # EICR / EIMS cause bits: bit q = queue q RX/TX, bit 30 mailbox, bit 31 link

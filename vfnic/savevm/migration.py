@@ -18,7 +18,6 @@ from __future__ import annotations
 import enum
 import errno
 import struct
-import time
 from typing import TYPE_CHECKING
 
 from vfnic.errors import NotTtyError, ProtocolError, SnapshotError, VfnicError
@@ -123,12 +122,7 @@ class Migration:
         self.out = b""  # bytes still to be read by MIG_DATA_READ
         self.precopy_base: bytes | None = None  # snapshot sent during PRE_COPY
         self.incoming = bytearray()  # bytes written by MIG_DATA_WRITE in RESUMING
-        self.log_ranges: list[tuple[int, int]] = []
-        self.log_page_size = 4096
         self.fail_next_arc = False  # test hook: make the next arc fail (-> ERROR)
-        self.pages_sent = 0
-        self.pages_received = 0
-        self.timings: dict[str, float] = {}
 
     # -- feature dispatch -----------------------------------------------------------------
 
@@ -198,7 +192,6 @@ class Migration:
             self.fail_next_arc = False
             raise VfnicError("injected arc failure")
         fn = self.fn
-        t0 = time.perf_counter()
         if new in RUNNING_STATES:
             fn.running = True
         if cur in RUNNING_STATES and new not in RUNNING_STATES:
@@ -216,9 +209,7 @@ class Migration:
             pages = self.device_pages()
             if pages:
                 self.out += stream.pages_record(pages)
-            self.pages_sent = len(pages)
             self.out += stream.end_record(final)
-            self.timings["save"] = time.perf_counter() - t0
         elif new == S.RESUMING:
             self.incoming = bytearray()
         elif cur == S.RESUMING and new == S.STOP:
@@ -226,10 +217,8 @@ class Migration:
             snapshot.restore(fn, image)  # checks everything before touching the device
             for iova, data in pages:  # DMA-written pages QEMU could not have seen
                 fn.dma.write(iova, data)
-            self.pages_received = len(pages)
             fn.running = False
             self.incoming = bytearray()
-            self.timings["restore"] = time.perf_counter() - t0
         if cur in SAVING_STATES and new not in SAVING_STATES:
             self.out = b""  # the data transfer session ends
             self.precopy_base = None
@@ -288,10 +277,8 @@ class Migration:
         for iova, length in ranges:
             if length == 0 or iova + length > 1 << 64:
                 raise ProtocolError(f"bad DMA logging range {iova:#x}+{length:#x}")
-        page_size = max(page_size, 4096)  # our tracking granularity
-        self.log_page_size = page_size
-        self.log_ranges = ranges
-        self.fn.dma.dirty_page_size = page_size
+        # We track 4 KiB pages whatever the hint; reports are built at any size.
+        page_size = max(page_size, stream.PAGE_SIZE)
         self.fn.dma.dirty_log = set()
         self.fn.dma.dirty_total = set()
         return LogControl.pack(page_size, nranges, 0) + data[LogControl.size:]
@@ -300,7 +287,6 @@ class Migration:
         if self.fn.dma.dirty_log is None:
             raise ProtocolError("DMA logging is not started")
         self.fn.dma.dirty_log = None
-        self.log_ranges = []
 
     def logging_report(self, data: bytes, argsz: int) -> bytes:
         log = self.fn.dma.dirty_log
@@ -318,7 +304,7 @@ class Migration:
         if argsz < 8 + LogReport.size + 8 * words:
             raise ProtocolError("DMA_LOGGING_REPORT: argsz too small for the bitmap", errno.ENOSPC)
         bits = 0
-        lps = self.log_page_size
+        lps = stream.PAGE_SIZE
         for page in sorted(log):
             addr = page * lps
             if addr + lps <= iova or addr >= iova + length:
