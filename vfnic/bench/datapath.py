@@ -323,28 +323,21 @@ def guest_rows(kind: str, r: dict[str, Any]) -> list[list[object]]:
     rows: list[list[object]] = []
     name = "vfnic VF (guest driver + TAP)" if kind == "vf" else "virtio-net (TAP)"
     ifname = "vfnic0" if kind == "vf" else str(r.get("ifname", "eth0"))
-    for payload in PAYLOADS:
-        t = r.get(f"tx{payload}")
-        if t:
-            sent = t["guest"]["sent"]
-            offered = sent / t["guest"]["elapsed"]
-            got = _rate(t["peer"]["count"], t["peer"]["span"])
-            lost = sent - t["peer"]["count"]
-            rows.append([name, "guest → peer", label(payload), f"{offered:,.0f}",
+    # (result key, direction, sending side, receiving side)
+    for key, direction, src, dst in (("tx", "guest → peer", "guest", "peer"),
+                                     ("rx", "peer → guest", "peer", "guest")):
+        for payload in PAYLOADS:
+            t = r.get(f"{key}{payload}")
+            if not t:
+                continue
+            sent = t[src]["sent"]
+            offered = sent / t[src]["elapsed"]
+            got = _rate(t[dst]["count"], t[dst]["span"])
+            lost = sent - t[dst]["count"]
+            rows.append([name, direction, label(payload), f"{offered:,.0f}",
                          f"{got:,.0f}", f"{mbps(got, payload):,.2f}",
                          f"{100 * lost / max(sent, 1):.1f} %",
-                         _lost_where(t, ifname, True)])
-    for payload in PAYLOADS:
-        t = r.get(f"rx{payload}")
-        if t:
-            sent = t["peer"]["sent"]
-            offered = sent / t["peer"]["elapsed"]
-            got = _rate(t["guest"]["count"], t["guest"]["span"])
-            lost = sent - t["guest"]["count"]
-            rows.append([name, "peer → guest", label(payload), f"{offered:,.0f}",
-                         f"{got:,.0f}", f"{mbps(got, payload):,.2f}",
-                         f"{100 * lost / max(sent, 1):.1f} %",
-                         _lost_where(t, ifname, False)])
+                         _lost_where(t, ifname, key == "tx")])
     return rows
 
 
