@@ -12,9 +12,15 @@ GUEST_STAMP := $(CACHE)/guest-root/.complete
 
 .PHONY: setup test lint demo bench clean distclean
 
-setup: $(VENV_STAMP) $(QEMU_STAMP) $(GUEST_STAMP)
+HOST_STAMP := $(CACHE)/.host-packages
+
+setup: $(HOST_STAMP) $(VENV_STAMP) $(QEMU_STAMP) $(GUEST_STAMP)
 	@# Cheap when current: the image is rebuilt only when its content hash changed.
 	$(PY) -m vfnic.host.image
+
+$(HOST_STAMP): scripts/host-packages.sh
+	bash scripts/host-packages.sh
+	mkdir -p $(CACHE) && touch $@
 
 $(VENV_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
