@@ -320,6 +320,40 @@ def test_suspend_stops_the_queues_and_resume_announces_the_address(
     assert receive(d1, 2) == [early, again]  # ... and not lost: delivered after resume
 
 
+def test_suspended_driver_takes_over_a_fresh_vf_and_keeps_its_address(
+        nic: NicServer, make: MakeDriver) -> None:
+    """virsh migrate: nobody restores the VF's state on the destination, the driver
+    finds a VF in reset state under it, puts its PCI config back, reinitializes it
+    with the address it had, and announces it."""
+    d0, d1 = make(0), make(1)
+    d1.ipv4 = bytes([10, 0, 0, 2])
+    wanted = bytes.fromhex("02aabbccdd01")  # set through SET_MAC, not the PF's default
+    d1.mailbox_request(M.MsgType.SET_MAC, M.mac_to_words(wanted))
+    d1.mac = wanted
+    d1._program_mac()
+    pf_message(nic, 1, d1, M.MsgType.MIGRATE)
+    pf_message(nic, 1, d1, M.MsgType.SUSPEND)
+    assert d1.saved is not None and not d1.moved()
+    config = dict((off, v) for off, _, v in d1.saved.config)
+    assert config[PCI_COMMAND] & COMMAND_MASTER
+
+    vf1 = nic.nic.vfs[1]
+    with nic.nic.lock:  # what the destination host's VF looks like: FLR'd, default MAC
+        vf1.perm_mac = bytes.fromhex("025646990101")
+        vf1.function_reset()
+    assert vf1.config.get(PCI_COMMAND, 2) & COMMAND_MASTER == 0
+    assert d1.moved()
+    d1.watchdog(force=True)
+    assert d1.counters.moves == 1 and not d1.suspended and not d1.dirtying
+    assert vf1.config.get(PCI_COMMAND, 2) & (COMMAND_MEMORY | COMMAND_MASTER) == \
+        COMMAND_MEMORY | COMMAND_MASTER
+    assert d1.mac == wanted and vf1.perm_mac == wanted  # the new PF learnt it too
+    assert receive(d0, 1) == [gratuitous_arp(wanted, d1.ipv4)]
+    after = frame(wanted, d0.mac, b"after the move")
+    assert d0.tx(after)
+    assert receive(d1, 1) == [after]
+
+
 def test_migrate_dirties_every_received_buffer_until_cancelled(
         nic: NicServer, make: MakeDriver) -> None:
     d0, d1 = make(0), make(1)

@@ -50,6 +50,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="vfnic serve: %(message)s",
     )
+    logging.getLogger("vfnic.follow").setLevel(logging.INFO)  # migrations libvirt drives
     try:
         server = NicServer(args.dir, args.vfs, args.uplink, args.nic_id)
     except OSError as exc:

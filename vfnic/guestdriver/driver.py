@@ -47,6 +47,9 @@ DEFAULT_RING_SIZE = 128  # descriptors per ring; RDLEN must be a multiple of 128
 MAILBOX_TIMEOUT = 1.0
 WATCHDOG_INTERVAL = 0.005  # VFMAILBOX and QERR are polled this often
 PF_MSG_ARGS: dict[int, int] = {M.MsgType.LINK_CHANGE: 1, M.MsgType.RESUME: 1}  # words per message
+# The config a driver restores after its function lost it (Linux's pci_restore_state,
+# reduced to what this driver uses): BAR0-5, then COMMAND (memory space, bus master).
+SAVED_CONFIG = (*((0x10 + 4 * i, 4) for i in range(6)), (0x04, 2))
 
 
 class DriverError(VfnicError):
@@ -93,6 +96,7 @@ class Counters:
     queue_resets: int = 0
     pf_messages: int = 0
     pages_touched: int = 0
+    moves: int = 0  # suspended on one VF, found a different one (another host's)
 
 
 @dataclass
@@ -106,6 +110,11 @@ class SavedState:
     tx_index: int
     tx_clean: int
     counters: dict[str, int] = field(default_factory=dict)
+    # What identifies the VF we suspended on (RAH as we programmed it, AV set) and the
+    # PCI config the guest programmed (BARs, then COMMAND): QEMU does not carry a
+    # vfio-user function's config across a migration, so after a move we put it back.
+    rah: int = 0
+    config: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 def gratuitous_arp(mac: bytes, ipv4: bytes) -> bytes:
@@ -402,8 +411,11 @@ class VfDriver:
             self._stop_ring(self.tx_ring)
             self._rx_collect(self._rx_backlog)  # delivered by the next rx_poll
             self._clean_tx()
-            self.saved = SavedState(self.mac, self.ipv4, self.link_up, self.rx_ring.index,
-                                    self.tx_ring.index, self.tx_ring.clean, asdict(self.counters))
+            self.saved = SavedState(
+                self.mac, self.ipv4, self.link_up, self.rx_ring.index, self.tx_ring.index,
+                self.tx_ring.clean, asdict(self.counters), rah=self.get_reg("RAH"),
+                config=[(off, size, self.bus.config_read(off, size))
+                        for off, size in SAVED_CONFIG])
             self.suspended = True
             if self.link_listener is not None:
                 self.link_listener(False)
@@ -457,14 +469,61 @@ class VfDriver:
         self.counters.queue_resets += 1
         return qerr
 
+    # -- after a migration that moved no device state ---------------------------------
+
+    def moved(self) -> bool:
+        """While suspended: is the VF under us still the one we suspended on? A VF on
+        another host that nobody restored answers RAH with its reset value (or nothing
+        at all: its BAR is not even mapped), never with the address we programmed."""
+        return (self.suspended and self.saved is not None and self.saved.rah != 0
+                and self.get_reg("RAH") != self.saved.rah)
+
+    def reattach(self) -> int:
+        """Take over the fresh VF we were migrated onto (``virsh migrate``: libvirt moves
+        the guest, the source host only suspended us): restore the PCI config the guest
+        programmed, reset the VF, ask its PF for our MAC, then resume as usual, gratuitous
+        ARP included. Returns microseconds."""
+        assert self.saved is not None
+        t0 = time.perf_counter()
+        for off, size, value in self.saved.config:  # BARs first, COMMAND (decode on) last
+            self.bus.config_write(off, size, value)
+        self.set_reg("CTRL", T.CTRL_RST)
+        deadline = time.monotonic() + MAILBOX_TIMEOUT
+        while self.get_reg("CTRL") & T.CTRL_RST:
+            if time.monotonic() > deadline:
+                raise DriverError("CTRL.RST did not clear on the new VF")
+            time.sleep(0.001)
+        self.set_reg("EIMS", 0)
+        self.set_reg("EICR", 0xFFFFFFFF)
+        self.set_reg("VFMAILBOX", T.MBX_PFSTS | T.MBX_PFACK)
+        pf_mac, _link = self.mailbox_reset()
+        if pf_mac != self.saved.mac:
+            # Keep the guest's address (its peers know it) unless this PF forbids it.
+            try:
+                self.mailbox_request(M.MsgType.SET_MAC, M.mac_to_words(self.saved.mac))
+            except MailboxError:
+                log.warning("%s: the new PF refuses %s, using %s", self.bus.name,
+                            self.saved.mac.hex(":"), pf_mac.hex(":"))
+                self.saved.mac = pf_mac
+        self.dirtying = False  # the migration is over
+        self.counters.moves += 1
+        self.resume(garp=True)
+        log.warning("%s: migrated onto a new VF, mac %s, link %s", self.bus.name, self.mac_text,
+                 "up" if self.link_up else "down")
+        return int((time.perf_counter() - t0) * 1e6)
+
     def watchdog(self, force: bool = False) -> None:
         """Call from the poll loop: serves the bus, and every ``watchdog_interval``
-        handles PF messages and queue errors (each check is an MMIO round trip)."""
+        handles PF messages and queue errors (each check is an MMIO round trip).
+        While suspended it also notices a move onto a VF that nobody restored."""
         self.bus.poll()
         now = time.monotonic()
         if not force and now < self._next_watchdog:
             return
         self._next_watchdog = now + self.watchdog_interval
+        if self.moved():
+            self.reattach()
+            return
         self.check_mailbox()
         if not self.suspended:
             self.check_queue()

@@ -294,7 +294,7 @@ class Orchestrator:
         s.precopy_bytes = len(precopy)
         await self.qa.execute("migrate", {"uri": opts.uri})
         if opts.mode == "cooperative":
-            if await self._wait_suspend_point():
+            if await wait_suspend_point(self.qa, self.opts.timeout):
                 result = await self._control(self.src, "suspend")
                 self.suspended = True
                 s.suspend_us, s.suspend_ms = result.get("driver_us"), result.get("mailbox_ms")
@@ -369,26 +369,6 @@ class Orchestrator:
 
         control_call(self.dst.nic_dir, {"op": "announce", "vf": self.dst.vf, "count": 3})
 
-    async def _wait_suspend_point(self) -> bool:
-        """Wait until most of the first RAM pass is sent, the moment to suspend the
-        VF driver. With downtime-limit 0, QEMU cannot switch over while pass 1 still
-        has pages left, so the guest is still running here. False if QEMU reached
-        switchover anyway (an idle guest with nothing left to send)."""
-        deadline = time.monotonic() + self.opts.timeout
-        while time.monotonic() < deadline:
-            info: dict[str, Any] = await self.qa.execute("query-migrate")  # type: ignore[assignment]
-            status = info.get("status")
-            if status in ("failed", "cancelled"):
-                raise MigrationError(f"QEMU migration {status}: {info.get('error-desc', '')}")
-            if status == "pre-switchover":
-                return False
-            ram = info.get("ram", {})
-            total = ram.get("total", 0) or 1
-            if ram.get("dirty-sync-count", 0) >= 2 or ram.get("remaining", total) <= total // 4:
-                return True
-            await asyncio.sleep(0.01)
-        raise MigrationError("RAM pre-copy did not progress")
-
     async def _wait_destination_loaded(self) -> None:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -435,6 +415,27 @@ class Orchestrator:
                                   {"downtime-limit": self.opts.downtime_limit_ms})
         with contextlib.suppress(Exception):
             await self.qb.execute("quit")
+
+
+async def wait_suspend_point(qmp: QMPClient, timeout: float) -> bool:
+    """Wait until most of the first RAM pass is sent, the moment to suspend the VF
+    driver. With downtime-limit 0, QEMU cannot switch over while pass 1 still has pages
+    left, so the guest is still running here. False if QEMU reached switchover anyway
+    (an idle guest with nothing left to send)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info: dict[str, Any] = await qmp.execute("query-migrate")  # type: ignore[assignment]
+        status = info.get("status")
+        if status in ("failed", "cancelled"):
+            raise MigrationError(f"QEMU migration {status}: {info.get('error-desc', '')}")
+        if status in ("pre-switchover", "device", "completed"):
+            return False
+        ram = info.get("ram", {})
+        total = ram.get("total", 0) or 1
+        if ram.get("dirty-sync-count", 0) >= 2 or ram.get("remaining", total) <= total // 4:
+            return True
+        await asyncio.sleep(0.01)
+    raise MigrationError("RAM pre-copy did not progress")
 
 
 def _count_pages(stream_bytes: bytes) -> int:
