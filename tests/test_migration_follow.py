@@ -85,3 +85,38 @@ def test_nic_follows_a_migration_it_does_not_drive(lab: Lab) -> None:
     assert "02:56:46:01:00:01" in str(links), links
     assert "DUP" not in pinger.output
     assert "migrated onto a new VF" in console_b, console_b[-2000:]
+
+
+def test_a_cancelled_migration_resumes_the_driver_on_the_source(lab: Lab) -> None:
+    da = lab.start_nic("a", vfs=2, nic_id=1)
+    db = lab.start_nic("b", vfs=2, nic_id=2)
+    va = follow_vm(lab, "a", da)
+    vb = follow_vm(lab, "b", db, "-S", "-incoming", URI)
+    try:
+        va.start()
+        deadline = time.monotonic() + 120
+        while sh("ip", "netns", "exec", lab.ns("peer"), "ping", "-c1", "-W1", GUEST_IP,
+                 check=False).returncode != 0:
+            assert time.monotonic() < deadline, "guest not reachable on its VF"
+        vb.start()
+        va.qmp("migrate-set-capabilities", {"capabilities": [
+            {"capability": "pause-before-switchover", "state": True}]})
+        va.qmp("migrate", {"uri": URI})
+        wait_status(va, {"pre-switchover"})  # the follower suspended the driver before
+        va.qmp("migrate_cancel")
+        wait_status(va, {"cancelled"}, 30)
+        va.qmp("cont")
+        deadline = time.monotonic() + 30
+        while not (records := control_call(da, {"op": "migrations"})) or \
+                "resumed" not in records[-1]:
+            assert time.monotonic() < deadline, records
+            time.sleep(0.05)
+        after = sh("ip", "netns", "exec", lab.ns("peer"), "ping", "-c", "10", "-i", "0.05",
+                   GUEST_IP, check=False).stdout
+        links = control_call(da, {"op": "link-show"})
+    finally:
+        va.stop()
+        vb.stop()
+    assert records[-1]["result"] == "cancelled" and records[-1]["suspend_mailbox_ms"] is not None
+    assert "10 received" in after, after  # back on A, same VF, its driver resumed
+    assert "02:56:46:01:00:01" in str(links)

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("vfnic.follow")
 
 SCAN_INTERVAL = 0.2  # how often the NIC folder is looked at for new QMP sockets
+POLL_INTERVAL = 0.25  # query-migrate this often when no MIGRATION event comes
 MAILBOX_TIMEOUT = 5.0
 PRECOPY_TIMEOUT = 600.0
 TERMINAL = ("completed", "failed", "cancelled")
@@ -109,14 +110,19 @@ class Follower:
         qmp.register_listener(events)
         try:
             while qmp.runstate == Runstate.RUNNING:
+                # Woken by a MIGRATION event (libvirt turns the "events" capability on),
+                # else by a look at query-migrate every POLL_INTERVAL.
                 try:
-                    event: dict[str, Any] = dict(await asyncio.wait_for(events.get(), 1.0))
+                    event: dict[str, Any] = dict(
+                        await asyncio.wait_for(events.get(), POLL_INTERVAL))
+                    status = event.get("data", {}).get("status")
                 except TimeoutError:
+                    info: dict[str, Any] = await qmp.execute("query-migrate")  # type: ignore[assignment]
+                    status = info.get("status")
+                if status not in ("setup", "active"):
                     continue
-                if event.get("data", {}).get("status") not in ("setup", "active"):
-                    continue
-                status: dict[str, Any] = await qmp.execute("query-status")  # type: ignore[assignment]
-                if status.get("status") == "inmigrate":
+                run: dict[str, Any] = await qmp.execute("query-status")  # type: ignore[assignment]
+                if run.get("status") == "inmigrate":
                     continue  # the destination: the driver takes the fresh VF over
                 await self._source(vf, qmp)
                 events.clear()  # the rest of that migration's events

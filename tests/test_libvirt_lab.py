@@ -1,0 +1,155 @@
+"""libvirt on the two-host lab: one libvirtd per host (own network and mount
+namespaces), a vfnic guest defined and started with virsh on host A reaches the
+peer through its VF; the domain XML carries what libvirt 9.0 + QEMU 11.1 need."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from vfnic.device.nic import control_call
+from vfnic.host import runtime
+from vfnic.host.vm import VfioUserFunction
+from vfnic.libvirt import domain
+from vfnic.libvirt.domain import QEMU_NS, domain_xml, emulator_path
+from vfnic.libvirt.lab import LibvirtHost, shared_nic_dir
+from vfnic.migrate.lab import GUEST_IP, Lab, Pinger, sh
+
+
+def _fake_guest(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(domain.image, "kernel", lambda: Path("/boot/vmlinuz-x"))
+    monkeypatch.setattr(domain.image, "initrd", lambda: Path("/boot/initrd.img-x"))
+    monkeypatch.setattr(domain.image, "ensure_image", lambda verbose=True: Path("/c/guest.img"))
+    monkeypatch.setattr(domain, "emulator_path", lambda: Path("/c/bin/qemu-system-x86_64"))
+
+
+def test_domain_xml_content(monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_guest(monkeypatch)
+    fns = [VfioUserFunction(Path("/w/nic/pf.sock"), "pf"),
+           VfioUserFunction(Path("/w/nic/vf0.sock"), "vf0")]
+    text = domain_xml("g1", fns, mem="1G", vcpus=2, kernel_args=["vfnic.ip=10.77.0.2/24"],
+                      console_log=Path("/w/console.log"))
+    assert f"xmlns:qemu=\"{QEMU_NS}\"" in text
+    dom = ET.fromstring(text)
+    assert dom.get("type") == "qemu" and dom.findtext("name") == "g1"
+    assert dom.find("features/acpi") is not None  # else libvirt passes -no-acpi
+    assert dom.find("memoryBacking/source").get("type") == "memfd"  # type: ignore[union-attr]
+    assert dom.find("memoryBacking/access").get("mode") == "shared"  # type: ignore[union-attr]
+    assert dom.findtext("memory") == "1024" and dom.find("memory").get("unit") == "MiB"  # type: ignore[union-attr]
+    assert dom.findtext("vcpu") == "2"
+    assert dom.find("os/type").get("machine") == "q35"  # type: ignore[union-attr]
+    assert dom.findtext("os/kernel") == "/boot/vmlinuz-x"
+    cmdline = dom.findtext("os/cmdline", "").split()
+    assert "ro" in cmdline and "rw" not in cmdline and "init=/sbin/vfnic-init" in cmdline
+    assert cmdline[-1] == "vfnic.ip=10.77.0.2/24"
+    assert dom.findtext("devices/emulator") == "/c/bin/qemu-system-x86_64"
+    disk = dom.find("devices/disk")
+    assert disk is not None and disk.find("readonly") is not None
+    assert disk.find("source").get("file") == "/c/guest.img"  # type: ignore[union-attr]
+    assert dom.find("devices/serial/source").get("path") == "/w/console.log"  # type: ignore[union-attr]
+    assert dom.find("devices/memballoon").get("model") == "none"  # type: ignore[union-attr]
+    args = [a.get("value") for a in dom.iterfind(f"{{{QEMU_NS}}}commandline/{{{QEMU_NS}}}arg")]
+    assert args == ["-device", fns[0].device_arg(), "-qmp",
+                    "unix:/w/nic/pf.qmp,server=on,wait=off",
+                    "-device", fns[1].device_arg(), "-qmp",
+                    "unix:/w/nic/vf0.qmp,server=on,wait=off"]
+    dev = json.loads(args[5] or "")
+    assert dev["driver"] == "vfio-user-pci" and dev["id"] == "vf0"
+    assert dev["socket"] == {"type": "unix", "path": "/w/nic/vf0.sock"}
+    other = ET.fromstring(domain_xml("g2", fns[1:], console_log=Path("/c.log"),
+                                     qmp_dir=Path("/q")))
+    assert other.findtext("memory") == "512"
+    assert other.find(f"{{{QEMU_NS}}}commandline")[3].get("value") == (  # type: ignore[index]
+        "unix:/q/vf0.qmp,server=on,wait=off")
+
+
+def test_emulator_is_the_qemu_of_the_libvirt_that_runs_it(monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    monkeypatch.setattr(runtime, "qemu_kind", lambda: "sid")
+    assert emulator_path() == Path("/usr/bin/qemu-system-x86_64")  # inside the sid root
+    monkeypatch.setattr(runtime, "qemu_kind", lambda: "system")
+    monkeypatch.setattr(runtime, "qemu_argv", lambda: ["/opt/qemu/bin/qemu-system-x86_64"])
+    assert emulator_path() == Path("/opt/qemu/bin/qemu-system-x86_64")
+
+
+def _wait_ping(lab: Lab, host: LibvirtHost, console: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while sh("ip", "netns", "exec", lab.ns("peer"), "ping", "-c1", "-W1", GUEST_IP,
+             check=False).returncode != 0:
+        if time.monotonic() > deadline:
+            tail = console.read_text(errors="replace")[-2000:] if console.exists() else ""
+            qlog = host.qemu_log("g1")
+            qemu = qlog.read_text(errors="replace")[-1500:] if qlog.exists() else ""
+            pytest.fail(f"guest not reachable on its VF\nconsole:\n{tail}\nqemu log:\n{qemu}")
+
+
+def test_virsh_guest_on_lab_host_reaches_peer(lab: Lab) -> None:
+    lab.start_nic("a", vfs=2, nic_id=1)
+    lab.start_nic("b", vfs=2, nic_id=2)
+    nic = shared_nic_dir(lab)  # host A's NIC on A, host B's on B
+    console = lab.workdir / "console.log"
+    xml = lab.workdir / "g1.xml"
+    xml.write_text(domain_xml("g1", [VfioUserFunction(nic / "vf0.sock", "vf0")],
+                              kernel_args=[f"vfnic.ip={GUEST_IP}/24"], console_log=console))
+    with LibvirtHost(lab, "a") as a, LibvirtHost(lab, "b") as b:
+        a.virsh("define", str(xml))
+        a.virsh("start", "g1")
+        _wait_ping(lab, a, console)
+        assert a.virsh("domstate", "g1").stdout.strip() == "running"
+        assert b.virsh("list", "--all", "--name").stdout.strip() == ""  # B is another host
+        # The extra QMP monitor sits next to vf0.sock in host A's own NIC dir (the NIC
+        # server connects to it; QEMU's socket chardev takes one client at a time).
+        assert (lab.nic_dir("a") / "vf0.qmp").is_socket()
+        assert not (lab.nic_dir("b") / "vf0.qmp").exists()
+        a.virsh("destroy", "g1")
+        assert a.virsh("domstate", "g1").stdout.strip() == "shut off"
+        a.virsh("undefine", "g1")
+
+
+def test_virsh_migrate_moves_a_guest_and_its_vf_to_the_other_host(lab: Lab) -> None:
+    """`virsh migrate --live` between the lab's two libvirtds: libvirt moves RAM and
+    vCPUs, host A's NIC server (following the source QEMU through vf0.qmp) suspends the
+    VF driver through the mailbox, the driver takes the fresh VF on host B over, keeps
+    its MAC and announces it: the peer reaches the guest on B."""
+    lab.start_nic("a", vfs=2, nic_id=1)
+    lab.start_nic("b", vfs=2, nic_id=2)
+    nic = shared_nic_dir(lab)
+    # The console file sits in the per-host NIC dir too: A's QEMU and B's write their own.
+    console = nic / "console.log"
+    show_log = base64.b64encode(b"tail -F /run/vfnic-driver.log").decode()
+    xml = lab.workdir / "g1.xml"
+    xml.write_text(domain_xml("g1", [VfioUserFunction(nic / "vf0.sock", "vf0")],
+                              kernel_args=[f"vfnic.ip={GUEST_IP}/24", f"vfnic.exec={show_log}"],
+                              console_log=console))
+    with LibvirtHost(lab, "a") as a, LibvirtHost(lab, "b") as b:
+        a.virsh("define", str(xml))
+        a.virsh("start", "g1")
+        _wait_ping(lab, a, lab.nic_dir("a") / "console.log")
+        pinger = Pinger(lab)
+        pinger.start()
+        time.sleep(1)
+        done = a.virsh("migrate", "--live", "--verbose", "g1", b.uri,
+                       "--migrateuri", "tcp://192.168.77.2:49152", check=False, timeout=300)
+        assert done.returncode == 0, done.stderr + a.log.read_text(errors="replace")[-1500:]
+        assert b.virsh("domstate", "g1").stdout.strip() == "running"
+        assert a.virsh("domstate", "g1", check=False).stdout.strip() in ("shut off", "")
+        _wait_ping(lab, b, lab.nic_dir("b") / "console.log", timeout=30)
+        time.sleep(0.5)
+        pinger.stop()
+        after = sh("ip", "netns", "exec", lab.ns("peer"), "ping", "-c", "10", "-i", "0.05",
+                   GUEST_IP, check=False).stdout
+        records = control_call(lab.nic_dir("a"), {"op": "migrations"})
+        links_b = control_call(lab.nic_dir("b"), {"op": "link-show"})
+        console_b = (lab.nic_dir("b") / "console.log").read_text(errors="replace")
+        b.virsh("destroy", "g1")
+    assert "10 received" in after, after
+    assert "DUP" not in pinger.output
+    assert [r["result"] for r in records] in (["completed"], ["source-gone"]), records
+    assert records[0].get("suspend_mailbox_ms") is not None and "error" not in records[0]
+    assert "migrated onto a new VF, mac 02:56:46:01:00:01" in console_b, console_b[-2000:]
+    assert "02:56:46:01:00:01" in str(links_b)  # B's PF took the guest's address

@@ -1,0 +1,1 @@
+"""libvirt: domain XML for a vfnic guest and libvirtd instances for the two-host lab."""
