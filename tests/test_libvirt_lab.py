@@ -4,7 +4,6 @@ peer through its VF; the domain XML carries what libvirt 9.0 + QEMU 11.1 need.""
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 import xml.etree.ElementTree as ET
@@ -17,7 +16,7 @@ from vfnic.host import runtime
 from vfnic.host.vm import VfioUserFunction
 from vfnic.libvirt import domain
 from vfnic.libvirt.domain import QEMU_NS, domain_xml, emulator_path
-from vfnic.libvirt.lab import LibvirtHost, shared_nic_dir
+from vfnic.libvirt.lab import LibvirtHost, lab_domain, shared_nic_dir
 from vfnic.migrate.lab import GUEST_IP, Lab, Pinger, sh
 
 
@@ -118,14 +117,7 @@ def test_virsh_migrate_moves_a_guest_and_its_vf_to_the_other_host(lab: Lab) -> N
     its MAC and announces it: the peer reaches the guest on B."""
     lab.start_nic("a", vfs=2, nic_id=1)
     lab.start_nic("b", vfs=2, nic_id=2)
-    nic = shared_nic_dir(lab)
-    # The console file sits in the per-host NIC dir too: A's QEMU and B's write their own.
-    console = nic / "console.log"
-    show_log = base64.b64encode(b"tail -F /run/vfnic-driver.log").decode()
-    xml = lab.workdir / "g1.xml"
-    xml.write_text(domain_xml("g1", [VfioUserFunction(nic / "vf0.sock", "vf0")],
-                              kernel_args=[f"vfnic.ip={GUEST_IP}/24", f"vfnic.exec={show_log}"],
-                              console_log=console))
+    xml = lab_domain(lab, "g1", "tail -F /run/vfnic-driver.log")
     with LibvirtHost(lab, "a") as a, LibvirtHost(lab, "b") as b:
         a.virsh("define", str(xml))
         a.virsh("start", "g1")

@@ -23,6 +23,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from vfnic.device import cli as device_cli
     from vfnic.host import cli as host_cli
+    from vfnic.libvirt import cli as libvirt_cli
     from vfnic.migrate import cli as migrate_cli
 
     parser = _Parser(prog="vfnic", description="A software SR-IOV NIC served over vfio-user.")
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     device_cli.register(sub)
     host_cli.register(sub)
     migrate_cli.register(sub)
+    libvirt_cli.register(sub)
     return parser
 
 

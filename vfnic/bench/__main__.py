@@ -26,9 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="python -m vfnic.bench", description=__doc__)
     p.add_argument("--only", default=",".join(report.ORDER),
-                   help="comma-separated sections: regs, datapath, migration (default: all)")
+                   help="comma-separated sections: regs, datapath, migration, virsh (default: all)")
     p.add_argument("--runs", type=int, default=None,
-                   help="migration runs per configuration (default 15; 2 with --quick)")
+                   help="migration runs per configuration (default 15, virsh 10; 2 with --quick)")
     p.add_argument("--quick", action="store_true",
                    help="shorter runs, for trying the bench out (numbers still written)")
     p.add_argument("--output", type=Path, default=REPO / "BENCHMARKS.md")
@@ -63,11 +63,16 @@ def main(argv: list[str] | None = None) -> int:
                 from vfnic.bench import datapath
 
                 sec = datapath.run(args.quick)
-            else:
+            elif key == "migration":
                 from vfnic.bench import migration
 
                 plot = None if args.no_write else args.plot
                 sec = migration.run(args.quick, args.runs, plot)
+            else:
+                from vfnic.bench import virsh
+
+                plot = None if args.no_write else args.plot.with_name("virsh.png")
+                sec = virsh.run(args.quick, args.runs, plot)
         except Exception as exc:  # the section itself broke: report it, go on
             sec = Section(key, key)
             sec.fail(f"section {key}", exc)

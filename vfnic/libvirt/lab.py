@@ -59,6 +59,26 @@ def shared_nic_dir(lab: Lab) -> Path:
     return lab.workdir / "nic"
 
 
+def lab_domain(lab: Lab, name: str = "g1", guest_command: str | None = None) -> Path:
+    """Write the XML of the lab's guest: VF 0 of the host's NIC, the guest driver up at
+    boot with GUEST_IP, the console in the host's NIC dir (console.log: A's QEMU and
+    B's each write their own). Returns the XML file."""
+    import base64
+
+    from vfnic.host.vm import VfioUserFunction
+    from vfnic.libvirt.domain import domain_xml
+    from vfnic.migrate.lab import GUEST_IP
+
+    nic = shared_nic_dir(lab)
+    kargs = [f"vfnic.ip={GUEST_IP}/24"]
+    if guest_command is not None:
+        kargs.append("vfnic.exec=" + base64.b64encode(guest_command.encode()).decode())
+    path = lab.workdir / f"{name}.xml"
+    path.write_text(domain_xml(name, [VfioUserFunction(nic / "vf0.sock", "vf0")],
+                               kernel_args=kargs, console_log=nic / "console.log"))
+    return path
+
+
 def _die_with_parent() -> None:
     # prctl(PR_SET_PDEATHSIG, SIGKILL): a killed test run leaves no libvirtd behind.
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)

@@ -59,19 +59,23 @@ class Follower:
         self.server = server
         self.history: list[dict[str, Any]] = []  # one record per migration, newest last
         self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake: asyncio.Event | None = None  # set from stop() to end the scan's sleep
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
         self._thread = threading.Thread(target=self._run, name="vfnic-follow", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
-        loop, ev = self._loop, self._stop
-        if loop is not None and ev is not None:
-            with contextlib.suppress(RuntimeError):  # loop already closed
-                loop.call_soon_threadsafe(ev.set)
-        self._thread.join(5)
+        """End the thread (closing its QMP connections) and wait for it."""
+        self._stop.set()
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                loop.call_soon_threadsafe(wake.set)
+        if self._thread.is_alive():
+            self._thread.join(SCAN_INTERVAL + 5)
 
     def records(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -83,8 +87,8 @@ class Follower:
         asyncio.run(self._main())
 
     async def _main(self) -> None:
+        self._wake = asyncio.Event()
         self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
         tasks: dict[int, asyncio.Task[None]] = {}
         while not self._stop.is_set():
             for vf in range(len(self.server.nic.vfs)):
@@ -93,7 +97,7 @@ class Follower:
                 if (task is None or task.done()) and _is_socket(path):
                     tasks[vf] = asyncio.create_task(self._follow(vf, path))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), SCAN_INTERVAL)
+                await asyncio.wait_for(self._wake.wait(), SCAN_INTERVAL)
         for task in tasks.values():
             task.cancel()
         await asyncio.gather(*tasks.values(), return_exceptions=True)

@@ -46,6 +46,7 @@ class Lab:
     workdir: Path
     ident: str = field(default_factory=lambda: "vf" + secrets.token_hex(2))
     servers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    pingers: list[Pinger] = field(default_factory=list)  # stopped by down() if still running
 
     def ns(self, name: str) -> str:
         return f"{self.ident}-{name}"
@@ -111,6 +112,10 @@ class Lab:
         sh("ip", "-n", self.ns("fab"), "link", "set", ifname, "master", "lan", "up")
 
     def down(self) -> None:
+        for pinger in self.pingers:
+            if pinger.proc is not None and pinger.proc.poll() is None:
+                pinger.stop()
+        self.pingers.clear()
         for proc in self.servers.values():  # only the processes we started, by pid
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -139,11 +144,13 @@ class Pinger:
             ["ip", "netns", "exec", self.lab.ns("peer"), "ping", "-D", "-n", "-W", "1",
              "-i", f"{self.interval:g}", self.target],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lab.pingers.append(self)
 
     def stop(self) -> str:
         assert self.proc is not None
-        self.proc.send_signal(signal.SIGINT)
-        self.output, _ = self.proc.communicate(timeout=10)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            self.output, _ = self.proc.communicate(timeout=10)
         return self.output
 
     def replies(self) -> list[tuple[float, int]]:

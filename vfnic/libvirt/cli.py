@@ -1,0 +1,64 @@
+"""`vfnic libvirt xml`: a libvirt domain for the vfnic guest with vfnic functions."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import re
+from pathlib import Path
+from typing import Any
+
+from vfnic.errors import UsageError
+from vfnic.host.vm import DEFAULT_MEM, VfioUserFunction
+
+
+def register(sub: argparse._SubParsersAction[Any]) -> None:
+    p = sub.add_parser("libvirt", help="libvirt domains with vfnic functions (virsh)")
+    lsub = p.add_subparsers(dest="libvirt_command", required=True)
+    x = lsub.add_parser(
+        "xml", help="print a domain XML for `virsh define`",
+        description="Print the XML of a libvirt domain that boots the vfnic guest with these "
+        "functions attached through -device vfio-user-pci (in <qemu:commandline>), each with "
+        "a QMP monitor next to its socket (DIR/vfN.qmp) through which `vfnic serve` follows "
+        "the migrations libvirt drives.")
+    x.add_argument("name", help="domain name")
+    x.add_argument("--vf", action="append", default=[], metavar="SOCKET", help="a VF's socket")
+    x.add_argument("--pf", metavar="SOCKET", help="the PF's socket")
+    x.add_argument("--mem", default=DEFAULT_MEM, help="guest RAM (512M)")
+    x.add_argument("--ip", metavar="ADDR/LEN",
+                   help="start the guest driver at boot on the first VF, with this address")
+    x.add_argument("--exec", metavar="CMD", help="bash command the guest runs at boot")
+    x.add_argument("--console", metavar="FILE", required=True,
+                   help="file the serial console is written to")
+    x.set_defaults(handler=_xml)
+
+
+def _socket(path: str) -> Path:
+    p = Path(path).absolute()
+    if not p.is_socket():
+        raise UsageError(f"not a vfio-user socket: {path}")
+    return p
+
+
+def _xml(args: argparse.Namespace) -> int:
+    from vfnic.libvirt.domain import domain_xml
+
+    if not args.vf and not args.pf:
+        raise UsageError("give at least one --vf or --pf socket")
+    if not re.fullmatch(r"[A-Za-z0-9_.+-]+", args.name):
+        raise UsageError(f"bad domain name {args.name!r}")
+    # Device id = socket name (vf1.sock -> vf1): the QMP monitor is then DIR/vf1.qmp,
+    # where the NIC server that owns vf1 looks for it.
+    sockets = ([_socket(args.pf)] if args.pf else []) + [_socket(v) for v in args.vf]
+    ids = [s.stem for s in sockets]
+    if len(set(ids)) != len(ids):
+        raise UsageError(f"functions with the same socket name: {', '.join(ids)}")
+    fns = [VfioUserFunction(s, i) for s, i in zip(sockets, ids, strict=True)]
+    kargs = []
+    if args.ip:
+        kargs.append(f"vfnic.ip={args.ip}")
+    if args.exec:
+        kargs.append("vfnic.exec=" + base64.b64encode(args.exec.encode()).decode())
+    print(domain_xml(args.name, fns, mem=args.mem, kernel_args=kargs,
+                     console_log=Path(args.console).absolute()), end="")
+    return 0
