@@ -141,7 +141,7 @@ def test_virsh_migrate_moves_a_guest_and_its_vf_to_the_other_host(lab: Lab) -> N
         b.virsh("destroy", "g1")
     assert "10 received" in after, after
     assert "DUP" not in pinger.output
-    assert [r["result"] for r in records] in (["completed"], ["source-gone"]), records
+    assert [r["result"] for r in records] == ["completed"], records
     assert records[0].get("suspend_mailbox_ms") is not None and "error" not in records[0]
     assert "migrated onto a new VF, mac 02:56:46:01:00:01" in console_b, console_b[-2000:]
     assert "02:56:46:01:00:01" in str(links_b)  # B's PF took the guest's address

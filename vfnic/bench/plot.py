@@ -9,7 +9,9 @@ from typing import Any
 
 
 def migration_plot(results: dict[str, Any], configs: Sequence[Any], path: Path,
-                   window: float) -> None:
+                   window: float,
+                   title: str = "Live migration of a TCG guest: vfnic VF vs virtio-net vs no NIC"
+                   ) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -75,7 +77,7 @@ def migration_plot(results: dict[str, Any], configs: Sequence[Any], path: Path,
     ax.set_ylabel("ms (log scale; median, whiskers min–max)")
     ax.set_xticks(range(len(labels)))
     ax.set_xticklabels(labels, fontsize=8)
-    ax.set_title("Live migration of a TCG guest: vfnic VF vs virtio-net vs no NIC", fontsize=10)
+    ax.set_title(title, fontsize=10)
     ax.grid(axis="y", which="major", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -68,7 +68,7 @@ def migrate_once(lab: Any, src: Any, dst: Any, run: Run, window: float) -> None:
                    "suspend_mailbox_ms": rec.get("suspend_mailbox_ms"),
                    "suspend_driver_us": rec.get("suspend_driver_us"),
                    "follower": rec.get("result"), "follower_error": rec.get("error")}
-    run.ok = bool(run.recovered) and rec.get("result") in ("completed", "source-gone")
+    run.ok = bool(run.recovered) and rec.get("result") == "completed"
     if not run.ok:
         run.error = f"follower {rec.get('result')} {rec.get('error', '')}".strip()
 
@@ -160,7 +160,9 @@ def report(sec: Section, results: list[Run], plot_path: Path | None, window: flo
         from vfnic.bench.plot import migration_plot
 
         try:
-            migration_plot({CONFIG.key: results}, [CONFIG], plot_path, window)
+            migration_plot({CONFIG.key: results}, [CONFIG], plot_path, window,
+                           title=f"virsh migrate of a TCG guest with a vfnic VF between two "
+                                 f"libvirt hosts ({len(ok)} runs)")
             sec.add(f"![virsh migrate: migration time, VM downtime and network downtime]"
                     f"(docs/bench/{plot_path.name})")
             log(f"virsh: plot written to {plot_path}")

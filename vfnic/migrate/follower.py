@@ -128,7 +128,7 @@ class Follower:
                 run: dict[str, Any] = await qmp.execute("query-status")  # type: ignore[assignment]
                 if run.get("status") == "inmigrate":
                     continue  # the destination: the driver takes the fresh VF over
-                await self._source(vf, qmp)
+                await self._source(vf, qmp, events)
                 events.clear()  # the rest of that migration's events
         except Exception as exc:  # the QEMU went away (libvirt ends the source)
             log.debug("vf %d: stopped following %s: %s", vf, path, exc)
@@ -143,7 +143,7 @@ class Follower:
         return await asyncio.to_thread(self.server.migration_command, vf, state,
                                        MAILBOX_TIMEOUT)
 
-    async def _source(self, vf: int, qmp: QMPClient) -> None:
+    async def _source(self, vf: int, qmp: QMPClient, events: EventListener) -> None:
         info: dict[str, Any] = await qmp.execute("query-migrate")  # type: ignore[assignment]
         if info.get("status") not in ("setup", "active"):
             return  # events of a migration that is already over
@@ -176,7 +176,7 @@ class Follower:
         finally:
             with contextlib.suppress(Exception):
                 await qmp.execute("migrate-set-parameters", {"downtime-limit": limit})
-        result = await self._wait_end(qmp)
+        result = await self._wait_end(qmp, events)
         record["result"] = result
         record["total_ms"] = round((time.perf_counter() - t0) * 1000, 1)
         if result not in ("failed", "cancelled"):
@@ -190,15 +190,30 @@ class Follower:
             elif migrating:
                 await self._command(vf, "cancelmigration")
 
-    async def _wait_end(self, qmp: QMPClient) -> str:
-        """The migration's final status, or "source-gone" if the QEMU went away first
-        (libvirt ends the source right after a successful migration)."""
+    async def _wait_end(self, qmp: QMPClient, events: EventListener) -> str:
+        """The migration's final status: from its MIGRATION event (libvirt ends the
+        source QEMU right after a migration, so polling alone may miss "completed"),
+        else from query-migrate; "source-gone after <last status>" if the QEMU went
+        away without telling."""
+        last = "active"
         while True:
+            while not events.empty() or last == "active":
+                try:
+                    event: dict[str, Any] = dict(await asyncio.wait_for(events.get(), 0.02))
+                except TimeoutError:
+                    break
+                last = str(event.get("data", {}).get("status", last))
+                if last in TERMINAL:
+                    return last
             try:
                 info: dict[str, Any] = await qmp.execute("query-migrate")  # type: ignore[assignment]
             except Exception:
-                return "source-gone"
-            status = str(info.get("status", "none"))
-            if status in TERMINAL:
-                return status
-            await asyncio.sleep(0.05)
+                while not events.empty():  # what arrived before the connection closed
+                    event = dict(await events.get())
+                    if event.get("data", {}).get("status") in TERMINAL:
+                        return str(event["data"]["status"])
+                return f"source-gone after {last}"
+            last = str(info.get("status", "none"))
+            if last in TERMINAL:
+                return last
+            await asyncio.sleep(0.02)
