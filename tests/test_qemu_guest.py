@@ -69,3 +69,23 @@ def test_cli_shows_attached_functions(nic: NicServer) -> None:
                                check=True, capture_output=True, text=True).stdout
     assert "vf 1" in shown and "attached" in shown.split("vf 1")[1].splitlines()[0]
     assert "not attached" in shown.split("vf 0")[1].splitlines()[0]
+
+
+def test_host_lspci_decodes_the_pf_sriov_capability(nic: NicServer) -> None:
+    """What the guest's lspci cannot show (see above), the host's can: pciutils decodes
+    the config space vfnic presents, SR-IOV capability included."""
+    def lspci(fn: str) -> str:
+        return subprocess.run([sys.executable, "-m", "vfnic.cli", "lspci", str(nic.dir), fn],
+                              check=True, capture_output=True, text=True).stdout
+
+    pf, vf1 = lspci("pf"), lspci("vf1")
+    assert pf.startswith("01:00.0 Ethernet controller [0200]: Device [1234:5fe0]")
+    assert "Capabilities: [100 v1] Single Root I/O Virtualization (SR-IOV)" in pf
+    assert "Initial VFs: 8, Total VFs: 8, Number of VFs: 2" in pf
+    assert "VF offset: 1, stride: 1, Device ID: 5fe1" in pf
+    assert "MSI-X: Enable- Count=4" in pf and "Express (v2) Endpoint" in pf
+    assert vf1.startswith("01:00.2 Ethernet controller [0200]: Device [1234:5fe1]")
+    assert "SR-IOV" not in vf1
+    dump = subprocess.run([sys.executable, "-m", "vfnic.cli", "lspci", str(nic.dir), "pf", "-x"],
+                          check=True, capture_output=True, text=True).stdout.splitlines()
+    assert len(dump) == 1 + 4096 // 16 and dump[1].startswith("00: 34 12 e0 5f")

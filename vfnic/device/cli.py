@@ -40,6 +40,14 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_regs)
 
+    p = sub.add_parser("lspci", help="a function's config space decoded by `lspci -vvv`, "
+                       "as the host sees it (the PF's SR-IOV capability included)")
+    p.add_argument("dir")
+    p.add_argument("function", help="pf, vf0, vf1, ...")
+    p.add_argument("-x", "--dump", action="store_true",
+                   help="print the `lspci -xxxx` hex dump instead (for `lspci -F`)")
+    p.set_defaults(handler=cmd_lspci)
+
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
@@ -122,4 +130,29 @@ def cmd_regs(args: argparse.Namespace) -> int:
         sys.stdout.write(
             f"0x{r['offset']:04x}: {r['name']:<14} {r['access']:<3} 0x{r['value']:08x}\n"
         )
+    return 0
+
+
+def cmd_lspci(args: argparse.Namespace) -> int:
+    import shutil
+    import subprocess
+    import tempfile
+
+    from vfnic.device.nic import control_call
+
+    dump = control_call(args.dir, {"op": "config", "function": args.function})
+    if args.dump:
+        sys.stdout.write(dump)
+        return 0
+    lspci = shutil.which("lspci")
+    if lspci is None:
+        raise UsageError("lspci not found: install pciutils (or use --dump)")
+    with tempfile.NamedTemporaryFile("w", prefix="vfnic-lspci-", suffix=".txt") as f:
+        f.write(dump)
+        f.flush()
+        out = subprocess.run([lspci, "-F", f.name, "-vvv", "-nn"], capture_output=True,
+                             text=True, check=False)
+    if out.returncode != 0:
+        raise UsageError(f"lspci: {out.stderr.strip() or out.returncode}")
+    sys.stdout.write(out.stdout)
     return 0

@@ -185,6 +185,20 @@ class Nic:
             ]
 
 
+    def config_dump(self, name: str) -> str:
+        """The function's whole config space (4 KiB) in `lspci -xxxx` form, which
+        `lspci -F FILE` decodes: the PF at 01:00.0, VF n at 01:00.(n+1) (First VF
+        Offset 1, VF Stride 1), as a host with the NIC in slot 1 would see them."""
+        fn = self.function(name)
+        with self.lock:
+            data = fn.config.read(0, pci.CONFIG_SIZE)
+        kind = "PF" if fn.is_pf else f"VF {fn.index}"
+        lines = [f"01:00.{0 if fn.is_pf else fn.index + 1} Ethernet controller: vfnic {kind}"]
+        for off in range(0, len(data), 16):
+            lines.append(f"{off:02x}: " + " ".join(f"{b:02x}" for b in data[off:off + 16]))
+        return "\n".join(lines) + "\n"
+
+
 class NicServer:
     """A Nic with its sockets in a runtime folder."""
 
@@ -284,6 +298,8 @@ class NicServer:
             return self.nic.link_info(self.servers)
         if op == "regs":
             return self.nic.regs(str(req.get("function")))
+        if op == "config":
+            return self.nic.config_dump(str(req.get("function")))
         if op == "vf-state":
             state = str(req.get("state"))
             vf = int(req.get("vf", -1))
