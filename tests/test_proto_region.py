@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+from pathlib import Path
 
 import pytest
 
@@ -360,3 +361,34 @@ def test_write_multi_errors_leave_the_connection_serving(client: VfioUserClient)
 def test_write_multi_reply_is_only_wr_cnt(conn: RawConn) -> None:
     reply = msg(conn, MULTI, write_multi_payload([GOOD, GOOD, GOOD]))
     assert reply == (3).to_bytes(8, "little")
+
+
+def test_busy_polling_client_and_server_still_answer_every_request(short_dir: Path) -> None:
+    """--busy-poll changes how each side waits, never what it answers: reads, non-posted
+    and posted writes in order, errors still errno replies."""
+    from vfnic.device.nic import NicServer
+
+    server = NicServer(short_dir / "nic", num_vfs=1, busy_poll_us=300)
+    server.start()
+    try:
+        assert server.servers["vf0"].busy_poll == pytest.approx(300e-6)
+        with VfioUserClient(str(server.dir / "vf0.sock"), busy_poll=300e-6) as c:
+            for i in range(200):
+                c.write32(BAR0, REG_MTA, i, posted=i % 2 == 0)
+                assert c.read32(BAR0, REG_MTA) == i
+            expect_errno(errno.EINVAL, c.region_read, BAR0, 0x10_0000, 4)
+            assert c.read32(BAR0, REG_STATUS) == server.nic.vfs[0].bank.get("STATUS")
+    finally:
+        server.stop()
+
+
+def test_serve_rejects_a_bad_busy_poll(short_dir: Path) -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "vfnic.cli", "serve", "--dir",
+                          str(short_dir / "n"), "--busy-poll", "-5"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0
+    assert out.stderr.strip() == \
+        "vfnic: error: --busy-poll must be between 0 and 1000000 microseconds"

@@ -54,6 +54,9 @@ def affinity(cpus: set[int] | None) -> Iterator[None]:
         os.sched_setaffinity(0, old)
 
 
+BUSY_POLL_US = 200
+
+
 def placements() -> list[tuple[str, str | None, set[int] | None]]:
     """(name, server taskset cpus, client cpus)."""
     out: list[tuple[str, str | None, set[int] | None]] = [
@@ -63,6 +66,9 @@ def placements() -> list[tuple[str, str | None, set[int] | None]]:
     return out
 
 
+BUSY = f"unpinned, busy polling {BUSY_POLL_US} us (client and server)"
+
+
 def _rate(fn: Callable[[int], None], n: int) -> float:
     t0 = time.perf_counter()
     fn(n)
@@ -70,11 +76,11 @@ def _rate(fn: Callable[[int], None], n: int) -> float:
 
 
 def client_run(sock: str, n_read: int, n_write: int,
-               timed: bool) -> dict[str, Any]:
+               timed: bool, busy_poll_us: int = 0) -> dict[str, Any]:
     """One run against one (fresh) server: rates, and optionally per-op latencies."""
     from vfnic.vfiouser.client import VfioUserClient
 
-    c = VfioUserClient(sock)
+    c = VfioUserClient(sock, busy_poll=busy_poll_us / 1e6)
     try:
         def reads(n: int) -> None:
             for _ in range(n):
@@ -105,14 +111,16 @@ def client_run(sock: str, n_read: int, n_write: int,
 
 
 def client_runs(folder: Path, srv_cpus: str | None, cli_cpus: set[int] | None, runs: int,
-                n_read: int, n_write: int) -> dict[str, Any]:
+                n_read: int, n_write: int, busy_poll_us: int = 0) -> dict[str, Any]:
     """``runs`` runs, each against a fresh `vfnic serve` (the scheduler places a new
     process pair each time; that placement is much of the variance)."""
     reads, posted, writes = [], [], []
     lat: list[float] = []
     for r in range(runs):
-        with serve(folder / f"r{r}", vfs=2, cpus=srv_cpus) as nic, affinity(cli_cpus):
-            res = client_run(str(nic / "vf0.sock"), n_read, n_write, timed=True)
+        with serve(folder / f"r{r}", vfs=2, cpus=srv_cpus, busy_poll_us=busy_poll_us) as nic, \
+                affinity(cli_cpus):
+            res = client_run(str(nic / "vf0.sock"), n_read, n_write, timed=True,
+                             busy_poll_us=busy_poll_us)
         reads.append(res["read"])
         posted.append(res["posted"])
         writes.append(res["write"])
@@ -238,10 +246,11 @@ PY
 """
 
 
-def guest_regs(runs: int, secs: float) -> dict[str, Any]:
+def guest_regs(runs: int, secs: float, busy_poll_us: int = 0) -> dict[str, Any]:
     from vfnic.host.vm import VM, VfioUserFunction
 
-    with short_tmpdir("vfb-") as tmp, serve(tmp / "nic", vfs=2) as nic:
+    with short_tmpdir("vfb-") as tmp, serve(tmp / "nic", vfs=2,
+                                            busy_poll_us=busy_poll_us) as nic:
         script = GUEST_SCRIPT.replace("__SECS__", repr(secs)).replace("__RUNS__", str(runs))
         # QEMU's "edu" device: a register QEMU emulates itself, for comparison.
         vm = VM([VfioUserFunction(nic / "vf0.sock", "vf0")], command=script,
@@ -268,12 +277,15 @@ def run(quick: bool = False) -> Section:
     rows: list[list[object]] = []
     per: dict[str, dict[str, Any]] = {}
     with short_tmpdir("vfb-") as tmp:
-        for i, (name, srv_cpus, cli_cpus) in enumerate(placements()):
+        runs_of = [(name, srv, cli, 0) for name, srv, cli in placements()]
+        runs_of.append((BUSY, None, None, BUSY_POLL_US))
+        for i, (name, srv_cpus, cli_cpus, busy) in enumerate(runs_of):
             log(f"regs: client -> vfnic serve, {name}")
 
             def one(srv_cpus: str | None = srv_cpus, cli_cpus: set[int] | None = cli_cpus,
-                    i: int = i) -> dict[str, Any]:
-                return client_runs(tmp / f"p{i}", srv_cpus, cli_cpus, runs, n_read, n_write)
+                    i: int = i, busy: int = busy) -> dict[str, Any]:
+                return client_runs(tmp / f"p{i}", srv_cpus, cli_cpus, runs, n_read, n_write,
+                                   busy)
 
             res = sec.attempt(f"client register benchmark ({name})", one)
             if res is None:
@@ -320,6 +332,11 @@ def run(quick: bool = False) -> Section:
     guest = sec.attempt("in-guest register benchmark",
                         lambda: guest_regs(3 if quick else 5, 1.0 if quick else 2.0))
     sec.data["guest"] = guest
+    log(f"regs: register access from inside a TCG guest, server --busy-poll {BUSY_POLL_US}")
+    guest_busy = sec.attempt("in-guest register benchmark (busy polling)",
+                             lambda: guest_regs(3 if quick else 5, 1.0 if quick else 2.0,
+                                                BUSY_POLL_US))
+    sec.data["guest_busy"] = guest_busy
 
     # -- markdown --
     sec.add(f"Our vfio-user client (`vfnic.vfiouser.client.VfioUserClient`, Python) against a "
@@ -361,6 +378,16 @@ def run(quick: bool = False) -> Section:
                 + (f"; best placement {best:.1f} µs ({met(best < READ_TARGET_US)} there)."
                    if best is not None else "."))
         sec.data["read_target_met"] = ok
+        busy_res = per.get(BUSY)
+        busy_s = Stat.of(busy_res["read_rates"]) if busy_res else None
+        if busy_s is not None:
+            b_us = 1e6 / busy_s.median
+            sec.add(f"With busy polling (`vfnic serve --busy-poll {BUSY_POLL_US}` and "
+                    f"`VfioUserClient(busy_poll={BUSY_POLL_US / 1e6:g})`: each side keeps "
+                    f"polling its socket for {BUSY_POLL_US} µs before sleeping, so the next "
+                    f"message finds it awake; it costs a CPU while it spins), unpinned: median "
+                    f"{b_us:.1f} µs — {met(b_us < READ_TARGET_US)}.")
+            sec.data["read_rtt_busy_us"] = b_us
     if guest:
         grows: list[list[object]] = []
 
@@ -375,6 +402,16 @@ def run(quick: bool = False) -> Section:
         g("writes", "VF BAR0 posted write (MTA), + one read per 500")
         g("emulated", "QEMU-emulated register read (`-device edu` BAR0 ID), no vfio-user")
         g("loop", "the Python loop alone (a read of guest RAM)")
+        guest_busy = sec.data.get("guest_busy") or {}
+        for key, label in (("reads", "VF BAR0 read (STATUS), server --busy-poll "
+                            f"{BUSY_POLL_US}"),
+                           ("writes", f"VF BAR0 posted write (MTA), server --busy-poll "
+                            f"{BUSY_POLL_US}")):
+            if key in guest_busy:
+                s_b = Stat.of(guest_busy[key])
+                assert s_b is not None
+                grows.append([label, stat_text(guest_busy[key], "{:,.0f}"),
+                              f"{1e6 / s_b.median:.1f}"])
         sec.add("Inside a TCG guest (1 vCPU): python3 mmaps the VF's `resource0` and times "
                 "register accesses for 2 s per run; median of the guest's runs (min–max):")
         sec.add(table(["guest access", "per second", "µs each"], grows))

@@ -18,6 +18,9 @@ def register(sub: Any) -> None:
     p.add_argument("--vfs", type=int, default=4, help="number of VFs (default 4, at most 8)")
     p.add_argument("--uplink", metavar="TAP", help="host TAP device for the PF's uplink port")
     p.add_argument("--nic-id", type=int, default=0, help="number in the default MACs (0-255)")
+    p.add_argument("--busy-poll", type=int, default=0, metavar="USEC",
+                   help="keep polling a client's socket this long after each message "
+                   "before sleeping (lower latency for bursts, costs a CPU; default 0)")
     p.add_argument("-v", "--verbose", action="store_true", help="log protocol errors")
     p.set_defaults(handler=cmd_serve)
 
@@ -59,8 +62,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         format="vfnic serve: %(message)s",
     )
     logging.getLogger("vfnic.follow").setLevel(logging.INFO)  # migrations libvirt drives
+    if not 0 <= args.busy_poll <= 1_000_000:
+        raise UsageError("--busy-poll must be between 0 and 1000000 microseconds")
     try:
-        server = NicServer(args.dir, args.vfs, args.uplink, args.nic_id)
+        server = NicServer(args.dir, args.vfs, args.uplink, args.nic_id, args.busy_poll)
     except OSError as exc:
         raise UsageError(f"cannot serve in {args.dir}: {exc.strerror or exc}") from exc
     done = threading.Event()

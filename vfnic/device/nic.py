@@ -203,7 +203,7 @@ class NicServer:
     """A Nic with its sockets in a runtime folder."""
 
     def __init__(self, directory: str | os.PathLike[str], num_vfs: int = DEFAULT_VFS,
-                 uplink: str | None = None, nic_id: int = 0) -> None:
+                 uplink: str | None = None, nic_id: int = 0, busy_poll_us: int = 0) -> None:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.nic = Nic(num_vfs, nic_id)
@@ -214,7 +214,7 @@ class NicServer:
         self.servers: dict[str, FunctionServer] = {}
         for fn in self.nic.functions:
             path = str(self.dir / f"{fn.name}.sock")
-            self.servers[fn.name] = FunctionServer(fn, path, fn.name)
+            self.servers[fn.name] = FunctionServer(fn, path, fn.name, busy_poll_us / 1e6)
         self.control_path = str(self.dir / "control.sock")
         if os.path.exists(self.control_path):
             os.unlink(self.control_path)

@@ -38,7 +38,8 @@ class ClientMemory:
 
 
 class VfioUserClient:
-    def __init__(self, path: str, negotiate: bool = True, timeout: float = 30.0) -> None:
+    def __init__(self, path: str, negotiate: bool = True, timeout: float = 30.0,
+                 busy_poll: float = 0.0) -> None:
         self.path = path
         self.timeout = timeout
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -48,6 +49,7 @@ class VfioUserClient:
             sock.close()
             raise ConnectionClosed(f"cannot connect to {path}: {exc.strerror or exc}") from exc
         self.endpoint = Endpoint(sock, self._on_server_command)
+        self.endpoint.busy_poll = busy_poll  # seconds of polling for a reply before sleeping
         self.memory: list[ClientMemory] = []
         self.server_caps: dict[str, Any] = {}
         self.dma_requests = 0

@@ -393,10 +393,11 @@ class Session:
 class FunctionServer:
     """Listens on one UNIX socket and serves one client at a time for ``device``."""
 
-    def __init__(self, device: Device, path: str, name: str) -> None:
+    def __init__(self, device: Device, path: str, name: str, busy_poll: float = 0.0) -> None:
         self.device = device
         self.path = path
         self.name = name
+        self.busy_poll = busy_poll  # Endpoint.busy_poll of the primary session
         self.session: Session | None = None
         self._stop = threading.Event()
         if os.path.exists(path):
@@ -426,6 +427,7 @@ class FunctionServer:
                                  name=f"vfu-{self.name}-mig", daemon=True).start()
                 continue
             session = Session(self.device, conn)
+            session.endpoint.busy_poll = self.busy_poll
             self.session = session
             with self.device.lock:
                 self.device.client_attached(session)
