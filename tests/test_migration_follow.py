@@ -34,18 +34,26 @@ def follow_vm(lab: Lab, host: str, nic: Path, *extra: str) -> VM:
               extra_args=["-qmp", f"unix:{nic / 'vf0.qmp'},server=on,wait=off", *extra])
 
 
-def test_nic_follows_a_migration_it_does_not_drive(lab: Lab) -> None:
+def guest_pair(lab: Lab) -> tuple[Path, Path, VM, VM]:
+    """NICs on A and B, the guest booted on A and reachable, B waiting (-incoming)."""
     da = lab.start_nic("a", vfs=2, nic_id=1)
     db = lab.start_nic("b", vfs=2, nic_id=2)
     va = follow_vm(lab, "a", da)
     vb = follow_vm(lab, "b", db, "-S", "-incoming", URI)
     try:
         va.start()
-        deadline = time.monotonic() + 120
-        while sh("ip", "netns", "exec", lab.ns("peer"), "ping", "-c1", "-W1", GUEST_IP,
-                 check=False).returncode != 0:
-            assert time.monotonic() < deadline, "guest not reachable on its VF"
+        lab.wait_reachable(120, "the guest on its VF")
         vb.start()
+    except BaseException:
+        va.stop()
+        vb.stop()
+        raise
+    return da, db, va, vb
+
+
+def test_nic_follows_a_migration_it_does_not_drive(lab: Lab) -> None:
+    da, db, va, vb = guest_pair(lab)
+    try:
         pinger = Pinger(lab)
         pinger.start()
         time.sleep(1)
@@ -61,10 +69,7 @@ def test_nic_follows_a_migration_it_does_not_drive(lab: Lab) -> None:
             assert time.monotonic() < deadline
             time.sleep(0.01)
         vb.qmp("cont")
-        deadline = time.monotonic() + 60
-        while sh("ip", "netns", "exec", lab.ns("peer"), "ping", "-c1", "-W1", GUEST_IP,
-                 check=False).returncode != 0:
-            assert time.monotonic() < deadline, "guest not reachable on B"
+        lab.wait_reachable(60, "the guest on B")
         time.sleep(0.5)
         pinger.stop()
         after = sh("ip", "netns", "exec", lab.ns("peer"), "ping", "-c", "10", "-i", "0.05",
@@ -88,17 +93,8 @@ def test_nic_follows_a_migration_it_does_not_drive(lab: Lab) -> None:
 
 
 def test_a_cancelled_migration_resumes_the_driver_on_the_source(lab: Lab) -> None:
-    da = lab.start_nic("a", vfs=2, nic_id=1)
-    db = lab.start_nic("b", vfs=2, nic_id=2)
-    va = follow_vm(lab, "a", da)
-    vb = follow_vm(lab, "b", db, "-S", "-incoming", URI)
+    da, _db, va, vb = guest_pair(lab)
     try:
-        va.start()
-        deadline = time.monotonic() + 120
-        while sh("ip", "netns", "exec", lab.ns("peer"), "ping", "-c1", "-W1", GUEST_IP,
-                 check=False).returncode != 0:
-            assert time.monotonic() < deadline, "guest not reachable on its VF"
-        vb.start()
         va.qmp("migrate-set-capabilities", {"capabilities": [
             {"capability": "pause-before-switchover", "state": True}]})
         va.qmp("migrate", {"uri": URI})

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from vfnic.device.nic import NicServer
 from vfnic.host.vm import VM, VfioUserFunction
-from vfnic.migrate.lab import GUEST_IP, Lab, Pinger, require_root, sh
+from vfnic.migrate.lab import GUEST_IP, Lab, LabError, Pinger, require_root, sh
 from vfnic.migrate.orchestrator import Host, Options, migrate
 
 STEP1 = r"""
@@ -66,11 +66,10 @@ def step_registers(work: Path) -> None:
 
 
 def wait_reachable(lab: Lab, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while sh("ip", "netns", "exec", lab.ns("peer"), "ping", "-c1", "-W1", GUEST_IP,
-             check=False).returncode != 0:
-        if time.monotonic() > deadline:
-            raise SystemExit("the guest did not come up on its VF")
+    try:
+        lab.wait_reachable(timeout, "the guest on its VF")
+    except LabError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def step_network_and_migration(work: Path, modes: list[str]) -> None:

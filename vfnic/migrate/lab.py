@@ -106,6 +106,18 @@ class Lab:
         sh("ip", "-n", self.ns("fab"), "link", "set", self.tap(host), "master", "lan", "up")
         return folder
 
+    def reachable(self, target: str = GUEST_IP) -> bool:
+        """One ping from the peer, one second to answer."""
+        return sh("ip", "netns", "exec", self.ns("peer"), "ping", "-c1", "-W1", target,
+                  check=False).returncode == 0
+
+    def wait_reachable(self, timeout: float, what: str = "the guest",
+                       target: str = GUEST_IP) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.reachable(target):
+            if time.monotonic() > deadline:
+                raise LabError(f"{what} did not answer the peer's ping within {timeout:g} s")
+
     def plug_into_lan(self, host: str, ifname: str) -> None:
         """Move a TAP that a QEMU created in a host namespace onto the LAN bridge."""
         sh("ip", "-n", self.ns(host), "link", "set", ifname, "netns", self.ns("fab"))
