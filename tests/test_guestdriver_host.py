@@ -354,6 +354,23 @@ def test_suspended_driver_takes_over_a_fresh_vf_and_keeps_its_address(
     assert receive(d1, 1) == [after]
 
 
+def test_a_fresh_vf_is_recognised_even_with_the_same_mac(nic: NicServer,
+                                                         make: MakeDriver) -> None:
+    """An administrator gives the VF on the destination the guest's MAC: RAH then looks
+    the same, the token in SCRATCH does not."""
+    d0 = make(0)
+    pf_message(nic, 0, d0, M.MsgType.SUSPEND)
+    assert not d0.moved() and d0.get_reg("SCRATCH") == d0.token != 0
+    pf_message(nic, 0, d0, M.MsgType.RESUME)
+    pf_message(nic, 0, d0, M.MsgType.SUSPEND)
+    with nic.nic.lock:
+        nic.nic.vfs[0].function_reset()  # same perm_mac: RAH comes back equal
+    assert d0.get_reg("RAH") & 0xFFFF == int.from_bytes(d0.mac[4:], "little")
+    assert d0.moved()
+    d0.watchdog(force=True)
+    assert d0.counters.moves == 1 and not d0.suspended and not d0.moved()
+
+
 def test_migrate_dirties_every_received_buffer_until_cancelled(
         nic: NicServer, make: MakeDriver) -> None:
     d0, d1 = make(0), make(1)

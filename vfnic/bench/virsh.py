@@ -18,8 +18,9 @@ from typing import Any
 from vfnic.bench.common import Section, log, short_tmpdir, stat_text, table
 from vfnic.bench.migration import Config, Run, ping_once
 
-NAME = "vfnic-bench"
 CONFIG = Config("virsh", "VF, virsh migrate (cooperative, libvirt)", "vf", "cooperative")
+VIRTIO = Config("virsh-virtio", "virtio-net, virsh migrate (libvirt)", "virtio")
+NAMES = {CONFIG.key: "vfnic-bench", VIRTIO.key: "virtio-bench"}
 _ports = itertools.count(49152)
 
 
@@ -37,13 +38,14 @@ def migrate_once(lab: Any, src: Any, dst: Any, run: Run, window: float) -> None:
     from vfnic.device.nic import control_call
     from vfnic.migrate.lab import GUEST_IP, Pinger
 
+    name = NAMES[run.config]
     pinger = Pinger(lab)
     pinger.start()
     try:
         time.sleep(1.0)
         uri = f"tcp://{lab.host_ip(dst.host)}:{next(_ports)}"
         t0 = time.monotonic()
-        done = src.virsh("migrate", "--live", NAME, dst.uri, "--migrateuri", uri,
+        done = src.virsh("migrate", "--live", name, dst.uri, "--migrateuri", uri,
                          check=False, timeout=300)
         wall = time.monotonic() - t0
         if done.returncode != 0:
@@ -56,9 +58,15 @@ def migrate_once(lab: Any, src: Any, dst: Any, run: Run, window: float) -> None:
         time.sleep(0.5)
     finally:
         pinger.stop()
-    info = jobinfo(dst.virsh("domjobinfo", NAME, "--completed", check=False).stdout)
-    records = control_call(lab.nic_dir(src.host), {"op": "migrations"})
-    rec = records[-1] if records else {}
+    info = jobinfo(dst.virsh("domjobinfo", name, "--completed", check=False).stdout)
+    rec: dict[str, Any] = {"result": "completed"}  # virtio-net: no VF, no follower
+    takeover = None
+    if run.config == CONFIG.key:
+        records = control_call(lab.nic_dir(src.host), {"op": "migrations"})
+        rec = records[-1] if records else {}
+        console = (lab.nic_dir(dst.host) / "console.log").read_text(errors="replace")
+        found = re.findall(r"taken over in ([0-9.]+) ms", console)
+        takeover = float(found[-1]) if found else None
     run.total_ms = wall * 1000
     run.vm_downtime_ms = info.get("Total downtime")
     run.net_downtime_ms = pinger.downtime_ms() if run.recovered else None
@@ -67,6 +75,7 @@ def migrate_once(lab: Any, src: Any, dst: Any, run: Run, window: float) -> None:
                    "suspended_at_ms": rec.get("suspended_at_ms"),
                    "suspend_mailbox_ms": rec.get("suspend_mailbox_ms"),
                    "suspend_driver_us": rec.get("suspend_driver_us"),
+                   "takeover_ms": takeover,
                    "follower": rec.get("result"), "follower_error": rec.get("error")}
     run.ok = bool(run.recovered) and rec.get("result") == "completed"
     if not run.ok:
@@ -74,13 +83,14 @@ def migrate_once(lab: Any, src: Any, dst: Any, run: Run, window: float) -> None:
 
 
 def run(quick: bool = False, runs: int | None = None, plot_path: Path | None = None) -> Section:
+    from vfnic.bench.datapath import VIRTIO_NETSETUP
     from vfnic.libvirt.lab import LibvirtHost, lab_domain
-    from vfnic.migrate.lab import GUEST_IP, Lab, require_root
+    from vfnic.migrate.lab import Lab, require_root
 
     sec = Section("virsh", "virsh migrate")
     nruns = runs or (2 if quick else 10)
     window = 10.0
-    results: list[Run] = []
+    results: dict[str, list[Run]] = {CONFIG.key: [], VIRTIO.key: []}
     with short_tmpdir("vfv-") as tmp:
         require_root()
         lab = Lab(tmp)
@@ -88,81 +98,121 @@ def run(quick: bool = False, runs: int | None = None, plot_path: Path | None = N
         try:
             lab.start_nic("a", 2, 1)
             lab.start_nic("b", 2, 2)
-            xml = lab_domain(lab, NAME)
+            bridge = lab.bridge_to_lan("a")
+            lab.bridge_to_lan("b")
+            # The VF guest shows its driver's log on the console: the destination's console
+            # then says how long the driver took to take the new VF over.
+            xmls = {CONFIG.key: lab_domain(lab, NAMES[CONFIG.key],
+                                           "exec tail -F /run/vfnic-driver.log\n"),
+                    VIRTIO.key: lab_domain(lab, NAMES[VIRTIO.key],
+                                           VIRTIO_NETSETUP + "exec sleep 1000000\n",
+                                           virtio_bridge=bridge)}
             with LibvirtHost(lab, "a") as a, LibvirtHost(lab, "b") as b:
-                a.virsh("define", str(xml))
-                a.virsh("start", NAME)
-                deadline = time.monotonic() + 180
-                while not ping_once(lab.ns("peer"), GUEST_IP):
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("the guest did not come up on its VF")
-                src, dst = a, b
-                for i in range(nruns):
-                    r = Run(CONFIG.key, i, direction=f"{src.host}→{dst.host}", window_s=window)
-                    log(f"virsh: run {i + 1}/{nruns} {r.direction}")
-                    try:
-                        migrate_once(lab, src, dst, r, window)
-                    except Exception as exc:  # recorded; the next run goes on
-                        r.error = f"{type(exc).__name__}: {exc}"
-                    results.append(r)
-                    log(f"virsh: {r.direction}: " + (
-                        f"{r.total_ms:.0f} ms, VM downtime {r.vm_downtime_ms} ms, network "
-                        f"downtime {r.net_downtime_ms} ms" if r.ok else f"FAILED {r.error}"))
-                    if r.total_ms is not None:  # the guest moved
-                        src, dst = dst, src
+                # One guest at a time (both answer at GUEST_IP): the VF guest's runs, then
+                # the virtio-net guest's, each starting on a.
+                for cfg in (CONFIG, VIRTIO):
+                    name = NAMES[cfg.key]
+                    a.virsh("define", str(xmls[cfg.key]))
+                    a.virsh("start", name)
+                    lab.wait_reachable(180, f"the {cfg.label} guest")
+                    src, dst = a, b
+                    for i in range(nruns):
+                        r = Run(cfg.key, i, direction=f"{src.host}→{dst.host}",
+                                window_s=window)
+                        log(f"virsh: {cfg.label}, run {i + 1}/{nruns} {r.direction}")
+                        try:
+                            migrate_once(lab, src, dst, r, window)
+                        except Exception as exc:  # recorded; the next run goes on
+                            r.error = f"{type(exc).__name__}: {exc}"
+                        results[cfg.key].append(r)
+                        log(f"virsh: {r.direction}: " + (
+                            f"{r.total_ms:.0f} ms, VM downtime {r.vm_downtime_ms} ms, "
+                            f"network downtime {r.net_downtime_ms} ms" if r.ok
+                            else f"FAILED {r.error}"))
+                        if r.total_ms is not None:  # the guest moved
+                            src, dst = dst, src
+                    src.virsh("destroy", name, check=False)
+                    for host in (a, b):
+                        host.virsh("undefine", name, check=False)
         finally:
             lab.down()
     report(sec, results, plot_path, window)
     return sec
 
 
-def report(sec: Section, results: list[Run], plot_path: Path | None, window: float) -> None:
-    ok = [r for r in results if r.ok]
-    sec.failures += [f"run {r.index} ({r.direction}): {r.error}" for r in results if not r.ok]
+def report(sec: Section, results: dict[str, list[Run]], plot_path: Path | None,
+           window: float) -> None:
+    configs = (CONFIG, VIRTIO)
+    for cfg in configs:
+        sec.failures += [f"{cfg.label} run {r.index} ({r.direction}): {r.error}"
+                         for r in results[cfg.key] if not r.ok]
 
-    def vals(get: Any) -> list[float]:
-        return [float(v) for v in (get(r) for r in ok) if v is not None]
+    def vals(key: str, get: Any) -> list[float]:
+        return [float(v) for v in (get(r) for r in results[key] if r.ok) if v is not None]
 
     sec.add("The lab's guest (512 MiB, 1 vCPU, TCG) defined in libvirt on host a and moved "
-            "back and forth with `virsh -c <host> migrate --live vfnic-bench <other host> "
+            "back and forth with `virsh -c <host> migrate --live <guest> <other host> "
             "--migrateuri tcp://<other host>:<port>` between the two lab libvirtds (libvirt "
             "12.8 from the sid root, one per host: vfnic/libvirt/lab.py); the peer pings the "
-            "guest every 10 ms. Median (min–max). *virsh migrate*: wall time of the command. "
-            "*libvirt elapsed* and *VM downtime*: `virsh domjobinfo --completed` on the "
-            "destination. *Network downtime*: longest gap between two ping replies minus the "
-            "interval. *Suspend*: when the source NIC (following the QEMU through vf0.qmp) "
-            "had the VF driver suspended, counted from the moment it saw the migration "
-            "start, and the mailbox round trip of SUSPEND.")
-    sec.add(table(
-        ["configuration", "runs ok", "virsh migrate ms", "libvirt elapsed ms",
-         "VM downtime ms", "network downtime ms", "suspended at ms", "SUSPEND mailbox ms"],
-        [[CONFIG.label, f"{len(ok)}/{len(results)}",
-          stat_text(vals(lambda r: r.total_ms), "{:.0f}"),
-          stat_text(vals(lambda r: r.summary.get("libvirt_elapsed_ms")), "{:.0f}"),
-          stat_text(vals(lambda r: r.vm_downtime_ms), "{:.0f}"),
-          stat_text(vals(lambda r: r.net_downtime_ms), "{:.0f}"),
-          stat_text(vals(lambda r: r.summary.get("suspended_at_ms")), "{:.0f}"),
-          stat_text(vals(lambda r: r.summary.get("suspend_mailbox_ms")), "{:.1f}")]]))
-    sec.add("In cooperative mode the network is down from the driver's suspend (before the "
-            "final RAM pass) until the driver, on the destination, has found the fresh VF "
-            "(its 5 ms watchdog), restored its PCI config, reset it, asked the PF for its MAC "
-            "and restarted its rings: a Python driver under TCG. Section 3 has the same "
-            "guest moved by `vfnic migrate` and the virtio-net and no-NIC baselines.")
-    sec.add(table(["run", "hosts", "virsh migrate ms", "VM downtime ms", "network downtime ms",
-                   "ping replies/sent", "result"],
-                  [[r.index, r.direction,
+            "guest every 10 ms. Two guests, one after the other, both at 10.77.0.2: the VF "
+            "guest (vfnic VF, its driver suspended by the source NIC through the mailbox), "
+            "and a virtio-net guest whose NIC is a libvirt TAP on a bridge in each host, "
+            "cabled to the same LAN (QEMU announces it after the move). Median (min–max). "
+            "*virsh migrate*: wall time of the command. *libvirt elapsed* and *VM downtime*: "
+            "`virsh domjobinfo --completed` on the destination. *Network downtime*: longest "
+            "gap between two ping replies minus the interval. *Suspended at*: when the source "
+            "NIC (following the QEMU through vf0.qmp) had the VF driver suspended, counted "
+            "from the moment it saw the migration start; *SUSPEND mailbox*: its round trip; "
+            "*driver takeover*: the destination driver's own time from noticing the fresh VF "
+            "to its gratuitous ARP (PCI config restore, reset, mailbox, rings), from its log "
+            "on the destination's console.")
+    rows = []
+    for cfg in configs:
+        k = cfg.key
+        rows.append([cfg.label, f"{len(vals(k, lambda r: r.total_ms))}/{len(results[k])}",
+                     stat_text(vals(k, lambda r: r.total_ms), "{:.0f}"),
+                     stat_text(vals(k, lambda r: r.summary.get("libvirt_elapsed_ms")), "{:.0f}"),
+                     stat_text(vals(k, lambda r: r.vm_downtime_ms), "{:.0f}"),
+                     stat_text(vals(k, lambda r: r.net_downtime_ms), "{:.0f}"),
+                     stat_text(vals(k, lambda r: r.summary.get("suspended_at_ms")), "{:.0f}")
+                     if k == CONFIG.key else "–",
+                     stat_text(vals(k, lambda r: r.summary.get("suspend_mailbox_ms")), "{:.1f}")
+                     if k == CONFIG.key else "–",
+                     stat_text(vals(k, lambda r: r.summary.get("takeover_ms")), "{:.0f}")
+                     if k == CONFIG.key else "–"])
+    sec.add(table(["configuration", "runs ok", "virsh migrate ms", "libvirt elapsed ms",
+                   "VM downtime ms", "network downtime ms", "suspended at ms",
+                   "SUSPEND mailbox ms", "driver takeover on B ms"], rows))
+    vf_net = vals(CONFIG.key, lambda r: r.net_downtime_ms)
+    vio_net = vals(VIRTIO.key, lambda r: r.net_downtime_ms)
+    if vf_net and vio_net:
+        import statistics
+
+        a, b = statistics.median(vf_net), statistics.median(vio_net)
+        sec.add(f"Network downtime, VF vs virtio-net under virsh: {a:.0f} ms vs {b:.0f} ms "
+                f"(medians), {a / b:.1f}×. In cooperative mode the VF's network is down from "
+                "the driver's suspend (before the final RAM pass) until the driver, on the "
+                "destination, has found the fresh VF (its 5 ms watchdog), restored its PCI "
+                "config, reset it, asked the PF for its MAC and restarted its rings: a Python "
+                "driver under TCG. virtio-net is down only for QEMU's pause and libvirt's "
+                "switch to the destination. Section 3 has the same comparison with "
+                "`vfnic migrate` (no libvirt).")
+    sec.add(table(["configuration", "run", "hosts", "virsh migrate ms", "VM downtime ms",
+                   "network downtime ms", "ping replies/sent", "result"],
+                  [[cfg.label, r.index, r.direction,
                     f"{r.total_ms:.0f}" if r.total_ms is not None else "–",
                     r.vm_downtime_ms if r.vm_downtime_ms is not None else "–",
                     f"{r.net_downtime_ms:.0f}" if r.net_downtime_ms is not None else "–",
                     f"{r.ping[1]}/{r.ping[0]}" if r.ping else "–",
-                    "ok" if r.ok else r.error] for r in results]))
-    if plot_path is not None and ok:
+                    "ok" if r.ok else r.error]
+                   for cfg in configs for r in results[cfg.key]]))
+    if plot_path is not None and any(r.ok for rs in results.values() for r in rs):
         from vfnic.bench.plot import migration_plot
 
         try:
-            migration_plot({CONFIG.key: results}, [CONFIG], plot_path, window,
-                           title=f"virsh migrate of a TCG guest with a vfnic VF between two "
-                                 f"libvirt hosts ({len(ok)} runs)")
+            migration_plot(results, list(configs), plot_path, window,
+                           title="virsh migrate of a TCG guest between two libvirt hosts: "
+                                 "vfnic VF vs virtio-net")
             sec.add(f"![virsh migrate: migration time, VM downtime and network downtime]"
                     f"(docs/bench/{plot_path.name})")
             log(f"virsh: plot written to {plot_path}")

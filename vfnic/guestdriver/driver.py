@@ -14,6 +14,7 @@ check that both agree.
 from __future__ import annotations
 
 import logging
+import secrets
 import struct
 import time
 from collections.abc import Callable, Iterable
@@ -110,10 +111,8 @@ class SavedState:
     tx_index: int
     tx_clean: int
     counters: dict[str, int] = field(default_factory=dict)
-    # What identifies the VF we suspended on (RAH as we programmed it, AV set) and the
-    # PCI config the guest programmed (BARs, then COMMAND): QEMU does not carry a
+    # The PCI config the guest programmed (BARs, then COMMAND): QEMU does not carry a
     # vfio-user function's config across a migration, so after a move we put it back.
-    rah: int = 0
     config: list[tuple[int, int, int]] = field(default_factory=list)
 
 
@@ -161,6 +160,7 @@ class VfDriver:
         self.dirtying = False  # between MIGRATE and CANCEL_MIGRATION
         self.suspended = False
         self.saved: SavedState | None = None
+        self.token = 0  # ours, in SCRATCH (see _claim)
         self.last_suspend_us = 0
         self.last_resume_us = 0
         self.counters = Counters()
@@ -198,6 +198,7 @@ class VfDriver:
         self.set_reg("EIMS", 0)  # no interrupts: we poll
         self.set_reg("EICR", 0xFFFFFFFF)
         self.set_reg("VFMAILBOX", T.MBX_PFSTS | T.MBX_PFACK)  # drop stale mailbox events
+        self._claim()
         self.mac, self.link_up = self.mailbox_reset()
         self._program_mac()
         self._start_ring(self.rx_ring)
@@ -413,7 +414,7 @@ class VfDriver:
             self._clean_tx()
             self.saved = SavedState(
                 self.mac, self.ipv4, self.link_up, self.rx_ring.index, self.tx_ring.index,
-                self.tx_ring.clean, asdict(self.counters), rah=self.get_reg("RAH"),
+                self.tx_ring.clean, asdict(self.counters),
                 config=[(off, size, self.bus.config_read(off, size))
                         for off, size in SAVED_CONFIG])
             self.suspended = True
@@ -437,10 +438,12 @@ class VfDriver:
         self.set_reg("CTRL", T.CTRL_SLU)
         self.link_up = bool(self.get_reg("STATUS") & T.STATUS_LU)
         self.suspended = False
-        if self.link_listener is not None:
-            self.link_listener(self.link_up)
+        # The gratuitous ARP first: it is what moves the peers' traffic to us. Then the
+        # carrier (the guest kernel's link-up work costs ~30 ms under TCG), then IPv6.
         if garp and self.ipv4 is not None and self.link_up:
             self.tx(gratuitous_arp(self.mac, self.ipv4))
+        if self.link_listener is not None:
+            self.link_listener(self.link_up)
         if garp and self.link_up and self.ipv6_addresses is not None:
             for addr in self.ipv6_addresses():
                 self.tx(unsolicited_na(self.mac, addr))
@@ -471,12 +474,17 @@ class VfDriver:
 
     # -- after a migration that moved no device state ---------------------------------
 
+    def _claim(self) -> None:
+        """Keep a token of ours in SCRATCH, which the device never changes: a VF whose
+        state was restored keeps it, a fresh one (or an unmapped BAR) does not."""
+        self.token = secrets.randbelow(0xFFFFFFFE) + 1  # never 0 nor all ones
+        self.set_reg("SCRATCH", self.token)
+
     def moved(self) -> bool:
         """While suspended: is the VF under us still the one we suspended on? A VF on
-        another host that nobody restored answers RAH with its reset value (or nothing
-        at all: its BAR is not even mapped), never with the address we programmed."""
-        return (self.suspended and self.saved is not None and self.saved.rah != 0
-                and self.get_reg("RAH") != self.saved.rah)
+        another host that nobody restored answers SCRATCH with its reset value (or
+        nothing at all: its BAR is not even mapped), never with our token."""
+        return self.suspended and self.token != 0 and self.get_reg("SCRATCH") != self.token
 
     def reattach(self) -> int:
         """Take over the fresh VF we were migrated onto (``virsh migrate``: libvirt moves
@@ -486,7 +494,9 @@ class VfDriver:
         assert self.saved is not None
         t0 = time.perf_counter()
         for off, size, value in self.saved.config:  # BARs first, COMMAND (decode on) last
-            self.bus.config_write(off, size, value)
+            if value:  # a fresh function's config is zero there already
+                self.bus.config_write(off, size, value)
+        t_config = time.perf_counter()
         self.set_reg("CTRL", T.CTRL_RST)
         deadline = time.monotonic() + MAILBOX_TIMEOUT
         while self.get_reg("CTRL") & T.CTRL_RST:
@@ -496,6 +506,7 @@ class VfDriver:
         self.set_reg("EIMS", 0)
         self.set_reg("EICR", 0xFFFFFFFF)
         self.set_reg("VFMAILBOX", T.MBX_PFSTS | T.MBX_PFACK)
+        self._claim()
         pf_mac, _link = self.mailbox_reset()
         if pf_mac != self.saved.mac:
             # Keep the guest's address (its peers know it) unless this PF forbids it.
@@ -507,10 +518,15 @@ class VfDriver:
                 self.saved.mac = pf_mac
         self.dirtying = False  # the migration is over
         self.counters.moves += 1
+        t_reset = time.perf_counter()
         self.resume(garp=True)
-        log.warning("%s: migrated onto a new VF, mac %s, link %s", self.bus.name, self.mac_text,
-                 "up" if self.link_up else "down")
-        return int((time.perf_counter() - t0) * 1e6)
+        t1 = time.perf_counter()
+        took = int((t1 - t0) * 1e6)
+        log.warning("%s: migrated onto a new VF, mac %s, link %s, taken over in %.1f ms "
+                    "(PCI config %.1f, reset and mailbox %.1f, rings and GARP %.1f)",
+                    self.bus.name, self.mac_text, "up" if self.link_up else "down", took / 1000,
+                    (t_config - t0) * 1e3, (t_reset - t_config) * 1e3, (t1 - t_reset) * 1e3)
+        return took
 
     def watchdog(self, force: bool = False) -> None:
         """Call from the poll loop: serves the bus, and every ``watchdog_interval``

@@ -72,6 +72,7 @@ def domain_xml(
     kernel_args: Sequence[str] = (),
     console_log: Path,
     qmp_dir: Path | None = None,
+    bridges: Sequence[tuple[str, str]] = (),
 ) -> str:
     """The domain XML of a vfnic guest with ``functions`` attached over vfio-user.
 
@@ -79,7 +80,8 @@ def domain_xml(
     q35 machine; ``kernel_args`` are appended to the guest's command line (e.g.
     ``vfnic.ip=ADDR/LEN`` starts the guest driver at boot). The serial console is
     written to ``console_log``. Each function gets its QMP monitor at
-    ``qmp_dir/<id>.qmp`` (default: next to the function's socket). Every path is
+    ``qmp_dir/<id>.qmp`` (default: next to the function's socket). ``bridges`` adds
+    a virtio-net NIC (libvirt's TAP) per (host bridge, MAC). Every path is
     used as given, so the same XML serves two hosts that have the same paths.
     """
     dom = ET.Element("domain", type="qemu")
@@ -108,6 +110,12 @@ def domain_xml(
     _sub(disk, "readonly")
     serial = _sub(devices, "serial", type="file")
     _sub(serial, "source", path=str(console_log))
+    for bridge, mac in bridges:
+        nic = _sub(devices, "interface", type="bridge")
+        _sub(nic, "source", bridge=bridge)
+        _sub(nic, "mac", address=mac)
+        _sub(nic, "model", type="virtio")
+        _sub(nic, "rom", enabled="no")
     _sub(devices, "memballoon", model="none")
 
     if functions:

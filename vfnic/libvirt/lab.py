@@ -59,10 +59,16 @@ def shared_nic_dir(lab: Lab) -> Path:
     return lab.workdir / "nic"
 
 
-def lab_domain(lab: Lab, name: str = "g1", guest_command: str | None = None) -> Path:
+VIRTIO_MAC = "52:54:00:12:34:56"
+
+
+def lab_domain(lab: Lab, name: str = "g1", guest_command: str | None = None,
+               virtio_bridge: str | None = None) -> Path:
     """Write the XML of the lab's guest: VF 0 of the host's NIC, the guest driver up at
     boot with GUEST_IP, the console in the host's NIC dir (console.log: A's QEMU and
-    B's each write their own). Returns the XML file."""
+    B's each write their own). With ``virtio_bridge``, a virtio-net guest on that host
+    bridge instead (no VF; ``guest_command`` must give it its address). Returns the
+    XML file."""
     import base64
 
     from vfnic.host.vm import VfioUserFunction
@@ -70,12 +76,14 @@ def lab_domain(lab: Lab, name: str = "g1", guest_command: str | None = None) -> 
     from vfnic.migrate.lab import GUEST_IP
 
     nic = shared_nic_dir(lab)
-    kargs = [f"vfnic.ip={GUEST_IP}/24"]
+    kargs = [] if virtio_bridge else [f"vfnic.ip={GUEST_IP}/24"]
     if guest_command is not None:
         kargs.append("vfnic.exec=" + base64.b64encode(guest_command.encode()).decode())
+    fns = [] if virtio_bridge else [VfioUserFunction(nic / "vf0.sock", "vf0")]
+    bridges = [(virtio_bridge, VIRTIO_MAC)] if virtio_bridge else []
     path = lab.workdir / f"{name}.xml"
-    path.write_text(domain_xml(name, [VfioUserFunction(nic / "vf0.sock", "vf0")],
-                               kernel_args=kargs, console_log=nic / "console.log"))
+    path.write_text(domain_xml(name, fns, kernel_args=kargs, console_log=nic / "console.log",
+                               bridges=bridges))
     return path
 
 

@@ -118,6 +118,20 @@ class Lab:
             if time.monotonic() > deadline:
                 raise LabError(f"{what} did not answer the peer's ping within {timeout:g} s")
 
+    def bridge_to_lan(self, host: str, name: str = "lan0") -> str:
+        """A bridge in a host namespace, cabled to the LAN (veth): where a host's
+        virtual NICs (libvirt's TAPs for virtio-net) get plugged."""
+        sh("ip", "-n", self.ns(host), "link", "add", name, "type", "bridge", "stp_state", "0",
+           "forward_delay", "0")
+        sh("ip", "-n", self.ns(host), "link", "set", name, "up")
+        inner, outer = f"{self.ident}{host}l0", f"{self.ident}{host}l1"
+        sh("ip", "link", "add", inner, "type", "veth", "peer", "name", outer)
+        sh("ip", "link", "set", inner, "netns", self.ns(host))
+        sh("ip", "link", "set", outer, "netns", self.ns("fab"))
+        sh("ip", "-n", self.ns("fab"), "link", "set", outer, "master", "lan", "up")
+        sh("ip", "-n", self.ns(host), "link", "set", inner, "master", name, "up")
+        return name
+
     def plug_into_lan(self, host: str, ifname: str) -> None:
         """Move a TAP that a QEMU created in a host namespace onto the LAN bridge."""
         sh("ip", "-n", self.ns(host), "link", "set", ifname, "netns", self.ns("fab"))

@@ -418,9 +418,10 @@ class Orchestrator:
 
 
 async def wait_suspend_point(qmp: QMPClient, timeout: float) -> bool:
-    """Wait until most of the first RAM pass is sent, the moment to suspend the VF
-    driver. With downtime-limit 0, QEMU cannot switch over while pass 1 still has pages
-    left, so the guest is still running here. False if QEMU reached switchover anyway
+    """Wait until the first RAM pass is all but sent (1/32 of RAM left, or pass 2
+    begun), the moment to suspend the VF driver: what QEMU still has to send after
+    it is short, and so is the outage. With downtime-limit 0, QEMU cannot switch over
+    while pass 1 still has pages left, so the guest is still running here. False if QEMU reached switchover anyway
     (an idle guest with nothing left to send)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -432,7 +433,7 @@ async def wait_suspend_point(qmp: QMPClient, timeout: float) -> bool:
             return False
         ram = info.get("ram", {})
         total = ram.get("total", 0) or 1
-        if ram.get("dirty-sync-count", 0) >= 2 or ram.get("remaining", total) <= total // 4:
+        if ram.get("dirty-sync-count", 0) >= 2 or ram.get("remaining", total) <= total // 32:
             return True
         await asyncio.sleep(0.01)
     raise MigrationError("RAM pre-copy did not progress")

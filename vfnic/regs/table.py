@@ -83,6 +83,8 @@ COMMON: list[Register] = [
     R("RAH", 0x0024, RW, 0, 0x8000FFFF, doc="receive address high (MAC bytes 4-5, bit31 AV)"),
     R("MTA", 0x0028, RW, 0, doc="multicast filter enable bits"),
     R("FCTRL", 0x002C, RW, 0, 0x00000700, doc="filter control (MPE, UPE, BAM)"),
+    R("SCRATCH", 0x0030, RW, doc="software scratch: the device never changes it (the VF "
+      "driver keeps a token there to recognise its VF)"),
     R("VFMAILBOX", 0x0100, W1C, 0, 0xFF, doc="mailbox control/status"),
     R("VFMBDOORBELL", 0x0104, WO, 0, doc="mailbox doorbell: REQ/ACK to the PF"),
     *[R(f"VFMBMEM{i}", 0x0140 + 4 * i, RW, doc=f"mailbox word {i}") for i in range(MBX_WORDS)],
