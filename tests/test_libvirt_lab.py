@@ -135,7 +135,7 @@ def test_virsh_migrate_moves_a_guest_and_its_vf_to_the_other_host(lab: Lab) -> N
         pinger.stop()
         after = sh("ip", "netns", "exec", lab.ns("peer"), "ping", "-c", "10", "-i", "0.05",
                    GUEST_IP, check=False).stdout
-        records = control_call(lab.nic_dir("a"), {"op": "migrations"})
+        records = control_call(lab.nic_dir("a"), {"op": "migrations", "settle": 10})
         links_b = control_call(lab.nic_dir("b"), {"op": "link-show"})
         console_b = (lab.nic_dir("b") / "console.log").read_text(errors="replace")
         b.virsh("destroy", "g1")

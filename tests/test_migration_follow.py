@@ -74,7 +74,7 @@ def test_nic_follows_a_migration_it_does_not_drive(lab: Lab) -> None:
         pinger.stop()
         after = sh("ip", "netns", "exec", lab.ns("peer"), "ping", "-c", "10", "-i", "0.05",
                    GUEST_IP, check=False).stdout
-        records = control_call(da, {"op": "migrations"})
+        records = control_call(da, {"op": "migrations", "settle": 10})
         links = control_call(db, {"op": "link-show"})
         console_b = vb.console_log.read_text(errors="replace")
     finally:

@@ -156,7 +156,7 @@ def step_virsh(work: Path) -> None:
             pinger.stop()
             print(f"$ virsh -c {b.uri} list")
             print(b.virsh("list").stdout.rstrip())
-            for rec in control_call(lab.nic_dir("a"), {"op": "migrations"}):
+            for rec in control_call(lab.nic_dir("a"), {"op": "migrations", "settle": 10}):
                 print(f"  host A's NIC: vf {rec['vf']} {rec.get('result')}, VF driver "
                       f"suspended {rec.get('suspended_at_ms')} ms into the migration "
                       f"(mailbox round trip {rec.get('suspend_mailbox_ms')} ms)"

@@ -223,6 +223,16 @@ async def _plain_migrate(src_qmp: str, dst_qmp: str, uri: str, pause: bool = Fal
 # -- one guest, migrated back and forth ------------------------------------------------------
 
 
+def log_console(vm: Any, lines: int = 25) -> None:
+    """The end of a guest's console (for a VF guest: its driver's log), into the log."""
+    try:
+        text = vm.console_log.read_text(errors="replace")
+    except (AttributeError, OSError):
+        return
+    for line in text.splitlines()[-lines:]:
+        log(f"  console| {line}")
+
+
 class PingPong:
     """A guest of one kind living on host a or b of the lab, moved by each run."""
 
@@ -240,7 +250,10 @@ class PingPong:
         from vfnic.bench.datapath import VIRTIO_NETSETUP
 
         net = VIRTIO_NETSETUP if self.kind == "virtio" else ""
-        return f"{net}\necho @@bench-guest-up\nexec sleep 1000000\n"
+        # The VF guest shows its driver's log on the console (kept in the bench log when
+        # a run fails).
+        tail = "exec tail -F /run/vfnic-driver.log" if self.kind == "vf" else "exec sleep 1000000"
+        return f"{net}\necho @@bench-guest-up\n{tail}\n"
 
     def _vm(self, side: str, incoming: str | None) -> tuple[Any, str | None]:
         from vfnic.bench.datapath import virtio_args
@@ -554,6 +567,7 @@ def run(quick: bool = False, runs: int | None = None, plot_path: Path | None = N
                             except Exception as exc:  # e.g. the guest did not boot
                                 r = Run(cfg.key, i, error=f"{type(exc).__name__}: {exc}")
                                 log(f"migration: {cfg.key} run {i} FAILED: {r.error}")
+                                log_console(pp.vm)
                             results[cfg.key].append(r)
                             if r.ok:
                                 log(f"migration: {cfg.key}: total {r.total_ms:.0f} ms, VM "

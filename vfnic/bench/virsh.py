@@ -62,7 +62,7 @@ def migrate_once(lab: Any, src: Any, dst: Any, run: Run, window: float) -> None:
     rec: dict[str, Any] = {"result": "completed"}  # virtio-net: no VF, no follower
     takeover = None
     if run.config == CONFIG.key:
-        records = control_call(lab.nic_dir(src.host), {"op": "migrations"})
+        records = control_call(lab.nic_dir(src.host), {"op": "migrations", "settle": 10})
         rec = records[-1] if records else {}
         console = (lab.nic_dir(dst.host) / "console.log").read_text(errors="replace")
         found = re.findall(r"taken over in ([0-9.]+) ms", console)

@@ -312,7 +312,7 @@ class NicServer:
             fn = self.nic.vf(int(req.get("vf", -1)))
             return self.nic.switch.announce(fn, int(req.get("count", 1)))
         if op == "migrations":
-            return self.follower.records()
+            return self.follower.records(float(req.get("settle", 0.0)))
         if op == "vf-mac":
             self.nic.set_vf_mac(int(req.get("vf", -1)), str(req.get("mac")))
             return None

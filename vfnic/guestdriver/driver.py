@@ -367,8 +367,14 @@ class VfDriver:
         if handler is None:
             log.warning("%s: unknown PF message %#x", self.bus.name, msg_type)
             self._ack_pf(msg_type | M.FLAG_NACK, [])
+            return True
+        try:
+            words = handler(args)
+        except Exception:  # refuse the request, keep the driver (and the guest's link)
+            log.exception("%s: handling PF message %#x failed", self.bus.name, msg_type)
+            self._ack_pf(msg_type | M.FLAG_NACK, [])
         else:
-            self._ack_pf(msg_type | M.FLAG_ACK, handler(args))
+            self._ack_pf(msg_type | M.FLAG_ACK, words)
         return True
 
     def _ack_pf(self, word0: int, words: list[int]) -> None:
@@ -538,7 +544,11 @@ class VfDriver:
             return
         self._next_watchdog = now + self.watchdog_interval
         if self.moved():
-            self.reattach()
+            try:
+                self.reattach()
+            except Exception:  # stay suspended; try again in a second
+                log.exception("%s: taking over the new VF failed", self.bus.name)
+                self._next_watchdog = time.monotonic() + 1.0
             return
         self.check_mailbox()
         if not self.suspended:

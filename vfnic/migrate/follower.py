@@ -77,9 +77,17 @@ class Follower:
         if self._thread.is_alive():
             self._thread.join(SCAN_INTERVAL + 5)
 
-    def records(self) -> list[dict[str, Any]]:
-        with self._lock:
-            return [dict(r) for r in self.history]
+    def records(self, settle: float = 0.0) -> list[dict[str, Any]]:
+        """The migrations seen so far; with ``settle``, first wait up to that many
+        seconds for the newest one to have its result (virsh returns as soon as the
+        destination runs; the source side may still be winding down)."""
+        deadline = time.monotonic() + settle
+        while True:
+            with self._lock:
+                done = not self.history or "result" in self.history[-1]
+                if done or time.monotonic() >= deadline:
+                    return [dict(r) for r in self.history]
+            time.sleep(0.02)
 
     # -- the loop ----------------------------------------------------------------------
 

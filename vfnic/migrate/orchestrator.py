@@ -421,8 +421,8 @@ async def wait_suspend_point(qmp: QMPClient, timeout: float) -> bool:
     """Wait until the first RAM pass is all but sent (1/32 of RAM left, or pass 2
     begun), the moment to suspend the VF driver: what QEMU still has to send after
     it is short, and so is the outage. With downtime-limit 0, QEMU cannot switch over
-    while pass 1 still has pages left, so the guest is still running here. False if QEMU reached switchover anyway
-    (an idle guest with nothing left to send)."""
+    while pass 1 still has pages left, so the guest is still running here. False if
+    QEMU reached switchover anyway (an idle guest with nothing left to send)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         info: dict[str, Any] = await qmp.execute("query-migrate")  # type: ignore[assignment]
