@@ -407,6 +407,7 @@ class PingPong:
                 raise
             run.error = f"{type(exc).__name__}: {exc}"
             log(f"migration: {cfg.key} run {index} FAILED: {run.error}")
+            log_console(self.vm)
             if self.vm is not None and not self.vm.running():
                 self.vm.stop()
                 self.vm = None  # rebooted by the next run
@@ -567,7 +568,6 @@ def run(quick: bool = False, runs: int | None = None, plot_path: Path | None = N
                             except Exception as exc:  # e.g. the guest did not boot
                                 r = Run(cfg.key, i, error=f"{type(exc).__name__}: {exc}")
                                 log(f"migration: {cfg.key} run {i} FAILED: {r.error}")
-                                log_console(pp.vm)
                             results[cfg.key].append(r)
                             if r.ok:
                                 log(f"migration: {cfg.key}: total {r.total_ms:.0f} ms, VM "

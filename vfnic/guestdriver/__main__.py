@@ -10,10 +10,13 @@ python3 and PYTHONPATH=/opt).
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import signal
 import sys
+import threading
+import time
 from dataclasses import asdict
 from types import FrameType
 
@@ -21,6 +24,8 @@ from vfnic.errors import VfnicError
 from vfnic.guestdriver.bus import GuestBus, find_functions
 from vfnic.guestdriver.driver import DEFAULT_RING_SIZE, VfDriver
 from vfnic.guestdriver.tapbridge import DEFAULT_POLL_US, TapBridge
+
+STALL_S = 3.0  # a poll loop round longer than this is reported with a traceback
 
 PROG = "vfnic-guestdriver"
 
@@ -75,6 +80,19 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGUSR1, on_usr1)
     print(f"{PROG}: ready {args.ifname} bdf={bus.name} mac={driver.mac_text} "
           f"link={'up' if driver.link_up else 'down'}", flush=True)
+    def stall_watch() -> None:
+        """A poll loop that stops going round leaves the guest without its link: say
+        where it is stuck (in the driver's log), once per stall."""
+        reported = 0.0
+        while not bridge.stop_event.wait(1.0):
+            beat = bridge.heartbeat
+            if time.monotonic() - beat > STALL_S and beat != reported:
+                reported = beat
+                print(f"{PROG}: poll loop stalled for {time.monotonic() - beat:.1f} s:",
+                      file=sys.stderr, flush=True)
+                faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+
+    threading.Thread(target=stall_watch, name="stall-watch", daemon=True).start()
     try:
         bridge.run()
     except (VfnicError, OSError) as exc:

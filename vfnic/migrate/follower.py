@@ -168,8 +168,8 @@ class Follower:
             migrating = True
             if not await wait_suspend_point(qmp, PRECOPY_TIMEOUT):
                 raise MigrationError("the guest stopped before its VF driver could suspend")
+            suspended = True  # before: a late acknowledgement still means suspended
             ack = await self._command(vf, "suspend")
-            suspended = True
             record["suspend_mailbox_ms"] = ack.get("mailbox_ms")
             record["suspend_driver_us"] = ack.get("driver_us")
             record["suspended_at_ms"] = round((time.perf_counter() - t0) * 1000, 1)

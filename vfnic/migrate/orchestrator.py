@@ -295,8 +295,10 @@ class Orchestrator:
         await self.qa.execute("migrate", {"uri": opts.uri})
         if opts.mode == "cooperative":
             if await wait_suspend_point(self.qa, self.opts.timeout):
-                result = await self._control(self.src, "suspend")
+                # Set first: a driver that acknowledges too late has still suspended,
+                # and a rollback must resume it.
                 self.suspended = True
+                result = await self._control(self.src, "suspend")
                 s.suspend_us, s.suspend_ms = result.get("driver_us"), result.get("mailbox_ms")
             else:
                 self.progress("  the guest was stopped before the VF driver could suspend")
@@ -418,11 +420,13 @@ class Orchestrator:
 
 
 async def wait_suspend_point(qmp: QMPClient, timeout: float) -> bool:
-    """Wait until the first RAM pass is all but sent (1/32 of RAM left, or pass 2
-    begun), the moment to suspend the VF driver: what QEMU still has to send after
-    it is short, and so is the outage. With downtime-limit 0, QEMU cannot switch over
-    while pass 1 still has pages left, so the guest is still running here. False if
-    QEMU reached switchover anyway (an idle guest with nothing left to send)."""
+    """Wait until most of the first RAM pass is sent (1/4 of RAM left, or pass 2
+    begun), the moment to suspend the VF driver. With downtime-limit 0, QEMU cannot
+    switch over while pass 1 still has pages left, so the guest is still running here.
+    Not later: once pass 1 is over, QEMU, unable to converge, syncs its dirty bitmap
+    pass after pass under the BQL and the guest's MMIO crawls (a SUSPEND then took
+    over 5 s in about 1 migration of 40 with a 1/32 threshold). False if QEMU reached
+    switchover anyway (an idle guest with nothing left to send)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         info: dict[str, Any] = await qmp.execute("query-migrate")  # type: ignore[assignment]
@@ -433,7 +437,7 @@ async def wait_suspend_point(qmp: QMPClient, timeout: float) -> bool:
             return False
         ram = info.get("ram", {})
         total = ram.get("total", 0) or 1
-        if ram.get("dirty-sync-count", 0) >= 2 or ram.get("remaining", total) <= total // 32:
+        if ram.get("dirty-sync-count", 0) >= 2 or ram.get("remaining", total) <= total // 4:
             return True
         await asyncio.sleep(0.01)
     raise MigrationError("RAM pre-copy did not progress")
