@@ -423,9 +423,10 @@ async def wait_suspend_point(qmp: QMPClient, timeout: float) -> bool:
     """Wait until most of the first RAM pass is sent (1/4 of RAM left, or pass 2
     begun), the moment to suspend the VF driver. With downtime-limit 0, QEMU cannot
     switch over while pass 1 still has pages left, so the guest is still running here.
-    Not later: once pass 1 is over, QEMU, unable to converge, syncs its dirty bitmap
-    pass after pass under the BQL and the guest's MMIO crawls (a SUSPEND then took
-    over 5 s in about 1 migration of 40 with a 1/32 threshold). False if QEMU reached
+    Not later: with a 1/32 threshold about 1 migration in 40 had its SUSPEND
+    acknowledged only after 5 s (the driver had suspended; the ack was late), most
+    likely because once pass 1 is over QEMU, unable to converge, syncs its dirty bitmap
+    pass after pass under the BQL, and the guest's MMIO crawls. False if QEMU reached
     switchover anyway (an idle guest with nothing left to send)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
