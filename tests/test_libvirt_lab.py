@@ -17,7 +17,7 @@ from vfnic.host.vm import VfioUserFunction
 from vfnic.libvirt import domain
 from vfnic.libvirt.domain import QEMU_NS, domain_xml, emulator_path
 from vfnic.libvirt.lab import LibvirtHost, lab_domain, shared_nic_dir
-from vfnic.migrate.lab import GUEST_IP, Lab, Pinger, sh
+from vfnic.migrate.lab import GUEST_IP, Lab, LabError, Pinger, sh
 
 
 def _fake_guest(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -77,14 +77,13 @@ def test_emulator_is_the_qemu_of_the_libvirt_that_runs_it(monkeypatch: pytest.Mo
 
 
 def _wait_ping(lab: Lab, host: LibvirtHost, console: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while sh("ip", "netns", "exec", lab.ns("peer"), "ping", "-c1", "-W1", GUEST_IP,
-             check=False).returncode != 0:
-        if time.monotonic() > deadline:
-            tail = console.read_text(errors="replace")[-2000:] if console.exists() else ""
-            qlog = host.qemu_log("g1")
-            qemu = qlog.read_text(errors="replace")[-1500:] if qlog.exists() else ""
-            pytest.fail(f"guest not reachable on its VF\nconsole:\n{tail}\nqemu log:\n{qemu}")
+    try:
+        lab.wait_reachable(timeout, "the guest on its VF")
+    except LabError as exc:
+        tail = console.read_text(errors="replace")[-2000:] if console.exists() else ""
+        qlog = host.qemu_log("g1")
+        qemu = qlog.read_text(errors="replace")[-1500:] if qlog.exists() else ""
+        pytest.fail(f"{exc}\nconsole:\n{tail}\nqemu log:\n{qemu}")
 
 
 def test_virsh_guest_on_lab_host_reaches_peer(lab: Lab) -> None:

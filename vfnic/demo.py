@@ -146,7 +146,7 @@ def step_virsh(work: Path) -> None:
             pinger.start()
             time.sleep(2)
             cmd = ["migrate", "--live", "--verbose", "vfnic-demo", b.uri,
-                   "--migrateuri", "tcp://192.168.77.2:49152"]
+                   "--migrateuri", f"tcp://{lab.host_ip('b')}:49152"]
             print(f"$ virsh -c {a.uri} {' '.join(cmd)}", flush=True)
             t0 = time.monotonic()
             done = subprocess.run(["virsh", "-c", a.uri, *cmd], stdin=subprocess.DEVNULL,

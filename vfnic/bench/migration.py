@@ -135,11 +135,6 @@ class LivePinger:
         return time.time()
 
 
-def ping_once(netns: str, target: str) -> bool:
-    return subprocess.run(["ip", "netns", "exec", netns, "ping", "-c1", "-W1", target],
-                          capture_output=True, check=False).returncode == 0
-
-
 # -- plain QEMU migration (virtio-net and no-NIC baselines) -------------------------------
 
 
@@ -297,13 +292,13 @@ class PingPong:
         log(f"migration: {self.kind} guest up after {time.monotonic() - t0:.1f} s")
 
     def wait_reachable(self, timeout: float) -> bool:
-        from vfnic.migrate.lab import GUEST_IP, sh
+        from vfnic.migrate.lab import sh
 
         deadline = time.monotonic() + timeout
         flushed = False
         start = time.monotonic()
         while time.monotonic() < deadline:
-            if ping_once(self.lab.ns("peer"), GUEST_IP):
+            if self.lab.reachable():
                 return True
             if not flushed and time.monotonic() - start > 2:
                 # After a run without announce/GARP the LAN bridge still sends the guest's

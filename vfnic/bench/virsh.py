@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from vfnic.bench.common import Section, log, short_tmpdir, stat_text, table
-from vfnic.bench.migration import Config, Run, ping_once
+from vfnic.bench.migration import Config, Run
 
 CONFIG = Config("virsh", "VF, virsh migrate (cooperative, libvirt)", "vf", "cooperative")
 VIRTIO = Config("virsh-virtio", "virtio-net, virsh migrate (libvirt)", "virtio")
@@ -36,7 +36,7 @@ def jobinfo(text: str) -> dict[str, float]:
 
 def migrate_once(lab: Any, src: Any, dst: Any, run: Run, window: float) -> None:
     from vfnic.device.nic import control_call
-    from vfnic.migrate.lab import GUEST_IP, Pinger
+    from vfnic.migrate.lab import LabError, Pinger
 
     name = NAMES[run.config]
     pinger = Pinger(lab)
@@ -50,11 +50,11 @@ def migrate_once(lab: Any, src: Any, dst: Any, run: Run, window: float) -> None:
         wall = time.monotonic() - t0
         if done.returncode != 0:
             raise RuntimeError(f"virsh migrate: {done.stderr.strip()}")
-        deadline = time.monotonic() + window
-        while not ping_once(lab.ns("peer"), GUEST_IP):
-            if time.monotonic() > deadline:
-                break
-        run.recovered = time.monotonic() <= deadline
+        try:
+            lab.wait_reachable(window)
+            run.recovered = True
+        except LabError:
+            run.recovered = False
         time.sleep(0.5)
     finally:
         pinger.stop()

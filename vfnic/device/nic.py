@@ -184,7 +184,6 @@ class Nic:
                 for r in fn.bank.table
             ]
 
-
     def config_dump(self, name: str) -> str:
         """The function's whole config space (4 KiB) in `lspci -xxxx` form, which
         `lspci -F FILE` decodes: the PF at 01:00.0, VF n at 01:00.(n+1) (First VF

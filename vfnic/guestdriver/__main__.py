@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         where it is stuck (in the driver's log), once per stall."""
         reported = 0.0
         while not bridge.stop_event.wait(1.0):
-            beat = bridge.heartbeat
+            beat = driver.last_poll
             if time.monotonic() - beat > STALL_S and beat != reported:
                 reported = beat
                 print(f"{PROG}: poll loop stalled for {time.monotonic() - beat:.1f} s:",

@@ -167,6 +167,7 @@ class VfDriver:
         self.link_listener: Callable[[bool], None] | None = None  # e.g. the TAP's carrier
         self._rx_backlog: list[bytes] = []  # frames collected while stopping the queue
         self._next_watchdog = 0.0
+        self.last_poll = time.monotonic()  # the poll loop's last watchdog() call
         self.rx_ring = self._alloc_ring("R", ring_size)
         self.tx_ring = self._alloc_ring("T", ring_size)
 
@@ -186,8 +187,8 @@ class VfDriver:
 
     # -- bring-up (ixy's reset_and_init) ------------------------------------------------
 
-    def init(self) -> None:
-        """Reset the VF, get the MAC from the PF, program the rings, set link up."""
+    def _reset_vf(self) -> tuple[bytes, bool]:
+        """Reset the VF, mark it ours (SCRATCH) and ask the PF for our MAC and link."""
         self.set_reg("CTRL", T.CTRL_RST)  # function reset, self-clearing
         deadline = time.monotonic() + MAILBOX_TIMEOUT
         while self.get_reg("CTRL") & T.CTRL_RST:
@@ -199,7 +200,11 @@ class VfDriver:
         self.set_reg("EICR", 0xFFFFFFFF)
         self.set_reg("VFMAILBOX", T.MBX_PFSTS | T.MBX_PFACK)  # drop stale mailbox events
         self._claim()
-        self.mac, self.link_up = self.mailbox_reset()
+        return self.mailbox_reset()
+
+    def init(self) -> None:
+        """Reset the VF, get the MAC from the PF, program the rings, set link up."""
+        self.mac, self.link_up = self._reset_vf()
         self._program_mac()
         self._start_ring(self.rx_ring)
         self._start_ring(self.tx_ring)
@@ -253,7 +258,7 @@ class VfDriver:
             return []
         frames, self._rx_backlog = self._rx_backlog, []
         last = self._rx_collect(frames)
-        if last is not None and not self.suspended:
+        if last is not None:
             self.bus.write32(self.rx_ring.reg("DT"), last)  # hand the cleaned descriptors back
         return frames
 
@@ -503,17 +508,7 @@ class VfDriver:
             if value:  # a fresh function's config is zero there already
                 self.bus.config_write(off, size, value)
         t_config = time.perf_counter()
-        self.set_reg("CTRL", T.CTRL_RST)
-        deadline = time.monotonic() + MAILBOX_TIMEOUT
-        while self.get_reg("CTRL") & T.CTRL_RST:
-            if time.monotonic() > deadline:
-                raise DriverError("CTRL.RST did not clear on the new VF")
-            time.sleep(0.001)
-        self.set_reg("EIMS", 0)
-        self.set_reg("EICR", 0xFFFFFFFF)
-        self.set_reg("VFMAILBOX", T.MBX_PFSTS | T.MBX_PFACK)
-        self._claim()
-        pf_mac, _link = self.mailbox_reset()
+        pf_mac, _link = self._reset_vf()
         if pf_mac != self.saved.mac:
             # Keep the guest's address (its peers know it) unless this PF forbids it.
             try:
@@ -539,7 +534,7 @@ class VfDriver:
         handles PF messages and queue errors (each check is an MMIO round trip).
         While suspended it also notices a move onto a VF that nobody restored."""
         self.bus.poll()
-        now = time.monotonic()
+        now = self.last_poll = time.monotonic()
         if not force and now < self._next_watchdog:
             return
         self._next_watchdog = now + self.watchdog_interval

@@ -15,7 +15,6 @@ import select
 import struct
 import subprocess
 import threading
-import time
 
 from vfnic.guestdriver.driver import DriverError, VfDriver
 
@@ -96,7 +95,6 @@ class TapBridge:
         self.tap: Tap | None = None
         self.stop_event = threading.Event()
         self.tap_dropped = 0
-        self.heartbeat = time.monotonic()  # the poll loop's last round
 
     def setup(self) -> Tap:
         """Create the TAP with the VF's MAC, address it, bring it up."""
@@ -145,7 +143,6 @@ class TapBridge:
                 if not tap.write(frame):
                     self.tap_dropped += 1
             driver.watchdog()
-            self.heartbeat = time.monotonic()
             # Busy traffic: look again at once; idle: wait up to the poll interval.
             timeout = 0 if received or ready else self.poll_s
 

@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     r.add_argument("--vf", action="append", default=[], metavar="SOCKET", help="a VF's socket")
     r.add_argument("--pf", metavar="SOCKET", help="the PF's socket")
-    r.add_argument("--mem", type=_mem_size, default=DEFAULT_MEM, help="guest RAM (512M)")
+    r.add_argument("--mem", type=mem_size, default=DEFAULT_MEM, help="guest RAM (512M)")
     r.add_argument("--smp", type=int, default=1, help="guest vCPUs (1)")
     r.add_argument("--exec", metavar="CMD", help="bash command to run in the guest")
     r.add_argument("--ip", metavar="ADDR/LEN",
@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     r.set_defaults(handler=_vm_run)
 
 
-def _mem_size(text: str) -> str:
+def mem_size(text: str) -> str:
     if not re.fullmatch(r"[1-9][0-9]*[KMGT]?", text):
         raise argparse.ArgumentTypeError(f"bad memory size {text!r} (e.g. 512M, 1G)")
     return text

@@ -172,6 +172,13 @@ def qmp_command(
     return _run_sync(go)
 
 
+def exec_kernel_arg(command: str) -> str | None:
+    """The kernel argument that makes the guest's init run ``command`` (base64), or
+    None if it is too long for the kernel command line."""
+    encoded = base64.b64encode(command.encode()).decode()
+    return f"vfnic.exec={encoded}" if len(encoded) <= _CMDLINE_MAX else None
+
+
 class VM:
     """One QEMU process running the vfnic guest image.
 
@@ -257,8 +264,7 @@ class VM:
         if self.modules:
             args.append("vfnic.modules=" + ",".join(self.modules))
         if self.command is not None:
-            encoded = base64.b64encode(self.command.encode()).decode()
-            args.append("vfnic.exec=" + (encoded if len(encoded) <= _CMDLINE_MAX else "fw_cfg"))
+            args.append(exec_kernel_arg(self.command) or "vfnic.exec=fw_cfg")
         return " ".join([*args, *self.kernel_args])
 
     def argv(self) -> list[str]:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import base64
 import re
 from pathlib import Path
 from typing import Any
 
 from vfnic.errors import UsageError
+from vfnic.host.cli import mem_size
 from vfnic.host.vm import DEFAULT_MEM, VfioUserFunction
 
 
@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     x.add_argument("name", help="domain name")
     x.add_argument("--vf", action="append", default=[], metavar="SOCKET", help="a VF's socket")
     x.add_argument("--pf", metavar="SOCKET", help="the PF's socket")
-    x.add_argument("--mem", default=DEFAULT_MEM, help="guest RAM (512M)")
+    x.add_argument("--mem", type=mem_size, default=DEFAULT_MEM, help="guest RAM (512M)")
     x.add_argument("--ip", metavar="ADDR/LEN",
                    help="start the guest driver at boot on the first VF, with this address")
     x.add_argument("--exec", metavar="CMD", help="bash command the guest runs at boot")
@@ -33,15 +33,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     x.set_defaults(handler=_xml)
 
 
-def _socket(path: str) -> Path:
-    p = Path(path).absolute()
-    if not p.is_socket():
-        raise UsageError(f"not a vfio-user socket: {path}")
-    return p
-
-
 def _xml(args: argparse.Namespace) -> int:
-    from vfnic.libvirt.domain import domain_xml
+    from vfnic.libvirt.domain import domain_xml, guest_exec_arg
 
     if not args.vf and not args.pf:
         raise UsageError("give at least one --vf or --pf socket")
@@ -49,16 +42,18 @@ def _xml(args: argparse.Namespace) -> int:
         raise UsageError(f"bad domain name {args.name!r}")
     # Device id = socket name (vf1.sock -> vf1): the QMP monitor is then DIR/vf1.qmp,
     # where the NIC server that owns vf1 looks for it.
-    sockets = ([_socket(args.pf)] if args.pf else []) + [_socket(v) for v in args.vf]
-    ids = [s.stem for s in sockets]
-    if len(set(ids)) != len(ids):
-        raise UsageError(f"functions with the same socket name: {', '.join(ids)}")
-    fns = [VfioUserFunction(s, i) for s, i in zip(sockets, ids, strict=True)]
+    sockets = [Path(p).absolute() for p in ([args.pf] if args.pf else []) + args.vf]
+    fns = [VfioUserFunction(s, s.stem) for s in sockets]
+    for fn in fns:
+        fn.check()
+    if len({fn.id for fn in fns}) != len(fns):
+        raise UsageError(f"functions with the same socket name: "
+                         f"{', '.join(fn.id for fn in fns)}")
     kargs = []
     if args.ip:
         kargs.append(f"vfnic.ip={args.ip}")
     if args.exec:
-        kargs.append("vfnic.exec=" + base64.b64encode(args.exec.encode()).decode())
+        kargs.append(guest_exec_arg(args.exec))
     print(domain_xml(args.name, fns, mem=args.mem, kernel_args=kargs,
                      console_log=Path(args.console).absolute()), end="")
     return 0

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from vfnic.errors import UsageError
 from vfnic.host import image, runtime
-from vfnic.host.vm import _KERNEL_ARGS, VfioUserFunction
+from vfnic.host.vm import _KERNEL_ARGS, VfioUserFunction, exec_kernel_arg
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 ET.register_namespace("qemu", QEMU_NS)
@@ -49,6 +49,15 @@ def _mib(mem: str) -> int:
     if mib < 1 or mib != int(mib):
         raise UsageError(f"memory size not a whole number of MiB: {mem!r}")
     return int(mib)
+
+
+def guest_exec_arg(command: str) -> str:
+    """The kernel argument that runs ``command`` in the guest at boot (a domain has no
+    fw_cfg file for longer ones)."""
+    arg = exec_kernel_arg(command)
+    if arg is None:
+        raise UsageError("the guest command is too long for the kernel command line")
+    return arg
 
 
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrib: str) -> ET.Element:

@@ -69,16 +69,14 @@ def lab_domain(lab: Lab, name: str = "g1", guest_command: str | None = None,
     B's each write their own). With ``virtio_bridge``, a virtio-net guest on that host
     bridge instead (no VF; ``guest_command`` must give it its address). Returns the
     XML file."""
-    import base64
-
     from vfnic.host.vm import VfioUserFunction
-    from vfnic.libvirt.domain import domain_xml
+    from vfnic.libvirt.domain import domain_xml, guest_exec_arg
     from vfnic.migrate.lab import GUEST_IP
 
     nic = shared_nic_dir(lab)
     kargs = [] if virtio_bridge else [f"vfnic.ip={GUEST_IP}/24"]
     if guest_command is not None:
-        kargs.append("vfnic.exec=" + base64.b64encode(guest_command.encode()).decode())
+        kargs.append(guest_exec_arg(guest_command))
     fns = [] if virtio_bridge else [VfioUserFunction(nic / "vf0.sock", "vf0")]
     bridges = [(virtio_bridge, VIRTIO_MAC)] if virtio_bridge else []
     path = lab.workdir / f"{name}.xml"

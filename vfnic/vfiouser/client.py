@@ -48,8 +48,8 @@ class VfioUserClient:
         except OSError as exc:
             sock.close()
             raise ConnectionClosed(f"cannot connect to {path}: {exc.strerror or exc}") from exc
-        self.endpoint = Endpoint(sock, self._on_server_command)
-        self.endpoint.busy_poll = busy_poll  # seconds of polling for a reply before sleeping
+        # busy_poll: seconds of polling for a reply before sleeping (Endpoint.busy_poll)
+        self.endpoint = Endpoint(sock, self._on_server_command, busy_poll=busy_poll)
         self.memory: list[ClientMemory] = []
         self.server_caps: dict[str, Any] = {}
         self.dma_requests = 0

@@ -61,10 +61,12 @@ class Session:
         wire.Command.MIG_DATA_READ, wire.Command.MIG_DATA_WRITE,
     })
 
-    def __init__(self, device: Device, sock: socket.socket, primary: bool = True) -> None:
+    def __init__(self, device: Device, sock: socket.socket, primary: bool = True,
+                 busy_poll: float = 0.0) -> None:
         self.device = device
         self.primary = primary
-        self.endpoint = Endpoint(sock, self.dispatch, DEFAULT_MAX_DATA_XFER, SERVER_MAX_MSG_FDS)
+        self.endpoint = Endpoint(sock, self.dispatch, DEFAULT_MAX_DATA_XFER, SERVER_MAX_MSG_FDS,
+                                 busy_poll)
         self.negotiated = False
         self.client_max_data_xfer = DEFAULT_MAX_DATA_XFER
         self.handlers = {
@@ -426,8 +428,7 @@ class FunctionServer:
                 threading.Thread(target=self._serve_secondary, args=(secondary,),
                                  name=f"vfu-{self.name}-mig", daemon=True).start()
                 continue
-            session = Session(self.device, conn)
-            session.endpoint.busy_poll = self.busy_poll
+            session = Session(self.device, conn, busy_poll=self.busy_poll)
             self.session = session
             with self.device.lock:
                 self.device.client_attached(session)

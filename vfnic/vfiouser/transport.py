@@ -82,6 +82,7 @@ class Endpoint:
         on_command: Callable[[Message], None] | None = None,
         max_data_xfer: int = DEFAULT_MAX_DATA_XFER,
         max_msg_fds: int = DEFAULT_MAX_MSG_FDS,
+        busy_poll: float = 0.0,
     ) -> None:
         self.sock = sock
         self.on_command = on_command
@@ -103,7 +104,7 @@ class Endpoint:
         # Seconds to keep polling (zero-timeout select) before sleeping in select: a
         # peer's next message then finds this thread awake, without the scheduler's
         # wakeup (~27 us across cores here). Costs a CPU while it spins; 0 = off.
-        self.busy_poll = 0.0
+        self.busy_poll = busy_poll
 
     # -- sending -------------------------------------------------------------------
 
@@ -183,7 +184,7 @@ class Endpoint:
         fds: list[int] = []
         try:
             raw = self._recv_exact(wire.HEADER_SIZE, fds)
-        except TimeoutError:
+        except TimeoutError:  # a caller's socket timeout (tests' raw connections)
             raise
         except (OSError, ValueError) as exc:  # reset, or closed under us
             self.closed = True
