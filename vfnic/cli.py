@@ -21,14 +21,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vfnic.device import cli as device_cli
+    from vfnic import serve
     from vfnic.host import cli as host_cli
     from vfnic.libvirt import cli as libvirt_cli
     from vfnic.migrate import cli as migrate_cli
 
     parser = _Parser(prog="vfnic", description="A software SR-IOV NIC served over vfio-user.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    device_cli.register(sub)
+    serve.register(sub)
     host_cli.register(sub)
     migrate_cli.register(sub)
     libvirt_cli.register(sub)

@@ -221,9 +221,9 @@ class NicServer:
         self.control.bind(self.control_path)
         self.control.listen(8)
         self._stopped = threading.Event()
-        from vfnic.migrate.follower import Follower
-
-        self.follower = Follower(self)  # migrations libvirt drives, seen through DIR/vfN.qmp
+        # Management operations added by the layers above (`vfnic serve` adds
+        # "migrations", the migration follower's records): op -> handler(request).
+        self.control_ops: dict[str, Callable[[dict[str, Any]], Any]] = {}
 
     def start(self) -> None:
         for srv in self.servers.values():
@@ -231,11 +231,9 @@ class NicServer:
         if self.nic.switch.uplink is not None:
             self.nic.switch.uplink.start(self.nic.switch)
         threading.Thread(target=self._control_loop, name="vfnic-control", daemon=True).start()
-        self.follower.start()
 
     def stop(self) -> None:
         self._stopped.set()
-        self.follower.stop()
         for srv in self.servers.values():
             srv.stop()
         if self.nic.switch.uplink is not None:
@@ -310,8 +308,8 @@ class NicServer:
         if op == "announce":
             fn = self.nic.vf(int(req.get("vf", -1)))
             return self.nic.switch.announce(fn, int(req.get("count", 1)))
-        if op == "migrations":
-            return self.follower.records(float(req.get("settle", 0.0)))
+        if isinstance(op, str) and op in self.control_ops:
+            return self.control_ops[op](req)
         if op == "vf-mac":
             self.nic.set_vf_mac(int(req.get("vf", -1)), str(req.get("mac")))
             return None

@@ -1,4 +1,9 @@
-"""`vfnic serve`, `vfnic link`, `vfnic regs`: run a NIC and look at it."""
+"""`vfnic serve`, `vfnic link`, `vfnic regs`: run a NIC and look at it.
+
+`vfnic serve` is where the NIC (vfnic.device) and the migration follower
+(vfnic.migrate.follower, which watches QEMU's QMP sockets next to the VF
+sockets) are put together: the device layer knows nothing of QMP.
+"""
 
 from __future__ import annotations
 
@@ -56,6 +61,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
     from vfnic.device.nic import NicServer
+    from vfnic.migrate.follower import Follower
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -76,11 +82,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     server.start()
+    follower = Follower(server)  # migrations libvirt drives, seen through DIR/vfN.qmp
+    server.control_ops["migrations"] = lambda req: follower.records(
+        float(req.get("settle", 0.0)))
+    follower.start()
     names = ", ".join(f"{n}.sock" for n in server.servers)
     print(f"vfnic: serving PF and {args.vfs} VFs in {args.dir} ({names}, control.sock)",
           flush=True)
     while not done.wait(0.5):
         pass
+    follower.stop()
     server.stop()
     print("vfnic: stopped", flush=True)
     return 0
