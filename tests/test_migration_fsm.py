@@ -16,11 +16,12 @@ from collections import deque
 import pytest
 
 from vfnic.device.nic import NicServer
-from vfnic.errors import RemoteError
+from vfnic.errors import RemoteError, VfnicError
 from vfnic.migrate.devicelink import DeviceLink
-from vfnic.savevm.migration import Feature, State
+from vfnic.savevm.migration import Device
 from vfnic.vfiouser import wire
 from vfnic.vfiouser.client import VfioUserClient
+from vfnic.vfiouser.features import Feature, State
 
 S = State
 DIRECT = {
@@ -144,7 +145,8 @@ _STREAM: dict[str, bytes] = {}
 
 
 def valid_stream(server: NicServer) -> bytes:
-    from vfnic.savevm import snapshot, stream
+    from vfnic.device import snapshot
+    from vfnic.savevm import stream
 
     if "s" not in _STREAM:
         image = snapshot.save(server.nic.vfs[0])
@@ -152,17 +154,56 @@ def valid_stream(server: NicServer) -> bytes:
     return _STREAM["s"]
 
 
-def test_error_only_after_a_failed_arc_and_reset_recovers(server: NicServer) -> None:
+class FailingDevice:
+    """The function as the state machine sees it (savevm.migration.Device), with
+    one call made to fail: failures are injected through the protocol."""
+
+    def __init__(self, real: Device, fail: str) -> None:
+        self.real = real
+        self.fail = fail
+        self.failed = False
+
+    def _maybe_fail(self, call: str) -> None:
+        if call == self.fail and not self.failed:
+            self.failed = True
+            raise VfnicError(f"injected {call} failure")
+
+    def save_state(self) -> bytes:
+        self._maybe_fail("save_state")
+        return self.real.save_state()
+
+    def load_state(self, image: bytes, pages: list[tuple[int, bytes]]) -> None:
+        self._maybe_fail("load_state")
+        self.real.load_state(image, pages)
+
+    def set_running(self, running: bool) -> None:
+        self._maybe_fail(f"set_running({running})")
+        self.real.set_running(running)
+
+    def dirty_pages(self) -> list[tuple[int, bytes]]:
+        self._maybe_fail("dirty_pages")
+        return self.real.dirty_pages()
+
+
+@pytest.mark.parametrize(("fail", "target"), [
+    ("set_running(False)", S.STOP), ("save_state", S.STOP_COPY), ("save_state", S.PRE_COPY),
+    ("dirty_pages", S.STOP_COPY),
+])
+def test_error_only_after_a_failed_arc_and_reset_recovers(server: NicServer, fail: str,
+                                                          target: State) -> None:
     primary = primary_client(server)
     link = DeviceLink(str(server.dir / "vf0.sock"))
     fn = server.nic.vfs[0]
+    real = fn.migration.device
     try:
         primary.reset()
-        fn.migration.fail_next_arc = True
+        fn.migration.device = failing = FailingDevice(real, fail)
         with pytest.raises(RemoteError) as err:
-            link.set_state(S.STOP)
+            link.set_state(target)
+        assert failing.failed
         assert err.value.errno == errno.EIO
         assert link.state() == S.ERROR
+        assert not fn.running  # ERROR: stopped
         for target in REACHABLE:
             with pytest.raises(RemoteError):
                 link.set_state(target)
@@ -172,7 +213,9 @@ def test_error_only_after_a_failed_arc_and_reset_recovers(server: NicServer) -> 
         assert eperm.value.errno == errno.EPERM
         primary.reset()  # VFIO_USER_DEVICE_RESET: back to RUNNING
         assert link.state() == S.RUNNING
+        assert fn.running
     finally:
+        fn.migration.device = real
         link.close()
         primary.close()
 

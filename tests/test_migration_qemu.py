@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from vfnic.device import snapshot
 from vfnic.device.nic import NicServer
 from vfnic.host.vm import VM, VfioUserFunction
 from vfnic.migrate.orchestrator import Host, Options, migrate
-from vfnic.savevm import snapshot
 
 # The guest keeps reading a register it wrote once; after a migration the
 # destination must show the same value, and the tick count must go on.

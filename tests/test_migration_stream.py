@@ -7,11 +7,12 @@ import struct
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vfnic.device import snapshot
 from vfnic.device.nic import Nic
 from vfnic.errors import SnapshotError
 from vfnic.regs import strategies as rs
 from vfnic.regs.table import BAR0_SIZE, NUM_QUEUES, VF_TABLE
-from vfnic.savevm import snapshot, stream
+from vfnic.savevm import stream
 from vfnic.savevm.migration import State
 
 RING_REGS = [f"{k}{q}" for q in range(NUM_QUEUES)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from vfnic.device import snapshot
 from vfnic.device.function import PciFunction
-from vfnic.savevm import snapshot
 from vfnic.vfiouser import wire
 from vfnic.vfiouser.client import VfioUserClient
 

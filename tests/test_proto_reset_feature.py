@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
+from vfnic.device import snapshot
 from vfnic.device.function import PciFunction
-from vfnic.savevm import snapshot
 from vfnic.vfiouser import wire
 from vfnic.vfiouser.client import VfioUserClient
 

@@ -7,12 +7,12 @@ import struct
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vfnic.device import snapshot
 from vfnic.device.nic import Nic
 from vfnic.errors import SnapshotError
 from vfnic.regs import strategies as rs
 from vfnic.regs.bank import RegisterBank
 from vfnic.regs.table import BAR0_SIZE, PF_TABLE, VF_TABLE, Access
-from vfnic.savevm import snapshot
 
 TABLES = {"pf": PF_TABLE, "vf0": VF_TABLE}
 

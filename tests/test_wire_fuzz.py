@@ -20,8 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from vfnic.device import snapshot
 from vfnic.device.function import PciFunction
-from vfnic.savevm import snapshot
 from vfnic.vfiouser import wire
 
 # Shared fixtures and helpers (tests/conftest_proto.py), rewritten for assert messages.

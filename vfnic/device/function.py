@@ -14,12 +14,13 @@ import struct
 import threading
 from typing import TYPE_CHECKING
 
-from vfnic.device import pci
+from vfnic.device import pci, snapshot
 from vfnic.dma.controller import DmaController
 from vfnic.errors import DmaError, ProtocolError
 from vfnic.regs import table as T
 from vfnic.regs.bank import RegisterBank
 from vfnic.regs.table import BAR0_SIZE, PF_TABLE, VF_TABLE
+from vfnic.savevm.migration import Migration
 from vfnic.vfiouser import wire
 
 if TYPE_CHECKING:
@@ -79,10 +80,9 @@ class PciFunction:
         self.session: Session | None = None
         self._build_config()
         from vfnic.device.datapath import DataPath
-        from vfnic.savevm.migration import Migration
 
         self.datapath = DataPath(self)
-        self.migration = Migration(self)
+        self.migration = Migration(self, self.dma)  # sees this function as a savevm.Device
         self.function_reset()
 
     # -- configuration space ----------------------------------------------------------
@@ -313,6 +313,23 @@ class PciFunction:
 
     def mig_data_write(self, data: bytes) -> None:
         self.migration.write(data)
+
+    # -- savevm.migration.Device: what the migration state machine may ask ---------------
+
+    def save_state(self) -> bytes:
+        return snapshot.save(self)
+
+    def load_state(self, image: bytes, pages: list[tuple[int, bytes]]) -> None:
+        snapshot.restore(self, image)  # checks everything before touching the function
+        for iova, data in pages:  # DMA-written pages QEMU could not have seen
+            self.dma.write(iova, data)
+        self.running = False  # a restored function waits, stopped, for RUNNING
+
+    def set_running(self, running: bool) -> None:
+        self.running = running
+
+    def dirty_pages(self) -> list[tuple[int, bytes]]:
+        return self.dma.logged_pages()
 
     def count_drop(self, stat: str = "MPC") -> None:
         """A frame lost: in a statistics register, or, while stopped for migration (when

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import struct
 
-from vfnic.savevm.migration import Feature, LogControl, LogReport, MigState, State
 from vfnic.vfiouser import wire
 from vfnic.vfiouser.client import VfioUserClient
+from vfnic.vfiouser.features import Feature, LogControl, LogReport, MigState, State
 
 GET = wire.VFIO_DEVICE_FEATURE_GET
 SET = wire.VFIO_DEVICE_FEATURE_SET

@@ -33,7 +33,7 @@ from qemu.qmp import EventListener, QMPClient
 
 from vfnic.errors import VfnicError
 from vfnic.migrate.devicelink import DeviceLink
-from vfnic.savevm.migration import State
+from vfnic.vfiouser.features import State
 
 PHASES = ("setup", "precopy", "switchover", "restore")
 VENDOR_ID, VF_DEVICE_ID = 0x1234, 0x5FE1

@@ -9,48 +9,64 @@ Data: VFIO_USER_MIG_DATA_READ/WRITE stream records (see ``stream``):
 PRE_COPY yields a full snapshot while the device runs, STOP_COPY yields only
 the bytes that changed since (or a full snapshot if no pre-copy happened).
 
-Dirty logging: VFIO_DEVICE_FEATURE_DMA_LOGGING_START/STOP/REPORT over the
-pages the device wrote by DMA.
+DMA dirty logging (VFIO_DEVICE_FEATURE_DMA_LOGGING_START/STOP/REPORT) is
+parsed here and done by the DMA controller (vfnic.dma.controller).
+
+Like libvfio-user's migration.c, the state machine owns the arcs and the data
+stream and reaches the device only through a small protocol, ``Device``: save
+its state, load a state, stop or start it, and the pages it wrote by DMA. The
+snapshot layout is the device's own (vfnic.device.snapshot).
 """
 
 from __future__ import annotations
 
-import enum
 import errno
 import struct
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from vfnic.dma.controller import DmaController
 from vfnic.errors import NotTtyError, ProtocolError, SnapshotError, VfnicError
-from vfnic.savevm import snapshot, stream
+from vfnic.savevm import stream
 from vfnic.vfiouser import wire
+from vfnic.vfiouser.features import (
+    MAX_LOG_RANGES,
+    MIGRATION_P2P,
+    MIGRATION_PRE_COPY,
+    MIGRATION_STOP_COPY,
+    Feature,
+    LogControl,
+    LogRange,
+    LogReport,
+    MigState,
+    State,
+)
 
-if TYPE_CHECKING:
-    from vfnic.device.function import PciFunction
+__all__ = ["Device", "Feature", "Migration", "State", "path"]
 
-
-class State(enum.IntEnum):
-    ERROR = 0
-    STOP = 1
-    RUNNING = 2
-    STOP_COPY = 3
-    RESUMING = 4
-    RUNNING_P2P = 5
-    PRE_COPY = 6
-    PRE_COPY_P2P = 7
-
-
-class Feature(enum.IntEnum):
-    MIGRATION = 1
-    MIG_DEVICE_STATE = 2
-    DMA_LOGGING_START = 6
-    DMA_LOGGING_STOP = 7
-    DMA_LOGGING_REPORT = 8
-
-
-MIGRATION_STOP_COPY = 1 << 0
-MIGRATION_P2P = 1 << 1
-MIGRATION_PRE_COPY = 1 << 2
 SUPPORTED = MIGRATION_STOP_COPY | MIGRATION_P2P | MIGRATION_PRE_COPY
+
+
+class Device(Protocol):
+    """What the state machine needs from a device (libvfio-user's migration
+    callbacks: transition, read_data, write_data)."""
+
+    def save_state(self) -> bytes:
+        """A snapshot of everything the guest can observe."""
+        ...
+
+    def load_state(self, image: bytes, pages: list[tuple[int, bytes]]) -> None:
+        """Restore ``image`` and write ``pages`` (iova, contents) to guest memory.
+        Raises SnapshotError, with the device unchanged, if ``image`` is refused."""
+        ...
+
+    def set_running(self, running: bool) -> None:
+        """Start or stop the device: no DMA and no interrupts while stopped."""
+        ...
+
+    def dirty_pages(self) -> list[tuple[int, bytes]]:
+        """(iova, contents) of the pages the device wrote since dirty logging began."""
+        ...
+
 
 S = State
 # vfio_from_fsm_table: NEXT[cur][new] is the next state on the way from cur to new.
@@ -89,12 +105,6 @@ NEEDS = {
 RUNNING_STATES = {S.RUNNING, S.RUNNING_P2P, S.PRE_COPY, S.PRE_COPY_P2P}
 SAVING_STATES = {S.PRE_COPY, S.PRE_COPY_P2P, S.STOP_COPY}
 
-MigState = struct.Struct("<II")  # struct vfio_device_feature_mig_state: device_state, data_fd
-LogControl = struct.Struct("<QII")  # page_size, num_ranges, reserved
-LogRange = struct.Struct("<QQ")  # iova, length
-LogReport = struct.Struct("<QQQ")  # iova, length, page_size
-MAX_LOG_RANGES = 1024
-
 
 def path(cur: State, new: State, flags: int = SUPPORTED) -> list[State]:
     """The states a request from ``cur`` to ``new`` passes through (kernel rules);
@@ -114,15 +124,16 @@ def path(cur: State, new: State, flags: int = SUPPORTED) -> list[State]:
 
 
 class Migration:
-    """Migration state of one function."""
+    """Migration state of one device: the FSM, the data stream and the device
+    features (VFIO_USER_DEVICE_FEATURE) of the function that owns it."""
 
-    def __init__(self, fn: PciFunction) -> None:
-        self.fn = fn
+    def __init__(self, device: Device, dma: DmaController) -> None:
+        self.device = device
+        self.dma = dma
         self.state = S.RUNNING
         self.out = b""  # bytes still to be read by MIG_DATA_READ
         self.precopy_base: bytes | None = None  # snapshot sent during PRE_COPY
         self.incoming = bytearray()  # bytes written by MIG_DATA_WRITE in RESUMING
-        self.fail_next_arc = False  # test hook: make the next arc fail (-> ERROR)
 
     # -- feature dispatch -----------------------------------------------------------------
 
@@ -164,7 +175,7 @@ class Migration:
         if index == Feature.DMA_LOGGING_START:
             return self.logging_start(data)
         if index == Feature.DMA_LOGGING_STOP:
-            self.logging_stop()
+            self.dma.stop_logging()
             return b""
         return self.logging_report(data, argsz)
 
@@ -183,30 +194,25 @@ class Migration:
                 raise
             except VfnicError as exc:
                 self.state = S.ERROR
-                self.fn.running = False
+                self.device.set_running(False)
                 raise ProtocolError(f"{self.state.name} arc failed: {exc}", errno.EIO) from exc
             self.state = step
 
     def _arc(self, cur: State, new: State) -> None:
-        if self.fail_next_arc:
-            self.fail_next_arc = False
-            raise VfnicError("injected arc failure")
-        fn = self.fn
-        if new in RUNNING_STATES:
-            fn.running = True
-        if cur in RUNNING_STATES and new not in RUNNING_STATES:
-            fn.running = False  # stop: no more DMA or interrupts
+        dev = self.device
+        if (new in RUNNING_STATES) != (cur in RUNNING_STATES):
+            dev.set_running(new in RUNNING_STATES)  # stopped: no more DMA or interrupts
         if new == S.PRE_COPY and cur == S.RUNNING:
-            self.precopy_base = snapshot.save(fn)
+            self.precopy_base = dev.save_state()
             self.out = stream.full_record(self.precopy_base)
         elif new == S.STOP_COPY:
-            final = snapshot.save(fn)
+            final = dev.save_state()
             unread_precopy = bool(self.out) and cur == S.PRE_COPY_P2P
             if self.precopy_base is not None and not unread_precopy:
                 self.out = stream.delta_record(self.precopy_base, final)
             else:
                 self.out = stream.full_record(final)
-            pages = self.device_pages()
+            pages = dev.dirty_pages()
             if pages:
                 self.out += stream.pages_record(pages)
             self.out += stream.end_record(final)
@@ -214,10 +220,7 @@ class Migration:
             self.incoming = bytearray()
         elif cur == S.RESUMING and new == S.STOP:
             image, pages = stream.assemble(bytes(self.incoming))
-            snapshot.restore(fn, image)  # checks everything before touching the device
-            for iova, data in pages:  # DMA-written pages QEMU could not have seen
-                fn.dma.write(iova, data)
-            fn.running = False
+            dev.load_state(image, pages)  # checks everything before touching the device
             self.incoming = bytearray()
         if cur in SAVING_STATES and new not in SAVING_STATES:
             self.out = b""  # the data transfer session ends
@@ -229,21 +232,7 @@ class Migration:
         self.out = b""
         self.precopy_base = None
         self.incoming = bytearray()
-        self.fn.running = True
-
-    def device_pages(self) -> list[tuple[int, bytes]]:
-        """Contents of every page the device wrote since dirty logging started."""
-        dma = self.fn.dma
-        if dma.dirty_log is None:
-            return []
-        out = []
-        for page in sorted(dma.dirty_total):
-            try:
-                out.append((page * stream.PAGE_SIZE, dma.read(page * stream.PAGE_SIZE,
-                                                              stream.PAGE_SIZE)))
-            except VfnicError:
-                continue  # unmapped since: nothing to carry
-        return out
+        self.device.set_running(True)
 
     # -- data --------------------------------------------------------------------------------
 
@@ -263,58 +252,27 @@ class Migration:
     # -- DMA dirty page logging --------------------------------------------------------------
 
     def logging_start(self, data: bytes) -> bytes:
-        if self.fn.dma.dirty_log is not None:
-            raise ProtocolError("DMA logging already started", errno.EBUSY)
         if len(data) < LogControl.size:
             raise ProtocolError("DMA_LOGGING_START: short data")
         page_size, nranges, _ = LogControl.unpack_from(data)
-        if page_size == 0 or page_size & (page_size - 1):
-            raise ProtocolError(f"DMA logging page size {page_size} is not a power of two")
         if nranges > MAX_LOG_RANGES or len(data) < LogControl.size + nranges * LogRange.size:
             raise ProtocolError("DMA_LOGGING_START: bad number of ranges", errno.E2BIG)
         ranges = [LogRange.unpack_from(data, LogControl.size + i * LogRange.size)
                   for i in range(nranges)]
-        for iova, length in ranges:
-            if length == 0 or iova + length > 1 << 64:
-                raise ProtocolError(f"bad DMA logging range {iova:#x}+{length:#x}")
-        # We track 4 KiB pages whatever the hint; reports are built at any size.
-        page_size = max(page_size, stream.PAGE_SIZE)
-        self.fn.dma.dirty_log = set()
-        self.fn.dma.dirty_total = set()
+        page_size = self.dma.start_logging(page_size, ranges)
         return LogControl.pack(page_size, nranges, 0) + data[LogControl.size:]
 
-    def logging_stop(self) -> None:
-        if self.fn.dma.dirty_log is None:
-            raise ProtocolError("DMA logging is not started")
-        self.fn.dma.dirty_log = None
-
     def logging_report(self, data: bytes, argsz: int) -> bytes:
-        log = self.fn.dma.dirty_log
-        if log is None:
+        if not self.dma.logging:
             raise ProtocolError("DMA logging is not started")
         if len(data) < LogReport.size:
             raise ProtocolError("DMA_LOGGING_REPORT: short data")
         iova, length, page_size = LogReport.unpack_from(data)
-        if page_size == 0 or page_size & (page_size - 1) or length == 0:
-            raise ProtocolError("DMA_LOGGING_REPORT: bad page size or length")
-        if length % page_size or iova % page_size:
-            raise ProtocolError("DMA_LOGGING_REPORT: range not aligned to the page size")
-        npages = length // page_size
-        words = (npages + 63) // 64
-        if argsz < 8 + LogReport.size + 8 * words:
-            raise ProtocolError("DMA_LOGGING_REPORT: argsz too small for the bitmap", errno.ENOSPC)
-        bits = 0
-        lps = stream.PAGE_SIZE
-        for page in sorted(log):
-            addr = page * lps
-            if addr + lps <= iova or addr >= iova + length:
-                continue
-            first = max(addr, iova) - iova
-            last = min(addr + lps, iova + length) - 1 - iova
-            for i in range(first // page_size, last // page_size + 1):
-                bits |= 1 << i
-        # Reported pages are cleared (the kernel's semantics for REPORT).
-        for page in [p for p in log if iova <= p * lps and (p + 1) * lps <= iova + length]:
-            log.discard(page)
-        bitmap = bits.to_bytes(8 * words, "little")
-        return LogReport.pack(iova, length, page_size) + bitmap
+        valid = page_size and not page_size & (page_size - 1) and length
+        if valid and not length % page_size and not iova % page_size:  # else report() refuses
+            words = (length // page_size + 63) // 64
+            if argsz < 8 + LogReport.size + 8 * words:
+                raise ProtocolError("DMA_LOGGING_REPORT: argsz too small for the bitmap",
+                                    errno.ENOSPC)
+        return LogReport.pack(iova, length, page_size) + self.dma.report(iova, length,
+                                                                         page_size)

@@ -1,5 +1,8 @@
 """Function state snapshot: every byte the guest or the save path can observe.
 
+The device's own layout: the migration state machine (vfnic.savevm.migration)
+carries it as opaque bytes through PciFunction.save_state/load_state.
+
 Layout (little endian), declared once with construct:
   magic "VFNS", format version, kind (PF/VF), VF index, hash of the register
   table layout, then config space, the register values in table order, the MSI-X
@@ -16,7 +19,6 @@ from typing import TYPE_CHECKING
 
 from construct import Bytes, Const, Int8ul, Int16ul, Int32ul, Struct
 
-from vfnic.device.function import MSIX_BAR_SIZE
 from vfnic.device.pci import CONFIG_SIZE
 from vfnic.errors import SnapshotError
 from vfnic.regs.table import Register
@@ -46,8 +48,8 @@ def layout_hash(table: tuple[Register, ...]) -> bytes:
     return hashlib.sha256(text.encode()).digest()[:8]
 
 
-def body_size(nregs: int) -> int:
-    return CONFIG_SIZE + 4 * nregs + MSIX_BAR_SIZE + 6
+def body_size(nregs: int, msix_size: int) -> int:
+    return CONFIG_SIZE + 4 * nregs + msix_size + 6
 
 
 def save(fn: PciFunction) -> bytes:
@@ -77,7 +79,7 @@ def check(fn: PciFunction, data: bytes) -> None:
     head = Head.parse(data[:HEAD_SIZE])
     if head.version != VERSION:
         raise SnapshotError(f"snapshot format version {head.version}, expected {VERSION}")
-    expected = HEAD_SIZE + body_size(head.nregs) + 4
+    expected = HEAD_SIZE + body_size(head.nregs, len(fn.msix)) + 4
     if len(data) != expected:
         raise SnapshotError(f"snapshot of {len(data)} bytes, expected {expected}")
     (crc,) = (Int32ul.parse(data[-4:]),)
@@ -98,7 +100,7 @@ def restore(fn: PciFunction, data: bytes) -> None:
     n = 4 * head.nregs
     fn.bank.restore(data[pos : pos + n])
     pos += n
-    fn.msix[:] = data[pos : pos + MSIX_BAR_SIZE]
-    pos += MSIX_BAR_SIZE
+    fn.msix[:] = data[pos : pos + len(fn.msix)]
+    pos += len(fn.msix)
     fn.perm_mac = bytes(data[pos : pos + 6])
     fn.link_state = head.link_state
