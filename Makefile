@@ -40,6 +40,7 @@ test: setup
 lint: $(VENV_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy vfnic
+	$(VENV)/bin/lint-imports
 
 demo: setup
 	sh scripts/demo.sh

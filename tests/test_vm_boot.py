@@ -13,8 +13,8 @@ import pytest
 
 from vfnic import cli
 from vfnic.errors import UsageError
-from vfnic.host import runtime
 from vfnic.host.vm import VM, ExecParser, VfioUserFunction, VmError, run_command
+from vfnic.host.vm import accel as vm_accel
 
 pytestmark = pytest.mark.qemu
 
@@ -27,7 +27,7 @@ def test_exec_output_and_status() -> None:
     assert status == 3
     assert output == "hello\ntail"
     assert out.getvalue() == output
-    print(f"boot+exec under {runtime.accel()}: {elapsed:.1f} s")
+    print(f"boot+exec under {vm_accel()}: {elapsed:.1f} s")
 
 
 def test_cli_vm_run_exec() -> None:

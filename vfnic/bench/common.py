@@ -130,10 +130,11 @@ def cpu_model() -> str:
 
 def machine() -> dict[str, str]:
     from vfnic.host import runtime
+    from vfnic.host.vm import accel as vm_accel
 
     try:
         qemu = runtime.qemu_version()
-        accel = runtime.accel()
+        accel = vm_accel()
     except Exception as exc:  # described, not fatal here
         qemu, accel = f"unavailable ({exc})", "?"
     try:

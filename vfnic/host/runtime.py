@@ -13,6 +13,7 @@ import os
 import platform
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 from vfnic.errors import SetupError
@@ -120,11 +121,15 @@ def qemu_version() -> str:
 # -- Accelerator ---------------------------------------------------------------------
 
 _PROBE_FILE = "kvm-probe"
-_PROBE_TIMEOUT = 30.0  # TCG boots in ~6 s; a working KVM is faster
+PROBE_TIMEOUT = 30.0  # TCG boots in ~6 s; a working KVM is faster
 
 
 def _probe_key() -> str:
     return f"{qemu_version()} | {platform.release()}"
+
+
+def write_probe(ok: bool) -> None:
+    (cache_dir() / _PROBE_FILE).write_text(f"{_probe_key()}\n{'ok' if ok else 'fail'}\n")
 
 
 def _read_probe() -> bool | None:
@@ -138,26 +143,12 @@ def _read_probe() -> bool | None:
     return result == "ok"
 
 
-def probe_kvm() -> bool:
-    """Boot the guest once under KVM and cache whether it ran a command."""
-    from vfnic.host.vm import VM  # late: vm.py depends on this module
-
-    ok = False
-    if os.access("/dev/kvm", os.R_OK | os.W_OK):
-        try:
-            with VM(command="true", accel="kvm") as vm:
-                ok = vm.wait_exec(_PROBE_TIMEOUT) == 0
-        except Exception:  # any failure to boot means "no KVM"
-            ok = False
-    (cache_dir() / _PROBE_FILE).write_text(f"{_probe_key()}\n{'ok' if ok else 'fail'}\n")
-    return ok
-
-
-def accel() -> str:
+def accel(probe: Callable[[], bool] | None = None) -> str:
     """'tcg' unless KVM is forced or has passed a probe boot.
 
     VFNIC_ACCEL=tcg|kvm forces a choice. KVM hangs Linux guests on some hosts,
-    so it is probed only with VFNIC_KVM_PROBE=1 and the result is cached.
+    so it is probed (by ``probe``, vfnic.host.vm.probe_kvm boots a guest) only
+    with VFNIC_KVM_PROBE=1, and the result is cached.
     """
     forced = os.environ.get("VFNIC_ACCEL")
     if forced:
@@ -165,10 +156,10 @@ def accel() -> str:
     cached = _read_probe()
     if cached is not None:
         return "kvm" if cached else "tcg"
-    if os.environ.get("VFNIC_KVM_PROBE") == "1" and probe_kvm():
+    if os.environ.get("VFNIC_KVM_PROBE") == "1" and probe is not None and probe():
         return "kvm"
     return "tcg"
 
 
-def accel_args(name: str | None = None) -> list[str]:
-    return ["-accel", name or accel()]
+def accel_args(name: str) -> list[str]:
+    return ["-accel", name]

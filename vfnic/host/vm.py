@@ -179,6 +179,25 @@ def exec_kernel_arg(command: str) -> str | None:
     return f"vfnic.exec={encoded}" if len(encoded) <= _CMDLINE_MAX else None
 
 
+def probe_kvm() -> bool:
+    """Boot the guest once under KVM and cache whether it ran a command."""
+    ok = False
+    if os.access("/dev/kvm", os.R_OK | os.W_OK):
+        try:
+            with VM(command="true", accel="kvm") as vm:
+                ok = vm.wait_exec(runtime.PROBE_TIMEOUT) == 0
+        except Exception:  # any failure to boot means "no KVM"
+            ok = False
+    runtime.write_probe(ok)
+    return ok
+
+
+def accel() -> str:
+    """The accelerator a VM uses by default (runtime.accel, probing KVM with a boot
+    when VFNIC_KVM_PROBE=1)."""
+    return runtime.accel(probe_kvm)
+
+
 class VM:
     """One QEMU process running the vfnic guest image.
 
@@ -279,7 +298,7 @@ class VM:
             "-object", f"memory-backend-memfd,id=mem,size={self.mem},share=on",
             "-m", self.mem,
             "-smp", str(self.smp),
-            *runtime.accel_args(self.accel),
+            *runtime.accel_args(self.accel or accel()),
             "-chardev",
             f"socket,id=con,path={run / 'console.sock'},server=on,wait=off,"
             f"logfile={run / 'console.log'}",
@@ -338,7 +357,7 @@ class VM:
             argv = ["ip", "netns", "exec", self.netns, *argv]
         self._log_fd = os.open(self.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.started_at = time.monotonic()
-        self._progress(f"starting QEMU ({self.accel or runtime.accel()}), run dir {self.run_dir}")
+        self._progress(f"starting QEMU ({self.accel or accel()}), run dir {self.run_dir}")
         # Own session: a Ctrl-C in the terminal reaches us, and we quit QEMU cleanly.
         self.proc = subprocess.Popen(
             argv,
