@@ -26,6 +26,8 @@ import pytest
 from vfnic.device.function import PciFunction
 from vfnic.device.nic import NicServer
 from vfnic.errors import RemoteError
+from vfnic.regs import ids
+from vfnic.regs import table as T
 from vfnic.vfiouser import wire
 from vfnic.vfiouser.client import CLIENT_CAPS, VfioUserClient
 from vfnic.vfiouser.transport import Endpoint, Message
@@ -44,20 +46,18 @@ DEVCTL_FLR = 1 << 15
 BAR0 = wire.PciRegion.BAR0
 MSIX_BAR = wire.PciRegion.BAR3
 CONFIG = wire.PciRegion.CONFIG
-REG_CTRL = 0x00
-REG_STATUS = 0x08
-REG_EICR = 0x10
-REG_EIMS = 0x14
-REG_EICS = 0x18
-REG_EITR = 0x1C
-REG_RAL = 0x20
-REG_RAH = 0x24
-REG_MTA = 0x28
-REG_RDH0 = 0x100C
+REG_CTRL = T.CTRL.offset
+REG_STATUS = T.STATUS.offset
+REG_EICR = T.EICR.offset
+REG_EIMS = T.EIMS.offset
+REG_EICS = T.EICS.offset
+REG_EITR = T.EITR.offset
+REG_RAL = T.RAL.offset
+REG_RAH = T.RAH.offset
+REG_MTA = T.MTA.offset
+REG_RDH0 = T.RDH(0).offset
 
-VENDOR_ID = 0x1234
-PF_DEVICE_ID = 0x5FE0
-VF_DEVICE_ID = 0x5FE1
+VENDOR_ID, PF_DEVICE_ID, VF_DEVICE_ID = ids.VENDOR_ID, ids.PF_DEVICE_ID, ids.VF_DEVICE_ID
 
 
 # -- payload builders ---------------------------------------------------------------

@@ -122,14 +122,14 @@ def make(request: pytest.FixtureRequest, nic: NicServer) -> Iterator[MakeDriver]
 def test_init_takes_the_mac_the_pf_assigns(nic: NicServer, make: MakeDriver) -> None:
     d0 = make(0)
     assert d0.mac == nic.nic.vfs[0].perm_mac
-    assert d0.get_reg("RAL") | (d0.get_reg("RAH") & 0xFFFF) << 32 == int.from_bytes(
+    assert d0.get_reg(T.RAL) | (d0.get_reg(T.RAH) & 0xFFFF) << 32 == int.from_bytes(
         d0.mac, "little")
-    assert d0.get_reg("RAH") & 1 << 31  # AV
-    assert d0.link_up and d0.get_reg("STATUS") & T.STATUS_LU
+    assert d0.get_reg(T.RAH) & 1 << 31  # AV
+    assert d0.link_up and d0.get_reg(T.STATUS) & T.STATUS_LU
     cmd = d0.bus.config_read(PCI_COMMAND, 2)
     assert cmd & COMMAND_MASTER and cmd & COMMAND_MEMORY
-    assert d0.get_reg("RXDCTL0") & D.QCTL_ENABLE and d0.get_reg("TXDCTL0") & D.QCTL_ENABLE
-    assert d0.get_reg("RDT0") == RING - 1
+    assert d0.get_reg(T.RXDCTL(0)) & T.QCTL_ENABLE and d0.get_reg(T.TXDCTL(0)) & T.QCTL_ENABLE
+    assert d0.get_reg(T.RDT(0)) == RING - 1
 
     nic.nic.set_vf_mac(1, "02:00:00:00:00:42")  # `vfnic link set DIR vf 1 mac ...`
     assert make(1).mac == bytes.fromhex("020000000042")
@@ -176,9 +176,9 @@ def test_rings_wrap_around(make: MakeDriver) -> None:
         assert d0.tx_batch(batch) == len(batch)
         assert receive(d1, len(batch)) == batch, f"frames {start}.."
     assert d0.tx_ring.index == d0.tx_ring.clean == total % ring
-    assert d0.get_reg("TDH0") == d0.get_reg("TDT0") == total % ring
-    assert d1.rx_ring.index == d1.get_reg("RDH0") == total % ring
-    assert d1.get_reg("RDT0") == (total - 1) % ring  # one slot always stays empty
+    assert d0.get_reg(T.TDH(0)) == d0.get_reg(T.TDT(0)) == total % ring
+    assert d1.rx_ring.index == d1.get_reg(T.RDH(0)) == total % ring
+    assert d1.get_reg(T.RDT(0)) == (total - 1) % ring  # one slot always stays empty
     assert d1.stats()["MPC"] == 0
 
 
@@ -197,7 +197,7 @@ def test_full_rx_ring_drops_frames_and_counts_mpc(make: MakeDriver) -> None:
     for f in sent:
         assert d0.tx(f)
     # The device owns ring - 1 descriptors; everything after is missed.
-    wait_for(lambda: d1.get_reg("MPC") == 40 - (ring - 1), what="MPC")
+    wait_for(lambda: d1.get_reg(T.MPC) == 40 - (ring - 1), what="MPC")
     assert receive(d1, ring - 1) == sent[: ring - 1]
     assert quiet(d1) == []
     assert d1.stats()["GPRC"] == ring - 1
@@ -212,7 +212,7 @@ def test_oversized_and_runt_frames_are_not_sent(make: MakeDriver) -> None:
     assert not d0.tx(frame(d1.mac, d0.mac, bytes(G.MAX_FRAME)))
     assert not d0.tx(d1.mac)
     assert d0.counters.tx_dropped == 2
-    assert d0.get_reg("QERR0") == 0 and quiet(d1) == []
+    assert d0.get_reg(T.QERR(0)) == 0 and quiet(d1) == []
 
 
 # -- queue errors ------------------------------------------------------------------------
@@ -224,13 +224,13 @@ def test_bad_rx_descriptor_disables_the_queue_and_the_driver_recovers(
     ring = d1.rx_ring
     G.RX_DESC.pack_into(ring.desc.view, ring.index * G.DESC_SIZE, BAD_ADDRESS, 0, 0, 0, 0, 0)
     assert d0.tx(frame(d1.mac, d0.mac, b"lost"))
-    wait_for(lambda: d1.get_reg("QERR0") & D.QERR_DMA != 0, what="QERR0.DMA")
-    assert not d1.get_reg("RXDCTL0") & D.QCTL_ENABLE
-    assert d1.get_reg("TXDCTL0") & D.QCTL_ENABLE  # only the RX ring stopped
+    wait_for(lambda: d1.get_reg(T.QERR(0)) & T.QERR_DMA != 0, what="QERR0.DMA")
+    assert not d1.get_reg(T.RXDCTL(0)) & T.QCTL_ENABLE
+    assert d1.get_reg(T.TXDCTL(0)) & T.QCTL_ENABLE  # only the RX ring stopped
 
     d1.watchdog(force=True)
     assert d1.counters.queue_resets == 1
-    assert d1.get_reg("QERR0") == 0 and d1.get_reg("RXDCTL0") & D.QCTL_ENABLE
+    assert d1.get_reg(T.QERR(0)) == 0 and d1.get_reg(T.RXDCTL(0)) & T.QCTL_ENABLE
     ok = frame(d1.mac, d0.mac, b"after the reset")
     assert d0.tx(ok)
     assert receive(d1, 1) == [ok]
@@ -238,7 +238,7 @@ def test_bad_rx_descriptor_disables_the_queue_and_the_driver_recovers(
 
 @pytest.mark.parametrize(
     ("address", "length", "cause"),
-    [(BAD_ADDRESS, 60, D.QERR_DMA), (None, 0, D.QERR_LEN), (None, D.MAX_FRAME + 1, D.QERR_LEN)],
+    [(BAD_ADDRESS, 60, T.QERR_DMA), (None, 0, T.QERR_LEN), (None, D.MAX_FRAME + 1, T.QERR_LEN)],
     ids=["address", "length-0", "length-too-big"],
 )
 def test_bad_tx_descriptor_disables_the_queue_and_the_driver_recovers(
@@ -249,14 +249,14 @@ def test_bad_tx_descriptor_disables_the_queue_and_the_driver_recovers(
     G.TX_DESC.pack_into(ring.desc.view, ring.index * G.DESC_SIZE, addr, length, 0,
                         G.CMD_EOP | G.CMD_RS, 0, 0, 0)
     ring.index = (ring.index + 1) % ring.count
-    d0.set_reg("TDT0", ring.index)
-    assert d0.get_reg("QERR0") & cause
-    assert not d0.get_reg("TXDCTL0") & D.QCTL_ENABLE
+    d0.set_reg(T.TDT(0), ring.index)
+    assert d0.get_reg(T.QERR(0)) & cause
+    assert not d0.get_reg(T.TXDCTL(0)) & T.QCTL_ENABLE
     assert d0.stats()["TXERRC"] == 1
 
     d0.watchdog(force=True)
     assert d0.counters.queue_resets == 1
-    assert d0.get_reg("QERR0") == 0 and d0.get_reg("TXDCTL0") & D.QCTL_ENABLE
+    assert d0.get_reg(T.QERR(0)) == 0 and d0.get_reg(T.TXDCTL(0)) & T.QCTL_ENABLE
     ok = frame(d1.mac, d0.mac, b"after the reset")
     assert d0.tx(ok)
     assert receive(d1, 1) == [ok]
@@ -264,8 +264,8 @@ def test_bad_tx_descriptor_disables_the_queue_and_the_driver_recovers(
 
 def test_tail_beyond_the_ring_is_a_queue_error(make: MakeDriver) -> None:
     d0, d1 = make(0), make(1)
-    d1.set_reg("RDT0", RING + 5)
-    assert d1.get_reg("QERR0") & D.QERR_TAIL
+    d1.set_reg(T.RDT(0), RING + 5)
+    assert d1.get_reg(T.QERR(0)) & T.QERR_TAIL
     d1.watchdog(force=True)
     ok = frame(d1.mac, d0.mac, b"after the reset")
     assert d0.tx(ok)
@@ -284,7 +284,7 @@ def test_link_change_is_seen_and_acknowledged(nic: NicServer, make: MakeDriver) 
     d0.watchdog(force=True)
     assert pending.acked.is_set() and pending.reply[0] == M.MsgType.LINK_CHANGE | M.FLAG_ACK
     assert not d0.link_up and seen == [False]
-    assert not d0.get_reg("STATUS") & T.STATUS_LU
+    assert not d0.get_reg(T.STATUS) & T.STATUS_LU
     nic.nic.set_link_state(0, "auto")
     d0.watchdog(force=True)
     assert d0.link_up and seen == [False, True]
@@ -296,22 +296,22 @@ def test_suspend_stops_the_queues_and_resume_announces_the_address(
     d1.ipv4 = bytes([10, 0, 0, 2])
     early = frame(d1.mac, d0.mac, b"before suspend")
     assert d0.tx(early)
-    wait_for(lambda: d1.get_reg("RDH0") == 1, what="the early frame")
+    wait_for(lambda: d1.get_reg(T.RDH(0)) == 1, what="the early frame")
 
     ack = pf_message(nic, 1, d1, M.MsgType.SUSPEND)
     assert ack.reply[0] == M.MsgType.SUSPEND | M.FLAG_ACK
     assert ack.reply[1] == d1.last_suspend_us > 0
     assert d1.suspended and d1.saved is not None and d1.saved.rx_index == 1
-    assert not d1.get_reg("RXDCTL0") & D.QCTL_ENABLE
-    assert not d1.get_reg("TXDCTL0") & D.QCTL_ENABLE
+    assert not d1.get_reg(T.RXDCTL(0)) & T.QCTL_ENABLE
+    assert not d1.get_reg(T.TXDCTL(0)) & T.QCTL_ENABLE
     assert d1.rx_poll() == []  # held while the interface is down ...
     assert not d1.tx(frame(d0.mac, d1.mac, b"while suspended"))
     assert d0.tx(frame(d1.mac, d0.mac, b"missed"))
-    wait_for(lambda: d1.get_reg("MPC") == 1, what="MPC")
+    wait_for(lambda: d1.get_reg(T.MPC) == 1, what="MPC")
 
     ack = pf_message(nic, 1, d1, M.MsgType.RESUME)
     assert ack.reply[0] == M.MsgType.RESUME | M.FLAG_ACK
-    assert not d1.suspended and d1.get_reg("RXDCTL0") & D.QCTL_ENABLE
+    assert not d1.suspended and d1.get_reg(T.RXDCTL(0)) & T.QCTL_ENABLE
     assert receive(d0, 1) == [gratuitous_arp(d1.mac, d1.ipv4)]
     arp = gratuitous_arp(d1.mac, d1.ipv4)
     assert arp[12:14] == b"\x08\x06" and arp[28:32] == arp[38:42] == d1.ipv4
@@ -360,12 +360,12 @@ def test_a_fresh_vf_is_recognised_even_with_the_same_mac(nic: NicServer,
     the same, the token in SCRATCH does not."""
     d0 = make(0)
     pf_message(nic, 0, d0, M.MsgType.SUSPEND)
-    assert not d0.moved() and d0.get_reg("SCRATCH") == d0.token != 0
+    assert not d0.moved() and d0.get_reg(T.SCRATCH) == d0.token != 0
     pf_message(nic, 0, d0, M.MsgType.RESUME)
     pf_message(nic, 0, d0, M.MsgType.SUSPEND)
     with nic.nic.lock:
         nic.nic.vfs[0].function_reset()  # same perm_mac: RAH comes back equal
-    assert d0.get_reg("RAH") & 0xFFFF == int.from_bytes(d0.mac[4:], "little")
+    assert d0.get_reg(T.RAH) & 0xFFFF == int.from_bytes(d0.mac[4:], "little")
     assert d0.moved()
     d0.watchdog(force=True)
     assert d0.counters.moves == 1 and not d0.suspended and not d0.moved()
@@ -397,23 +397,25 @@ def test_unknown_pf_message_is_refused(nic: NicServer, make: MakeDriver) -> None
 # -- the guest's code path ----------------------------------------------------------------
 
 
-def test_descriptor_layouts_match_the_device_definition() -> None:
-    assert G.RX_DESC.format == D.RX_DESC.format and G.TX_DESC.format == D.TX_DESC.format
+def test_the_driver_uses_the_devices_definitions() -> None:
+    """Descriptor layouts, register offsets and bits: the same objects as the device's."""
+    assert G.RX_DESC is D.RX_DESC and G.TX_DESC is D.TX_DESC
     for name in ("DESC_SIZE", "RX_BUFFER_SIZE", "MIN_FRAME", "MAX_FRAME", "STAT_DD", "STAT_EOP",
-                 "CMD_EOP", "CMD_RS", "QCTL_ENABLE"):
+                 "CMD_EOP", "CMD_RS", "STATUS_OFFSET"):
         assert getattr(G, name) == getattr(D, name), name
-    assert G.QERR_NAMES == {D.QERR_DMA: "DMA", D.QERR_LEN: "LEN", D.QERR_RING: "RING",
-                            D.QERR_TAIL: "TAIL"}
-    status = struct.calcsize("<QHH")
-    assert G.STATUS_OFFSET == status == struct.calcsize("<QHBB")
+    assert G.QCTL_ENABLE == T.QCTL_ENABLE and G.QERR_NAMES is T.QERR_NAMES
+    assert G.REG == {r.name: r for r in T.VF_TABLE}
+    assert D.STATUS_OFFSET == struct.calcsize("<QHH") == struct.calcsize("<QHBB")
 
 
-def test_pci_ids_match_the_device() -> None:
-    from vfnic.device import function
-    from vfnic.guestdriver import bus
+def test_pci_ids_are_declared_once() -> None:
+    """Only vfnic/regs/ids.py spells the NIC's device IDs; everything else imports them."""
+    import re
 
-    assert (bus.VENDOR_ID, bus.PF_DEVICE_ID, bus.VF_DEVICE_ID) == (
-        function.VENDOR_ID, function.PF_DEVICE_ID, function.VF_DEVICE_ID)
+    spelled = re.compile(r"5fe[01]", re.IGNORECASE)
+    where = [str(p.relative_to(REPO)) for p in sorted((REPO / "vfnic").rglob("*.py"))
+             if spelled.search(p.read_text())]
+    assert where == ["vfnic/regs/ids.py"]
 
 
 GUEST_IMPORTS = """

@@ -15,6 +15,7 @@ from vfnic.device import snapshot
 from vfnic.device.nic import NicServer
 from vfnic.host.vm import VM, VfioUserFunction
 from vfnic.migrate.orchestrator import Host, Options, migrate
+from vfnic.regs.ids import VF_DEVICE_ID
 
 # The guest keeps reading a register it wrote once; after a migration the
 # destination must show the same value, and the tick count must go on.
@@ -22,7 +23,7 @@ TICKER = r"""
 python3 - <<'PY'
 import glob, mmap, os, struct, time
 for d in glob.glob("/sys/bus/pci/devices/*"):
-    if open(d + "/device").read().strip() == "0x5fe1":
+    if open(d + "/device").read().strip() == "__VF_DEVICE__":
         break
 fd = os.open(d + "/config", os.O_RDWR)
 cmd = struct.unpack("<H", os.pread(fd, 2, 4))[0]
@@ -33,7 +34,7 @@ for i in range(100000):
     print("tick", i, hex(regs[0x28 // 4]), flush=True)
     time.sleep(0.2)
 PY
-"""
+""".replace("__VF_DEVICE__", f"{VF_DEVICE_ID:#06x}")
 PORT = iter(range(47100, 47200))
 
 

@@ -27,13 +27,14 @@ from vfnic.device.nic import NicServer
 from vfnic.host.vm import VM, VfioUserFunction
 from vfnic.migrate.lab import GUEST_IP, Lab, LabError, Pinger, require_root, sh
 from vfnic.migrate.orchestrator import Host, Options, migrate
+from vfnic.regs.ids import VENDOR_ID, VF_DEVICE_ID
 
 STEP1 = r"""
-lspci -nn -d 1234:
+lspci -nn -d __VENDOR__:
 python3 - <<'PY'
 import glob, mmap, os, struct
 vf = [d for d in glob.glob("/sys/bus/pci/devices/*")
-      if open(d + "/device").read().strip() == "0x5fe1"][0]
+      if open(d + "/device").read().strip() == "0x__VF_DEVICE__"][0]
 fd = os.open(vf + "/config", os.O_RDWR)
 os.pwrite(fd, struct.pack("<H", struct.unpack("<H", os.pread(fd, 2, 4))[0] | 2), 4)
 regs = memoryview(mmap.mmap(os.open(vf + "/resource0", os.O_RDWR | os.O_SYNC), 0x4000)).cast("I")
@@ -41,7 +42,7 @@ regs[0x28 // 4] = 0x600DF00D
 name = os.path.basename(vf)
 print(f"guest wrote 0x600df00d to MTA (BAR0 0x28) of {name}, read back {regs[0x28 // 4]:#x}")
 PY
-"""
+""".replace("__VENDOR__", f"{VENDOR_ID:04x}").replace("__VF_DEVICE__", f"{VF_DEVICE_ID:04x}")
 
 
 def say(text: str) -> None:

@@ -431,7 +431,6 @@ def pf_agent_cost(n: int = 2000) -> dict[str, float]:
 
     nic = Nic(2)
     fn = nic.vfs[0]
-    offs = {r.name: r.offset for r in T.VF_TABLE}
     out: dict[str, float] = {}
     for name, msg in (("suspend", M.MsgType.SUSPEND), ("resume", M.MsgType.RESUME)):
         post: list[float] = []
@@ -443,11 +442,11 @@ def pf_agent_cost(n: int = 2000) -> dict[str, float]:
                 nic.pf_agent.post(fn, msg)
             t1 = time.perf_counter_ns()
             # what the VF driver writes: its reply word, then the ACK doorbell
-            fn.region_write(0, offs[f"VFMBMEM{M.REQ_BASE}"], reply)
-            fn.region_write(0, offs["VFMAILBOX"], T.MBX_PFSTS.to_bytes(4, "little"))
+            fn.region_write(0, T.VFMBMEM(M.REQ_BASE).offset, reply)
+            fn.region_write(0, T.VFMAILBOX.offset, T.MBX_PFSTS.to_bytes(4, "little"))
             t2 = time.perf_counter_ns()
             with nic.lock:  # as the server's session does for a guest write
-                fn.region_write(0, offs["VFMBDOORBELL"], T.MBX_ACK.to_bytes(4, "little"))
+                fn.region_write(0, T.VFMBDOORBELL.offset, T.MBX_ACK.to_bytes(4, "little"))
             t3 = time.perf_counter_ns()
             post.append((t1 - t0) / 1000)
             ack.append((t3 - t2) / 1000)

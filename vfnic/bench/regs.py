@@ -35,6 +35,7 @@ from vfnic.bench.common import (
     table,
     worker_argv,
 )
+from vfnic.regs.ids import VENDOR_ID, VF_DEVICE_ID
 
 STATUS, MTA = 0x0008, 0x0028
 READ_TARGET_US = 50.0
@@ -212,7 +213,7 @@ def rate(op, secs):
 
 CHUNK, SECS, RUNS = 500, __SECS__, __RUNS__
 out = {}
-vf = find("0x1234", ("0x5fe1",))
+vf = find(__VENDOR__, (__VF_DEVICE__,))
 regs = bar(vf, 0, 0x4000)
 
 def reads(k, r=regs):
@@ -233,7 +234,7 @@ out["loop"] = [rate(loop, SECS / 4) for _ in range(RUNS)]
 out["reads"] = [rate(reads, SECS) for _ in range(RUNS)]
 out["writes"] = [rate(writes, SECS) for _ in range(RUNS)]
 try:
-    edu = find("0x1234", ("0x11e8",))
+    edu = find(__VENDOR__, ("0x11e8",))  # QEMU's edu device shares the vendor ID
     ve = bar(edu, 0, 0x1000)
     def emu(k, r=ve):
         for _ in range(k):
@@ -251,7 +252,9 @@ def guest_regs(runs: int, secs: float, busy_poll_us: int = 0) -> dict[str, Any]:
 
     with short_tmpdir("vfb-") as tmp, serve(tmp / "nic", vfs=2,
                                             busy_poll_us=busy_poll_us) as nic:
-        script = GUEST_SCRIPT.replace("__SECS__", repr(secs)).replace("__RUNS__", str(runs))
+        script = (GUEST_SCRIPT.replace("__SECS__", repr(secs)).replace("__RUNS__", str(runs))
+                  .replace("__VENDOR__", repr(f"{VENDOR_ID:#06x}"))
+                  .replace("__VF_DEVICE__", repr(f"{VF_DEVICE_ID:#06x}")))
         # QEMU's "edu" device: a register QEMU emulates itself, for comparison.
         vm = VM([VfioUserFunction(nic / "vf0.sock", "vf0")], command=script,
                 extra_args=["-device", "edu"])

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 from vfnic.errors import DmaError
 from vfnic.regs import descriptors as D
+from vfnic.regs import table as T
+from vfnic.regs.bank import Reg
 
 if TYPE_CHECKING:
     from vfnic.device.function import PciFunction
@@ -31,67 +33,67 @@ class DataPath:
 
     # -- helpers -------------------------------------------------------------------------
 
-    def _reg(self, name: str, q: int) -> int:
-        return self.fn.bank.get(f"{name}{q}")
+    def _reg(self, reg: Reg) -> int:
+        return self.fn.bank.get(reg)
 
-    def _set(self, name: str, q: int, value: int) -> None:
-        self.fn.bank.set(f"{name}{q}", value)
+    def _set(self, reg: Reg, value: int) -> None:
+        self.fn.bank.set(reg, value)
 
-    def _count(self, stat: str, n: int = 1) -> None:
+    def _count(self, stat: Reg, n: int = 1) -> None:
         self.fn.bank.set(stat, (self.fn.bank.get(stat) + n) & 0xFFFFFFFF)
 
-    def _count64(self, low: str, high: str, n: int) -> None:
+    def _count64(self, low: Reg, high: Reg, n: int) -> None:
         value = (self.fn.bank.get(high) << 32 | self.fn.bank.get(low)) + n
         self.fn.bank.set(low, value & 0xFFFFFFFF)
         self.fn.bank.set(high, (value >> 32) & 0xFFFFFFFF)
 
-    def ring(self, kind: str, q: int) -> tuple[int, int]:
-        """(base, descriptor count) of ring ``kind`` ('R' or 'T') of queue q."""
-        base = self._reg(f"{kind}DBAH", q) << 32 | self._reg(f"{kind}DBAL", q)
-        return base, self._reg(f"{kind}DLEN", q) // D.DESC_SIZE
+    def ring(self, ring: T.Ring, q: int) -> tuple[int, int]:
+        """(base, descriptor count) of ``ring`` (T.RX or T.TX) of queue q."""
+        base = self._reg(ring.DBAH(q)) << 32 | self._reg(ring.DBAL(q))
+        return base, self._reg(ring.DLEN(q)) // D.DESC_SIZE
 
-    def enabled(self, kind: str, q: int) -> bool:
-        return bool(self._reg(f"{kind}XDCTL", q) & D.QCTL_ENABLE)
+    def enabled(self, ring: T.Ring, q: int) -> bool:
+        return bool(self._reg(ring.XDCTL(q)) & T.QCTL_ENABLE)
 
-    def queue_error(self, kind: str, q: int, cause: int) -> None:
+    def queue_error(self, ring: T.Ring, q: int, cause: int) -> None:
         """Disable the queue and report why (QERRn, EICR queue bit)."""
-        self._set(f"{kind}XDCTL", q, self._reg(f"{kind}XDCTL", q) & ~D.QCTL_ENABLE)
-        self.fn.bank.set_bits(f"QERR{q}", cause)
-        self._count("RXERRC" if kind == "R" else "TXERRC")
+        self._set(ring.XDCTL(q), self._reg(ring.XDCTL(q)) & ~T.QCTL_ENABLE)
+        self.fn.bank.set_bits(T.QERR(q), cause)
+        self._count(T.RXERRC if ring is T.RX else T.TXERRC)
         if self.fn.nic is not None:
-            self.fn.nic.raise_cause(self.fn, 1 << q)
+            self.fn.nic.raise_cause(self.fn, T.EICR_RTXQ(q))
 
-    def _check_ring(self, kind: str, q: int) -> bool:
-        base, count = self.ring(kind, q)
-        if count == 0 or self._reg(f"{kind}DLEN", q) % 128:
-            self.queue_error(kind, q, D.QERR_RING)
+    def _check_ring(self, ring: T.Ring, q: int) -> bool:
+        base, count = self.ring(ring, q)
+        if count == 0 or self._reg(ring.DLEN(q)) % 128:
+            self.queue_error(ring, q, T.QERR_RING)
             return False
         try:
             self.fn.dma.find(base, count * D.DESC_SIZE)
         except DmaError:
-            self.queue_error(kind, q, D.QERR_DMA)
+            self.queue_error(ring, q, T.QERR_DMA)
             return False
         return True
 
     # -- register hooks -------------------------------------------------------------------
 
-    def on_ctl_write(self, kind: str, q: int) -> None:
+    def on_ctl_write(self, ring: T.Ring, q: int) -> None:
         """RXDCTL/TXDCTL written: enabling a queue validates its ring and resets head."""
-        if not self.enabled(kind, q):
+        if not self.enabled(ring, q):
             return
-        if self._check_ring(kind, q):
-            self._set(f"{kind}DH", q, 0)
-            if kind == "T":
+        if self._check_ring(ring, q):
+            self._set(ring.DH(q), 0)
+            if ring is T.TX:
                 self.transmit(q)
 
-    def on_tail_write(self, kind: str, q: int) -> None:
-        if not self.enabled(kind, q):
+    def on_tail_write(self, ring: T.Ring, q: int) -> None:
+        if not self.enabled(ring, q):
             return
-        _, count = self.ring(kind, q)
-        if self._reg(f"{kind}DT", q) >= count:
-            self.queue_error(kind, q, D.QERR_TAIL)
+        _, count = self.ring(ring, q)
+        if self._reg(ring.DT(q)) >= count:
+            self.queue_error(ring, q, T.QERR_TAIL)
             return
-        if kind == "T":
+        if ring is T.TX:
             self.transmit(q)
         else:
             self.drain_backlog()
@@ -101,10 +103,10 @@ class DataPath:
     def transmit(self, q: int) -> int:
         """Send every descriptor in [TDH, TDT); returns the number of frames sent."""
         fn = self.fn
-        if not fn.running or not self.enabled("T", q):
+        if not fn.running or not self.enabled(T.TX, q):
             return 0
-        base, count = self.ring("T", q)
-        head, tail = self._reg("TDH", q), self._reg("TDT", q)
+        base, count = self.ring(T.TX, q)
+        head, tail = self._reg(T.TDH(q)), self._reg(T.TDT(q))
         sent = 0
         while head != tail:
             slot = base + head * D.DESC_SIZE
@@ -113,25 +115,25 @@ class DataPath:
                     fn.dma_read(slot, D.DESC_SIZE)
                 )
                 if not D.MIN_FRAME <= length <= D.MAX_FRAME:
-                    self._set("TDH", q, head)
-                    self.queue_error("T", q, D.QERR_LEN)
+                    self._set(T.TDH(q), head)
+                    self.queue_error(T.TX, q, T.QERR_LEN)
                     return sent
                 frame = fn.dma_read(addr, length)
                 if cmd & D.CMD_RS:
                     fn.dma_write(slot + 12, bytes([D.STAT_DD]))
             except DmaError:
-                self._set("TDH", q, head)
-                self.queue_error("T", q, D.QERR_DMA)
+                self._set(T.TDH(q), head)
+                self.queue_error(T.TX, q, T.QERR_DMA)
                 return sent
             head = (head + 1) % count
             sent += 1
-            self._count("GPTC")
-            self._count64("GOTCL", "GOTCH", len(frame))
-            self._set("TDH", q, head)
+            self._count(T.GPTC)
+            self._count64(T.GOTCL, T.GOTCH, len(frame))
+            self._set(T.TDH(q), head)
             if fn.nic is not None:
                 fn.nic.switch.forward(fn, frame)
         if sent and fn.nic is not None:
-            fn.nic.raise_cause(fn, 1 << q)
+            fn.nic.raise_cause(fn, T.EICR_RTXQ(q))
         return sent
 
     # -- receive --------------------------------------------------------------------------
@@ -140,7 +142,7 @@ class DataPath:
         """A frame for this function (from the switch). DMA through messages may
         only be done by the thread serving the client: queue it and wake that thread."""
         fn = self.fn
-        if not fn.running or fn.session is None or not self.enabled("R", 0):
+        if not fn.running or fn.session is None or not self.enabled(T.RX, 0):
             fn.count_drop()
             return
         if fn.dma.has_message_regions() and not fn.in_serving_thread():
@@ -158,11 +160,11 @@ class DataPath:
 
     def _deliver(self, frame: bytes, q: int = 0) -> bool:
         fn = self.fn
-        if not fn.running or not self.enabled("R", q):
+        if not fn.running or not self.enabled(T.RX, q):
             fn.count_drop()
             return False
-        base, count = self.ring("R", q)
-        head, tail = self._reg("RDH", q), self._reg("RDT", q)
+        base, count = self.ring(T.RX, q)
+        head, tail = self._reg(T.RDH(q)), self._reg(T.RDT(q))
         if head == tail:  # no descriptor posted: the frame is missed
             fn.count_drop()
             return False
@@ -172,19 +174,19 @@ class DataPath:
             errors = 0
             if len(frame) > D.RX_BUFFER_SIZE:
                 errors = D.RXERR_LEN
-                self._count("RXERRC")
+                self._count(T.RXERRC)
             else:
                 fn.dma_write(addr, frame)
             wb = RX_WRITEBACK.pack(0 if errors else len(frame), 0, D.STAT_DD | D.STAT_EOP,
                                    errors, 0)
             fn.dma_write(slot + 8, wb)
         except DmaError:
-            self.queue_error("R", q, D.QERR_DMA)
+            self.queue_error(T.RX, q, T.QERR_DMA)
             return False
-        self._set("RDH", q, (head + 1) % count)
+        self._set(T.RDH(q), (head + 1) % count)
         if not errors:
-            self._count("GPRC")
-            self._count64("GORCL", "GORCH", len(frame))
+            self._count(T.GPRC)
+            self._count64(T.GORCL, T.GORCH, len(frame))
         if fn.nic is not None:
-            fn.nic.raise_cause(fn, 1 << q)
+            fn.nic.raise_cause(fn, T.EICR_RTXQ(q))
         return True

@@ -19,7 +19,15 @@ from vfnic.dma.controller import DmaController
 from vfnic.errors import DmaError, ProtocolError
 from vfnic.regs import table as T
 from vfnic.regs.bank import RegisterBank
-from vfnic.regs.table import BAR0_SIZE, PF_TABLE, VF_TABLE
+from vfnic.regs.ids import (
+    CLASS_ETHERNET,
+    PF_DEVICE_ID,
+    SUBSYS_ID,
+    SUBSYS_VENDOR,
+    VENDOR_ID,
+    VF_DEVICE_ID,
+)
+from vfnic.regs.table import BAR0_SIZE, PF_TABLE, VF_TABLE, Register
 from vfnic.savevm.migration import Migration
 from vfnic.vfiouser import wire
 
@@ -27,12 +35,6 @@ if TYPE_CHECKING:
     from vfnic.device.nic import Nic
     from vfnic.vfiouser.server import Session
 
-VENDOR_ID = 0x1234  # QEMU's experimental vendor ID: no guest driver binds to it
-PF_DEVICE_ID = 0x5FE0
-VF_DEVICE_ID = 0x5FE1
-CLASS_ETHERNET = 0x020000
-SUBSYS_VENDOR = 0x1AF4
-SUBSYS_ID = 0x0100
 
 MSIX_BAR = 3
 MSIX_BAR_SIZE = 0x4000
@@ -331,7 +333,7 @@ class PciFunction:
     def dirty_pages(self) -> list[tuple[int, bytes]]:
         return self.dma.logged_pages()
 
-    def count_drop(self, stat: str = "MPC") -> None:
+    def count_drop(self, stat: Register = T.MPC) -> None:
         """A frame lost: in a statistics register, or, while stopped for migration (when
         the device state must not change, vfio STOP), in a host-side counter."""
         if self.running:
@@ -341,8 +343,8 @@ class PciFunction:
 
     def load_mac(self, mac: bytes) -> None:
         """Program the receive address (RAL/RAH, address valid) with ``mac``."""
-        self.bank.set("RAL", int.from_bytes(mac[:4], "little"))
-        self.bank.set("RAH", int.from_bytes(mac[4:6], "little") | T.RAH_AV)
+        self.bank.set(T.RAL, int.from_bytes(mac[:4], "little"))
+        self.bank.set(T.RAH, int.from_bytes(mac[4:6], "little") | T.RAH_AV)
 
     def in_serving_thread(self) -> bool:
         return self.serving_thread == threading.get_ident()
@@ -382,5 +384,5 @@ class PciFunction:
 
     @property
     def mac(self) -> bytes:
-        ral, rah = self.bank.get("RAL"), self.bank.get("RAH")
+        ral, rah = self.bank.get(T.RAL), self.bank.get(T.RAH)
         return ral.to_bytes(4, "little") + (rah & 0xFFFF).to_bytes(2, "little")

@@ -7,6 +7,7 @@ DIR/pf.sock, DIR/vf0.sock ... and DIR/control.sock (management, JSON lines).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -23,8 +24,11 @@ from vfnic.device.function import (
     LINK_STATE_NAMES,
     PciFunction,
 )
+from vfnic.device.pfagent import PfAgent
+from vfnic.device.switch import Switch
 from vfnic.errors import UsageError, VfnicError
 from vfnic.regs import table as T
+from vfnic.regs.table import Register
 from vfnic.vfiouser import wire
 from vfnic.vfiouser.server import FunctionServer
 
@@ -41,7 +45,39 @@ def default_mac(nic_id: int, fn: int) -> bytes:
     return bytes([0x02, 0x56, 0x46, nic_id & 0xFF, fn & 0xFF, 0x01])
 
 
+# What a guest write does beyond storing the value, by register (keys are the
+# table's identifiers, so a misspelt register fails at import): hook(nic, fn, value).
+Hook = Callable[["Nic", PciFunction, int], None]
+
+
+def _ctl_hook(ring: T.Ring, q: int) -> Hook:
+    return lambda _nic, fn, _v: fn.datapath.on_ctl_write(ring, q)
+
+
+def _tail_hook(ring: T.Ring, q: int) -> Hook:
+    return lambda _nic, fn, _v: fn.datapath.on_tail_write(ring, q)
+
+
+WRITE_HOOKS: dict[Register, Hook] = {
+    T.CTRL: lambda nic, fn, v: nic._on_ctrl(fn, v),
+    T.EICS: lambda nic, fn, v: nic.raise_cause(fn, v),  # software-set causes
+    T.EIMS: lambda nic, fn, _v: nic._deliver(fn),  # an unmasked pending cause fires
+    **{ring.XDCTL(q): _ctl_hook(ring, q) for ring in (T.RX, T.TX) for q in range(T.NUM_QUEUES)},
+    **{ring.DT(q): _tail_hook(ring, q) for ring in (T.RX, T.TX) for q in range(T.NUM_QUEUES)},
+}
+VF_WRITE_HOOKS: dict[Register, Hook] = {
+    T.VFMBDOORBELL: lambda nic, fn, v: nic.pf_agent.on_vf_doorbell(fn, v),
+}
+
+
+def _call_hook(hook: Hook, nic: Nic, fn: PciFunction, _name: str, value: int) -> None:
+    hook(nic, fn, value)
+
+
 class Nic:
+    pf_agent: PfAgent
+    switch: Switch
+
     def __init__(self, num_vfs: int = DEFAULT_VFS, nic_id: int = 0) -> None:
         if not 0 <= num_vfs <= T.MAX_VFS:
             raise UsageError(f"--vfs must be between 0 and {T.MAX_VFS}")
@@ -52,9 +88,6 @@ class Nic:
             PciFunction(self.lock, False, i, default_mac(nic_id, i), T.MAX_VFS)
             for i in range(num_vfs)
         ]
-        from vfnic.device.pfagent import PfAgent
-        from vfnic.device.switch import Switch
-
         self.switch = Switch(self)
         self.pf_agent = PfAgent(self)
         for fn in self.functions:
@@ -81,23 +114,9 @@ class Nic:
 
     def _wire(self, fn: PciFunction) -> None:
         fn.nic = self
-        hooks = fn.bank.write_hooks
-        hooks["CTRL"] = lambda _n, v: self._on_ctrl(fn, v)
-        hooks["EICS"] = lambda _n, v: self.raise_cause(fn, v)
-        hooks["EIMS"] = lambda _n, v: self._deliver(fn)
-        dp = fn.datapath
-        def ctl(kind: str, q: int) -> Callable[[str, int], None]:
-            return lambda _n, _v: dp.on_ctl_write(kind, q)
-
-        def tail(kind: str, q: int) -> Callable[[str, int], None]:
-            return lambda _n, _v: dp.on_tail_write(kind, q)
-
-        for q in range(T.NUM_QUEUES):
-            for kind in ("R", "T"):
-                hooks[f"{kind}XDCTL{q}"] = ctl(kind, q)
-                hooks[f"{kind}DT{q}"] = tail(kind, q)
-        if not fn.is_pf:
-            hooks["VFMBDOORBELL"] = lambda _n, v: self.pf_agent.on_vf_doorbell(fn, v)
+        hooks = {**WRITE_HOOKS, **({} if fn.is_pf else VF_WRITE_HOOKS)}
+        for reg, hook in hooks.items():
+            fn.bank.on_write(reg, functools.partial(_call_hook, hook, self, fn))
 
     def _on_ctrl(self, fn: PciFunction, value: int) -> None:
         if value & T.CTRL_RST:  # self-clearing software reset of the function's registers
@@ -105,24 +124,24 @@ class Nic:
         self._update_link(fn)
 
     def _update_link(self, fn: PciFunction) -> None:
-        up = bool(fn.bank.get("CTRL") & T.CTRL_SLU) and fn.link_state != LINK_DISABLE
-        was = bool(fn.bank.get("STATUS") & T.STATUS_LU)
+        up = bool(fn.bank.get(T.CTRL) & T.CTRL_SLU) and fn.link_state != LINK_DISABLE
+        was = bool(fn.bank.get(T.STATUS) & T.STATUS_LU)
         if up:
-            fn.bank.set_bits("STATUS", T.STATUS_LU)
+            fn.bank.set_bits(T.STATUS, T.STATUS_LU)
         else:
-            fn.bank.clear_bits("STATUS", T.STATUS_LU)
+            fn.bank.clear_bits(T.STATUS, T.STATUS_LU)
         if up != was:
             self.raise_cause(fn, T.EICR_LSC)
             if not fn.is_pf:
                 self.pf_agent.notify_link(fn)
 
     def raise_cause(self, fn: PciFunction, bits: int) -> None:
-        fn.bank.set_bits("EICR", bits)
+        fn.bank.set_bits(T.EICR, bits)
         self._deliver(fn)
 
     def _deliver(self, fn: PciFunction) -> None:
         """Signal every pending, unmasked cause (MSI-X vector per cause, else MSI/INTx)."""
-        pending = fn.bank.get("EICR") & fn.bank.get("EIMS")
+        pending = fn.bank.get(T.EICR) & fn.bank.get(T.EIMS)
         if not pending:
             return
         msix_on = fn.config.get(CAP_MSIX + pci.MSIX_FLAGS, 2) & pci.MSIX_FLAGS_ENABLE
@@ -165,7 +184,7 @@ class Nic:
             return {
                 "function": fn.name,
                 "mac": ":".join(f"{b:02x}" for b in fn.mac),
-                "link": "up" if fn.bank.get("STATUS") & T.STATUS_LU else "down",
+                "link": "up" if fn.bank.get(T.STATUS) & T.STATUS_LU else "down",
                 "state": LINK_STATE_NAMES[fn.link_state],
                 "attached": bool(srv and srv.attached),
                 "migration": fn.migration.state.name,

@@ -47,18 +47,18 @@ class PfAgent:
     # -- VF -> PF ----------------------------------------------------------------------
 
     def _words(self, fn: PciFunction, base: int, n: int = M.MSG_WORDS) -> list[int]:
-        return [fn.bank.get(f"VFMBMEM{base + i}") for i in range(n)]
+        return [fn.bank.get(T.VFMBMEM(base + i)) for i in range(n)]
 
     def _write(self, fn: PciFunction, base: int, words: list[int]) -> None:
         for i, w in enumerate(words[: M.MSG_WORDS]):
-            fn.bank.set(f"VFMBMEM{base + i}", w & 0xFFFFFFFF)
+            fn.bank.set(T.VFMBMEM(base + i), w & 0xFFFFFFFF)
 
     def _pf_view(self, fn: PciFunction, bits: int) -> None:
         """Mirror mailbox activity in the PF's registers (PFMAILBOXn, PFMBICR)."""
         pf = self.nic.pf
         if fn.index < T.MAX_VFS:
-            pf.bank.set(f"PFMAILBOX{fn.index}", bits & 0xFF)
-            pf.bank.set_bits("PFMBICR", 1 << fn.index)
+            pf.bank.set(T.PFMAILBOX(fn.index), bits & 0xFF)
+            pf.bank.set_bits(T.PFMBICR, 1 << fn.index)
 
     def on_vf_doorbell(self, fn: PciFunction, value: int) -> None:
         if value & T.MBX_REQ:
@@ -70,13 +70,12 @@ class PfAgent:
         words = self._words(fn, M.REQ_BASE)
         msg_type = words[0] & M.TYPE_MASK
         reply = [msg_type | M.FLAG_ACK]
-        link_up = 1 if fn.bank.get("STATUS") & T.STATUS_LU else 0
+        link_up = 1 if fn.bank.get(T.STATUS) & T.STATUS_LU else 0
         if msg_type == M.MsgType.RESET:
             fn.datapath.backlog.clear()
             for q in range(T.NUM_QUEUES):
-                for kind in ("R", "T"):
-                    reg = f"{kind}XDCTL{q}"
-                    fn.bank.set(reg, 0)
+                fn.bank.set(T.RXDCTL(q), 0)
+                fn.bank.set(T.TXDCTL(q), 0)
             reply += [*M.mac_to_words(fn.perm_mac), link_up, fn.link_state]
         elif msg_type == M.MsgType.SET_MAC:
             mac = M.words_to_mac(words[1], words[2])
@@ -86,13 +85,13 @@ class PfAgent:
             else:
                 fn.perm_mac = mac
         elif msg_type == M.MsgType.SET_MULTICAST:
-            fn.bank.set("MTA", words[2] if words[1] else 0)
+            fn.bank.set(T.MTA, words[2] if words[1] else 0)
         elif msg_type == M.MsgType.GET_LINK:
             reply += [link_up, fn.link_state]
         else:
             reply = [msg_type | M.FLAG_NACK]
         self._write(fn, M.REQ_BASE, reply + [0] * (M.MSG_WORDS - len(reply)))
-        fn.bank.set_bits("VFMAILBOX", T.MBX_PFACK)
+        fn.bank.set_bits(T.VFMAILBOX, T.MBX_PFACK)
         self._pf_view(fn, T.MBX_REQ)
         self.nic.raise_cause(fn, T.EICR_MAILBOX)
 
@@ -140,7 +139,7 @@ class PfAgent:
         self._write(fn, M.PF_BASE, body + [0] * (M.MSG_WORDS - len(body)))
         pending.sent = time.monotonic()
         self.pending[fn.index] = pending
-        fn.bank.set_bits("VFMAILBOX", T.MBX_PFSTS)
+        fn.bank.set_bits(T.VFMAILBOX, T.MBX_PFSTS)
         self.nic.raise_cause(fn, T.EICR_MAILBOX)
 
     def send_and_wait(self, vf: int, msg_type: int, timeout: float,
@@ -159,5 +158,5 @@ class PfAgent:
         return pending
 
     def notify_link(self, fn: PciFunction) -> None:
-        up = 1 if fn.bank.get("STATUS") & T.STATUS_LU else 0
+        up = 1 if fn.bank.get(T.STATUS) & T.STATUS_LU else 0
         self.post(fn, M.MsgType.LINK_CHANGE, [up])

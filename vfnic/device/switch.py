@@ -100,11 +100,11 @@ class Switch:
 
     @staticmethod
     def _link_up(fn: PciFunction) -> bool:
-        return bool(fn.bank.get("STATUS") & T.STATUS_LU)
+        return bool(fn.bank.get(T.STATUS) & T.STATUS_LU)
 
     @staticmethod
     def _address(fn: PciFunction) -> bytes | None:
-        if not fn.bank.get("RAH") & T.RAH_AV:
+        if not fn.bank.get(T.RAH) & T.RAH_AV:
             return None
         return fn.mac
 
@@ -113,7 +113,7 @@ class Switch:
         with self.nic.lock:
             self.forwarded += 1
             if src is not None and not self._link_up(src):
-                src.count_drop("TXERRC")
+                src.count_drop(T.TXERRC)
                 return
             dst = frame[:6]
             if dst[0] & 1:  # broadcast / multicast: flood

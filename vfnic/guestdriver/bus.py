@@ -25,16 +25,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vfnic.errors import VfnicError
+from vfnic.regs.ids import PF_DEVICE_ID, VENDOR_ID, VF_DEVICE_ID
 
 if TYPE_CHECKING:
     from vfnic.vfiouser.client import VfioUserClient
 
 PAGE_SIZE = 4096
 
-# PCI IDs of vfnic/device/function.py (not imported: it needs construct).
-VENDOR_ID = 0x1234
-PF_DEVICE_ID = 0x5FE0
-VF_DEVICE_ID = 0x5FE1
 
 # PCI config header (PCI 3.0, 6.2.2)
 PCI_COMMAND = 0x04

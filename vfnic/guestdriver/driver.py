@@ -24,25 +24,25 @@ from vfnic.errors import VfnicError
 from vfnic.guestdriver.bus import Bus, DmaMemory
 from vfnic.regs import mailbox as M
 from vfnic.regs import table as T
+from vfnic.regs.descriptors import (
+    CMD_EOP,
+    CMD_RS,
+    DESC_SIZE,
+    MAX_FRAME,
+    MIN_FRAME,
+    RX_BUFFER_SIZE,
+    RX_DESC,
+    STAT_DD,
+    STAT_EOP,
+    STATUS_OFFSET,
+    TX_DESC,
+)
+from vfnic.regs.table import Register
 
 log = logging.getLogger("vfnic.guestdriver")
 
-# -- vfnic/regs/descriptors.py, restated -------------------------------------------------
-DESC_SIZE = 16
-RX_BUFFER_SIZE = 2048
-MIN_FRAME = 14
-MAX_FRAME = 1514 + 4
-RX_DESC = struct.Struct("<QHHBBH")  # addr, length, csum, status, errors, vlan
-TX_DESC = struct.Struct("<QHBBBBH")  # addr, length, cso, cmd, status, css, vlan
-STATUS_OFFSET = 12  # the status byte, in both formats
-STAT_DD = 1 << 0  # descriptor done
-STAT_EOP = 1 << 1  # end of packet
-CMD_EOP = 1 << 0
-CMD_RS = 1 << 3  # report status: the device sets DD
-QCTL_ENABLE = 1 << 25  # RXDCTL/TXDCTL.ENABLE
-QERR_NAMES = {1 << 0: "DMA", 1 << 1: "LEN", 1 << 2: "RING", 1 << 3: "TAIL"}
-
-REG = {r.name: r.offset for r in T.VF_TABLE}
+QCTL_ENABLE, QERR_NAMES = T.QCTL_ENABLE, T.QERR_NAMES
+REG = {r.name: r for r in T.VF_TABLE}
 
 DEFAULT_RING_SIZE = 128  # descriptors per ring; RDLEN must be a multiple of 128 bytes
 MAILBOX_TIMEOUT = 1.0
@@ -63,9 +63,9 @@ class MailboxError(DriverError):
 
 @dataclass
 class Ring:
-    """One descriptor ring and its buffers; ``kind`` is "R" or "T" as in RDBAL/TDBAL."""
+    """One descriptor ring and its buffers; ``regs`` is T.RX or T.TX (RDBAL(q) or TDBAL(q))."""
 
-    kind: str
+    regs: T.Ring
     queue: int
     count: int
     desc: DmaMemory
@@ -73,9 +73,17 @@ class Ring:
     index: int = 0  # RX: next descriptor to clean; TX: next free descriptor (our TDT)
     clean: int = 0  # TX: oldest descriptor the device has not reported done
 
-    def reg(self, name: str) -> int:
-        """Offset of this ring's register: reg("DBAL") is RDBALq or TDBALq."""
-        return REG[f"{self.kind}{name}{self.queue}"]
+    @property
+    def is_rx(self) -> bool:
+        return self.regs is T.RX
+
+    @property
+    def tail(self) -> Register:  # RDT(q) / TDT(q)
+        return self.regs.DT(self.queue)
+
+    @property
+    def ctl(self) -> Register:  # RXDCTL(q) / TXDCTL(q)
+        return self.regs.XDCTL(self.queue)
 
     def buffer_phys(self, i: int) -> int:
         return self.buffers.phys + i * RX_BUFFER_SIZE
@@ -168,37 +176,38 @@ class VfDriver:
         self._rx_backlog: list[bytes] = []  # frames collected while stopping the queue
         self._next_watchdog = 0.0
         self.last_poll = time.monotonic()  # the poll loop's last watchdog() call
-        self.rx_ring = self._alloc_ring("R", ring_size)
-        self.tx_ring = self._alloc_ring("T", ring_size)
+        self.rx_ring = self._alloc_ring(T.RX, ring_size)
+        self.tx_ring = self._alloc_ring(T.TX, ring_size)
 
     # -- registers --------------------------------------------------------------------
 
-    def get_reg(self, name: str) -> int:
-        return self.bus.read32(REG[name])
+    def get_reg(self, reg: Register | str) -> int:
+        """Read a register: T.RDT(q), or a name from the VF's table."""
+        return self.bus.read32(reg.offset if isinstance(reg, Register) else REG[reg].offset)
 
-    def set_reg(self, name: str, value: int) -> None:
-        self.bus.write32(REG[name], value)
+    def set_reg(self, reg: Register | str, value: int) -> None:
+        self.bus.write32(reg.offset if isinstance(reg, Register) else REG[reg].offset, value)
 
-    def _alloc_ring(self, kind: str, count: int) -> Ring:
+    def _alloc_ring(self, regs: T.Ring, count: int) -> Ring:
         desc = self.bus.alloc_dma(count * DESC_SIZE, 128)  # RDBAL/TDBAL: 128-byte aligned
         # One buffer per descriptor, 2 KiB aligned so that none crosses a page.
         buffers = self.bus.alloc_dma(count * RX_BUFFER_SIZE, RX_BUFFER_SIZE)
-        return Ring(kind, self.queue, count, desc, buffers)
+        return Ring(regs, self.queue, count, desc, buffers)
 
     # -- bring-up (ixy's reset_and_init) ------------------------------------------------
 
     def _reset_vf(self) -> tuple[bytes, bool]:
         """Reset the VF, mark it ours (SCRATCH) and ask the PF for our MAC and link."""
-        self.set_reg("CTRL", T.CTRL_RST)  # function reset, self-clearing
+        self.set_reg(T.CTRL, T.CTRL_RST)  # function reset, self-clearing
         deadline = time.monotonic() + MAILBOX_TIMEOUT
-        while self.get_reg("CTRL") & T.CTRL_RST:
+        while self.get_reg(T.CTRL) & T.CTRL_RST:
             if time.monotonic() > deadline:
                 raise DriverError("CTRL.RST did not clear")
             time.sleep(0.001)
         self.bus.enable_bus_master()  # after the reset, which may clear it
-        self.set_reg("EIMS", 0)  # no interrupts: we poll
-        self.set_reg("EICR", 0xFFFFFFFF)
-        self.set_reg("VFMAILBOX", T.MBX_PFSTS | T.MBX_PFACK)  # drop stale mailbox events
+        self.set_reg(T.EIMS, 0)  # no interrupts: we poll
+        self.set_reg(T.EICR, 0xFFFFFFFF)
+        self.set_reg(T.VFMAILBOX, T.MBX_PFSTS | T.MBX_PFACK)  # drop stale mailbox events
         self._claim()
         return self.mailbox_reset()
 
@@ -208,8 +217,8 @@ class VfDriver:
         self._program_mac()
         self._start_ring(self.rx_ring)
         self._start_ring(self.tx_ring)
-        self.set_reg("CTRL", T.CTRL_SLU)
-        self.link_up = bool(self.get_reg("STATUS") & T.STATUS_LU)
+        self.set_reg(T.CTRL, T.CTRL_SLU)
+        self.link_up = bool(self.get_reg(T.STATUS) & T.STATUS_LU)
         log.info("%s: mac %s, link %s", self.bus.name, self.mac_text,
                  "up" if self.link_up else "down")
 
@@ -220,35 +229,35 @@ class VfDriver:
     def _program_mac(self) -> None:
         """RAL/RAH with AV: the NIC's switch delivers frames for this address to us."""
         ral, rah = M.mac_to_words(self.mac)
-        self.set_reg("RAL", ral)
-        self.set_reg("RAH", rah | 1 << 31)
+        self.set_reg(T.RAL, ral)
+        self.set_reg(T.RAH, rah | T.RAH_AV)
 
     def _start_ring(self, ring: Ring) -> None:
         """Program and enable a ring (82599 4.6.7.1 RX / 4.6.8.1 TX init, simplified)."""
-        self.bus.write32(ring.reg("XDCTL"), 0)  # disabled while we program it
+        self.set_reg(ring.ctl, 0)  # disabled while we program it
         for i in range(ring.count):
-            if ring.kind == "R":
+            if ring.is_rx:
                 RX_DESC.pack_into(ring.desc.view, i * DESC_SIZE, ring.buffer_phys(i), 0, 0, 0, 0, 0)
             else:
                 TX_DESC.pack_into(ring.desc.view, i * DESC_SIZE, 0, 0, 0, 0, 0, 0, 0)
         ring.index = ring.clean = 0
-        self.bus.write32(ring.reg("DBAL"), ring.desc.phys & 0xFFFFFFFF)
-        self.bus.write32(ring.reg("DBAH"), ring.desc.phys >> 32)
-        self.bus.write32(ring.reg("DLEN"), ring.count * DESC_SIZE)
-        self.bus.write32(ring.reg("DT"), 0)  # the head (RO) is reset by the device on enable
-        self.bus.write32(ring.reg("XDCTL"), QCTL_ENABLE)
-        if ring.kind == "R":
+        self.set_reg(ring.regs.DBAL(ring.queue), ring.desc.phys & 0xFFFFFFFF)
+        self.set_reg(ring.regs.DBAH(ring.queue), ring.desc.phys >> 32)
+        self.set_reg(ring.regs.DLEN(ring.queue), ring.count * DESC_SIZE)
+        self.set_reg(ring.tail, 0)  # the head (RO) is reset by the device on enable
+        self.set_reg(ring.ctl, T.QCTL_ENABLE)
+        if ring.is_rx:
             # All descriptors but one belong to the device: RDT never catches up with RDH.
-            self.bus.write32(ring.reg("DT"), ring.count - 1)
+            self.set_reg(ring.tail, ring.count - 1)
 
     def _stop_ring(self, ring: Ring) -> None:
-        self.bus.write32(ring.reg("XDCTL"), 0)
+        self.set_reg(ring.ctl, 0)
 
     def stop(self) -> None:
         """Stop both queues and drop the link (the driver goes away)."""
         self._stop_ring(self.rx_ring)
         self._stop_ring(self.tx_ring)
-        self.set_reg("CTRL", 0)
+        self.set_reg(T.CTRL, 0)
 
     # -- receive (82599 7.1) ----------------------------------------------------------
 
@@ -259,7 +268,7 @@ class VfDriver:
         frames, self._rx_backlog = self._rx_backlog, []
         last = self._rx_collect(frames)
         if last is not None:
-            self.bus.write32(self.rx_ring.reg("DT"), last)  # hand the cleaned descriptors back
+            self.set_reg(self.rx_ring.tail, last)  # hand the cleaned descriptors back
         return frames
 
     def _rx_collect(self, frames: list[bytes]) -> int | None:
@@ -312,7 +321,7 @@ class VfDriver:
             self.counters.tx_frames += 1
             self.counters.tx_bytes += n
         if sent:
-            self.bus.write32(ring.reg("DT"), ring.index)  # the device sends [TDH, TDT) now
+            self.set_reg(ring.tail, ring.index)  # the device sends [TDH, TDT) now
             self._clean_tx()
         return sent
 
@@ -334,15 +343,15 @@ class VfDriver:
         """VF -> PF: message in VFMBMEM0.., doorbell REQ; the PF writes its reply over
         it and sets VFMAILBOX.PFACK, which we clear (W1C)."""
         for i, w in enumerate([msg_type, *words]):
-            self.set_reg(f"VFMBMEM{M.REQ_BASE + i}", w)
-        self.set_reg("VFMBDOORBELL", T.MBX_REQ)
+            self.set_reg(T.VFMBMEM(M.REQ_BASE + i), w)
+        self.set_reg(T.VFMBDOORBELL, T.MBX_REQ)
         deadline = time.monotonic() + MAILBOX_TIMEOUT
-        while not self.get_reg("VFMAILBOX") & T.MBX_PFACK:
+        while not self.get_reg(T.VFMAILBOX) & T.MBX_PFACK:
             if time.monotonic() > deadline:
                 raise MailboxError(f"no answer from the PF to mailbox request {msg_type:#x}")
             time.sleep(0.0005)
-        reply = [self.get_reg(f"VFMBMEM{M.REQ_BASE + i}") for i in range(reply_words)]
-        self.set_reg("VFMAILBOX", T.MBX_PFACK)
+        reply = [self.get_reg(T.VFMBMEM(M.REQ_BASE + i)) for i in range(reply_words)]
+        self.set_reg(T.VFMAILBOX, T.MBX_PFACK)
         if reply[0] & M.TYPE_MASK != msg_type or not reply[0] & M.FLAG_ACK:
             raise MailboxError(f"PF refused mailbox request {msg_type:#x} ({reply[0]:#x})")
         return reply
@@ -354,11 +363,11 @@ class VfDriver:
 
     def check_mailbox(self) -> bool:
         """Handle a PF message if VFMAILBOX.PFSTS says one is waiting."""
-        if not self.get_reg("VFMAILBOX") & T.MBX_PFSTS:
+        if not self.get_reg(T.VFMAILBOX) & T.MBX_PFSTS:
             return False
-        self.set_reg("VFMAILBOX", T.MBX_PFSTS)  # W1C first: a later message sets it again
-        msg_type = self.get_reg(f"VFMBMEM{M.PF_BASE}") & M.TYPE_MASK
-        args = [self.get_reg(f"VFMBMEM{M.PF_BASE + 1 + i}")
+        self.set_reg(T.VFMAILBOX, T.MBX_PFSTS)  # W1C first: a later message sets it again
+        msg_type = self.get_reg(T.VFMBMEM(M.PF_BASE)) & M.TYPE_MASK
+        args = [self.get_reg(T.VFMBMEM(M.PF_BASE + 1 + i))
                 for i in range(PF_MSG_ARGS.get(msg_type, 0))]
         self.counters.pf_messages += 1
         handlers: dict[int, Callable[[list[int]], list[int]]] = {
@@ -385,8 +394,8 @@ class VfDriver:
     def _ack_pf(self, word0: int, words: list[int]) -> None:
         """Reply in VFMBMEM0.. (type | ACK), then VFMBDOORBELL = ACK."""
         for i, w in enumerate([word0, *words]):
-            self.set_reg(f"VFMBMEM{M.REQ_BASE + i}", w & 0xFFFFFFFF)
-        self.set_reg("VFMBDOORBELL", T.MBX_ACK)
+            self.set_reg(T.VFMBMEM(M.REQ_BASE + i), w & 0xFFFFFFFF)
+        self.set_reg(T.VFMBDOORBELL, T.MBX_ACK)
 
     # -- PF message hooks: each returns the words of its acknowledgement ------------
 
@@ -446,8 +455,8 @@ class VfDriver:
         # had arrived were taken by suspend()).
         self._start_ring(self.rx_ring)
         self._start_ring(self.tx_ring)
-        self.set_reg("CTRL", T.CTRL_SLU)
-        self.link_up = bool(self.get_reg("STATUS") & T.STATUS_LU)
+        self.set_reg(T.CTRL, T.CTRL_SLU)
+        self.link_up = bool(self.get_reg(T.STATUS) & T.STATUS_LU)
         self.suspended = False
         # The gratuitous ARP first: it is what moves the peers' traffic to us. Then the
         # carrier (the guest kernel's link-up work costs ~30 ms under TCG), then IPv6.
@@ -466,16 +475,16 @@ class VfDriver:
     def check_queue(self) -> int:
         """QERRq set: the device disabled a ring. Clear the cause (W1C), keep what was
         received, reprogram and re-enable the disabled ring(s). Returns the QERR bits."""
-        qerr = self.get_reg(f"QERR{self.queue}")
+        qerr = self.get_reg(T.QERR(self.queue))
         if not qerr:
             return 0
         names = "|".join(n for bit, n in QERR_NAMES.items() if qerr & bit) or hex(qerr)
         log.warning("%s: queue %d error %s: resetting the queue", self.bus.name, self.queue,
                     names)
-        self.set_reg(f"QERR{self.queue}", qerr)
+        self.set_reg(T.QERR(self.queue), qerr)
         for ring in (self.rx_ring, self.tx_ring):
-            if not self.bus.read32(ring.reg("XDCTL")) & QCTL_ENABLE:
-                if ring.kind == "R":
+            if not self.get_reg(ring.ctl) & T.QCTL_ENABLE:
+                if ring.is_rx:
                     self._rx_collect(self._rx_backlog)
                 else:
                     self.counters.tx_dropped += (ring.index - ring.clean) % ring.count
@@ -489,13 +498,13 @@ class VfDriver:
         """Keep a token of ours in SCRATCH, which the device never changes: a VF whose
         state was restored keeps it, a fresh one (or an unmapped BAR) does not."""
         self.token = secrets.randbelow(0xFFFFFFFE) + 1  # never 0 nor all ones
-        self.set_reg("SCRATCH", self.token)
+        self.set_reg(T.SCRATCH, self.token)
 
     def moved(self) -> bool:
         """While suspended: is the VF under us still the one we suspended on? A VF on
         another host that nobody restored answers SCRATCH with its reset value (or
         nothing at all: its BAR is not even mapped), never with our token."""
-        return self.suspended and self.token != 0 and self.get_reg("SCRATCH") != self.token
+        return self.suspended and self.token != 0 and self.get_reg(T.SCRATCH) != self.token
 
     def reattach(self) -> int:
         """Take over the fresh VF we were migrated onto (``virsh migrate``: libvirt moves
@@ -551,15 +560,15 @@ class VfDriver:
 
     def stats(self) -> dict[str, int]:
         """The device's statistics registers (0x2000 block); octet counts are 64-bit."""
-        def wide(low: str, high: str) -> int:
+        def wide(low: Register, high: Register) -> int:
             return self.get_reg(high) << 32 | self.get_reg(low)
 
         return {
-            "GPRC": self.get_reg("GPRC"),
-            "GPTC": self.get_reg("GPTC"),
-            "GORC": wide("GORCL", "GORCH"),
-            "GOTC": wide("GOTCL", "GOTCH"),
-            "RXERRC": self.get_reg("RXERRC"),
-            "TXERRC": self.get_reg("TXERRC"),
-            "MPC": self.get_reg("MPC"),
+            "GPRC": self.get_reg(T.GPRC),
+            "GPTC": self.get_reg(T.GPTC),
+            "GORC": wide(T.GORCL, T.GORCH),
+            "GOTC": wide(T.GOTCL, T.GOTCH),
+            "RXERRC": self.get_reg(T.RXERRC),
+            "TXERRC": self.get_reg(T.TXERRC),
+            "MPC": self.get_reg(T.MPC),
         }

@@ -33,10 +33,10 @@ from qemu.qmp import EventListener, QMPClient
 
 from vfnic.errors import VfnicError
 from vfnic.migrate.devicelink import DeviceLink
+from vfnic.regs.ids import VENDOR_ID, VF_DEVICE_ID
 from vfnic.vfiouser.features import State
 
 PHASES = ("setup", "precopy", "switchover", "restore")
-VENDOR_ID, VF_DEVICE_ID = 0x1234, 0x5FE1
 
 
 class MigrationError(VfnicError):

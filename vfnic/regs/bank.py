@@ -9,6 +9,8 @@ from vfnic.regs.table import Access, Register
 
 WriteHook = Callable[[str, int], None]
 ReadHook = Callable[[str], None]
+# A register: its identifier in vfnic.regs.table (T.CTRL, T.RDT(q)), or its name.
+Reg = Register | str
 
 
 class RegisterBank:
@@ -32,18 +34,26 @@ class RegisterBank:
 
     # -- device / save-path access ------------------------------------------------
 
-    def get(self, name: str) -> int:
-        return self.values[name]
+    def get(self, reg: Reg) -> int:
+        return self.values[reg if isinstance(reg, str) else reg.name]
 
-    def set(self, name: str, value: int) -> None:
-        reg = self.by_name[name]
-        self.values[name] = value & ((1 << (8 * reg.width)) - 1)
+    def set(self, reg: Reg, value: int) -> None:
+        r = self.by_name[reg if isinstance(reg, str) else reg.name]
+        self.values[r.name] = value & ((1 << (8 * r.width)) - 1)
 
-    def set_bits(self, name: str, bits: int) -> None:
-        self.set(name, self.values[name] | bits)
+    def set_bits(self, reg: Reg, bits: int) -> None:
+        self.set(reg, self.get(reg) | bits)
 
-    def clear_bits(self, name: str, bits: int) -> None:
-        self.set(name, self.values[name] & ~bits)
+    def clear_bits(self, reg: Reg, bits: int) -> None:
+        self.set(reg, self.get(reg) & ~bits)
+
+    def on_write(self, reg: Reg, hook: WriteHook) -> None:
+        """Call ``hook(name, value)`` after each guest write to ``reg`` (KeyError for a
+        register this bank does not have: a misspelt hook never goes unnoticed)."""
+        name = reg if isinstance(reg, str) else reg.name
+        if name not in self.by_name:
+            raise KeyError(f"no register {name} in this bank")
+        self.write_hooks[name] = hook
 
     # -- guest access ---------------------------------------------------------------
 
