@@ -1,7 +1,36 @@
 """One exception hierarchy for vfnic.
 
 Each error knows the errno it becomes in a vfio-user reply and the one-line
-message a person sees on the command line.
+message a person sees on the command line (``vfnic: error: MESSAGE``, exit 1).
+
+    VfnicError                       .errno, .message
+    ├── ReplyError                   raised while serving a request: the dispatcher
+    │   │                            answers it with .errno and keeps serving
+    │   ├── ProtocolError            EINVAL  a malformed or out-of-range message
+    │   │   ├── UnsupportedError     ENOTSUP a command or feature not implemented
+    │   │   ├── NotTtyError          ENOTTY  a device feature not implemented
+    │   │   └── FramingError         (vfiouser.transport) a header that cannot be honoured
+    │   ├── DmaError                 EFAULT  DMA outside the mappings, or refused by the client
+    │   └── SnapshotError            EINVAL  device state that cannot be restored
+    ├── TransportError               the other end of a link failed or said no
+    │   ├── ConnectionClosed         ECONNRESET  the peer closed the vfio-user socket
+    │   ├── RemoteError              the peer answered a request with an errno reply
+    │   ├── ServerUnreachable        ECONNREFUSED  no `vfnic serve` answers on DIR/control.sock
+    │   ├── MailboxTimeout           (device.pfagent) the VF driver did not acknowledge
+    │   ├── BusError                 (guestdriver.bus) the function cannot be reached
+    │   └── DriverError              (guestdriver.driver) the VF does not behave
+    │       └── MailboxError         the PF refused or did not answer a mailbox request
+    └── OperatorError                for the person running vfnic: fix the command or setup
+        ├── UsageError               a bad command line or management request
+        ├── SetupError               ENOENT  the QEMU runtime or guest image is missing
+        ├── VmError                  (host.vm) QEMU or the guest failed
+        ├── LabError                 (migrate.lab) the namespaces could not be set up
+        └── MigrationError           (migrate.orchestrator) the migration failed
+            └── MigrationCancelled   cancelled on request
+
+Errors defined next to the code that raises them (in parentheses) derive from
+the branch shown. Code below the command line catches a branch, never a leaf
+it does not own; the command line catches VfnicError.
 """
 
 from __future__ import annotations
@@ -24,7 +53,14 @@ class VfnicError(Exception):
         return str(self)
 
 
-class ProtocolError(VfnicError):
+# -- errors that become errno replies ------------------------------------------------
+
+
+class ReplyError(VfnicError):
+    """Raised while serving a request; the dispatcher replies with ``errno``."""
+
+
+class ProtocolError(ReplyError):
     """A malformed or out-of-range vfio-user message (becomes an errno reply)."""
 
 
@@ -40,14 +76,32 @@ class NotTtyError(ProtocolError):
     errno = _errno.ENOTTY
 
 
-class DmaError(VfnicError):
+class DmaError(ReplyError):
     """A DMA access outside the client's mappings or refused by the client."""
 
     errno = _errno.EFAULT
 
 
-class RemoteError(VfnicError):
-    """The peer answered a request with an error reply."""
+class SnapshotError(ReplyError):
+    """A device state snapshot that cannot be restored (bad version, truncated, corrupt)."""
+
+
+# -- transport errors ------------------------------------------------------------------
+
+
+class TransportError(VfnicError):
+    """The other end of a link (socket, management socket, mailbox, bus) failed or
+    refused."""
+
+
+class ConnectionClosed(TransportError):
+    """The peer closed the socket."""
+
+    errno = _errno.ECONNRESET
+
+
+class RemoteError(TransportError):
+    """The peer answered a request with an error reply (``errno``, ``command``)."""
 
     def __init__(self, command: str, errno: int) -> None:
         name = _errno.errorcode.get(errno, str(errno))
@@ -55,21 +109,25 @@ class RemoteError(VfnicError):
         self.command = command
 
 
-class ConnectionClosed(VfnicError):
-    """The peer closed the socket."""
+class ServerUnreachable(TransportError):
+    """No `vfnic serve` answers on a folder's control.sock (none started, or it died)."""
 
-    errno = _errno.ECONNRESET
-
-
-class SnapshotError(VfnicError):
-    """A device state snapshot that cannot be restored (bad version, truncated, corrupt)."""
+    errno = _errno.ECONNREFUSED
 
 
-class SetupError(VfnicError):
+# -- operator errors -------------------------------------------------------------------
+
+
+class OperatorError(VfnicError):
+    """For the person running vfnic: a bad command, a missing setup, or a VM, lab or
+    migration that failed; the command line prints the message."""
+
+
+class SetupError(OperatorError):
     """The QEMU runtime or guest image is missing or unusable."""
 
     errno = _errno.ENOENT
 
 
-class UsageError(VfnicError):
-    """A bad command line."""
+class UsageError(OperatorError):
+    """A bad command line or management request."""

@@ -26,7 +26,7 @@ from vfnic.device.function import (
 )
 from vfnic.device.pfagent import PfAgent
 from vfnic.device.switch import Switch
-from vfnic.errors import UsageError, VfnicError
+from vfnic.errors import ServerUnreachable, UsageError, VfnicError
 from vfnic.regs import table as T
 from vfnic.regs.table import Register
 from vfnic.vfiouser import wire
@@ -345,10 +345,13 @@ MIGRATION_COMMANDS = {
 
 def control_call(directory: str | os.PathLike[str], req: dict[str, Any],
                  timeout: float = 30.0) -> Any:
-    """Send one management request to a running `vfnic serve`."""
+    """Send one management request to a running `vfnic serve`; returns its result.
+
+    Raises ServerUnreachable (no server in ``directory``, it died or timed out) or
+    UsageError (the server refused the request: its one-line reason)."""
     path = Path(directory) / "control.sock"
     if not path.exists():
-        raise UsageError(f"no vfnic server in {directory} (no control.sock)")
+        raise ServerUnreachable(f"no vfnic server in {directory} (no control.sock)")
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
@@ -357,9 +360,9 @@ def control_call(directory: str | os.PathLike[str], req: dict[str, Any],
             with s.makefile("rb") as f:
                 line = f.readline()
     except OSError as exc:
-        raise UsageError(f"cannot reach the vfnic server in {directory}: {exc}") from exc
+        raise ServerUnreachable(f"cannot reach the vfnic server in {directory}: {exc}") from exc
     if not line:
-        raise UsageError(f"the vfnic server in {directory} closed the connection")
+        raise ServerUnreachable(f"the vfnic server in {directory} closed the connection")
     reply = json.loads(line)
     if not reply.get("ok"):
         raise UsageError(reply.get("error", "request failed"))

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from vfnic.errors import VfnicError
+from vfnic.errors import TransportError
 from vfnic.regs import mailbox as M
 from vfnic.regs import table as T
 
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from vfnic.device.nic import Nic
 
 
-class MailboxTimeout(VfnicError):
+class MailboxTimeout(TransportError):
     """The VF driver did not acknowledge a PF message in time."""
 
 

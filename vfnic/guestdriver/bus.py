@@ -24,7 +24,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vfnic.errors import VfnicError
+from vfnic.errors import TransportError
 from vfnic.regs.ids import PF_DEVICE_ID, VENDOR_ID, VF_DEVICE_ID
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ SYSFS_PCI = "/sys/bus/pci/devices"
 HUGETLBFS_MOUNT = "/dev/hugepages"
 
 
-class BusError(VfnicError):
+class BusError(TransportError):
     """The function or its DMA memory cannot be reached."""
 
     errno = errno.ENODEV

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
-from vfnic.errors import VfnicError
+from vfnic.errors import TransportError
 from vfnic.guestdriver.bus import Bus, DmaMemory
 from vfnic.regs import mailbox as M
 from vfnic.regs import table as T
@@ -53,7 +53,7 @@ PF_MSG_ARGS: dict[int, int] = {M.MsgType.LINK_CHANGE: 1, M.MsgType.RESUME: 1}  #
 SAVED_CONFIG = (*((0x10 + 4 * i, 4) for i in range(6)), (0x04, 2))
 
 
-class DriverError(VfnicError):
+class DriverError(TransportError):
     """The VF does not behave as the driver expects."""
 
 

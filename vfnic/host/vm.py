@@ -36,7 +36,7 @@ from typing import Any, TextIO, TypeVar
 
 from qemu.qmp import QMPClient
 
-from vfnic.errors import UsageError, VfnicError
+from vfnic.errors import OperatorError, UsageError
 from vfnic.host import image, runtime
 
 # qemu.qmp logs connection teardown at warning level; errors reach us as exceptions.
@@ -67,7 +67,7 @@ def _die_with_parent() -> None:
     libc.prctl(1, signal.SIGKILL, 0, 0, 0)
 
 
-class VmError(VfnicError):
+class VmError(OperatorError):
     """QEMU or the guest failed: did not start, died, or timed out."""
 
 

@@ -21,6 +21,14 @@ CHUNK = 1 << 16
 
 
 class DeviceLink:
+    """A secondary vfio-user session driving one function's migration.
+
+    Every method raises what VfioUserClient's do (vfnic.errors): RemoteError when the
+    device refuses (EINVAL for an arc the kernel's FSM forbids, EIO when an arc failed
+    and the device went to ERROR, ENOSPC/EBUSY for DMA logging misuse), ConnectionClosed
+    when the NIC server is gone, TimeoutError when it does not answer; the constructor
+    raises ConnectionClosed when the socket cannot be reached."""
+
     def __init__(self, socket_path: str) -> None:
         self.client = VfioUserClient(socket_path)
 

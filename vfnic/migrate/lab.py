@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vfnic.errors import VfnicError
+from vfnic.errors import OperatorError
 
 LAN_PREFIX = "10.77.0"
 MIG_PREFIX = "192.168.77"
@@ -30,7 +30,7 @@ PEER_IP = f"{LAN_PREFIX}.1"
 GUEST_IP = f"{LAN_PREFIX}.2"
 
 
-class LabError(VfnicError):
+class LabError(OperatorError):
     """The namespaces could not be set up."""
 
 

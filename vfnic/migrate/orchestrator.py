@@ -31,7 +31,7 @@ from typing import Any
 
 from qemu.qmp import EventListener, QMPClient
 
-from vfnic.errors import VfnicError
+from vfnic.errors import OperatorError, VfnicError
 from vfnic.migrate.devicelink import DeviceLink
 from vfnic.regs.ids import VENDOR_ID, VF_DEVICE_ID
 from vfnic.vfiouser.features import State
@@ -39,7 +39,7 @@ from vfnic.vfiouser.features import State
 PHASES = ("setup", "precopy", "switchover", "restore")
 
 
-class MigrationError(VfnicError):
+class MigrationError(OperatorError):
     """The migration failed (the source VM keeps running)."""
 
 
@@ -126,6 +126,8 @@ def _stderr_progress(line: str) -> None:
 
 
 class Orchestrator:
+    """One migration of a VM with a vfnic VF from ``src`` to ``dst``."""
+
     def __init__(self, src: Host, dst: Host, opts: Options,
                  progress: Progress | None = None) -> None:
         self.src, self.dst, self.opts = src, dst, opts
@@ -239,6 +241,11 @@ class Orchestrator:
     # -- the migration --------------------------------------------------------------------
 
     async def run(self) -> Summary:
+        """Migrate; the Summary says how it went. A migration that fails (MigrationError,
+        any VfnicError or OSError on the way: QMP, the device links, the NIC servers) or is
+        cancelled does not raise: it is rolled back, the source keeps running, and
+        ``summary.status`` is "failed" or "cancelled" with ``summary.error``. Anything else
+        (a bug) is re-raised after the rollback."""
         t0 = self.t0 = time.perf_counter()
         try:
             await self._run()
@@ -455,6 +462,7 @@ def _count_pages(stream_bytes: bytes) -> int:
 
 
 def migrate(src: Host, dst: Host, opts: Options, progress: Progress | None = None) -> Summary:
+    """Run one migration (Orchestrator.run, which says what it raises and what it reports)."""
     return asyncio.run(Orchestrator(src, dst, opts, progress).run())
 
 

@@ -1,6 +1,12 @@
 """Our vfio-user client: for tests, the migration orchestrator and the host-side
-guest driver. Every method raises RemoteError (with the reply's errno) when the
-server answers with an error, ConnectionClosed when it goes away.
+guest driver.
+
+Every method that sends a request raises (vfnic.errors):
+  RemoteError       the server answered with an error reply (``.errno``, ``.command``)
+  ConnectionClosed  the server is gone (or never answered the connect)
+  TimeoutError      no reply within ``timeout`` seconds (the builtin)
+  ProtocolError     a reply too short or malformed to parse
+Methods below say when they raise anything else.
 """
 
 from __future__ import annotations
@@ -38,6 +44,11 @@ class ClientMemory:
 
 
 class VfioUserClient:
+    """One vfio-user session (the first on a socket is the primary, as QEMU's is).
+
+    Raises ConnectionClosed if ``path`` cannot be connected to, and what version()
+    raises when ``negotiate``."""
+
     def __init__(self, path: str, negotiate: bool = True, timeout: float = 30.0,
                  busy_poll: float = 0.0) -> None:
         self.path = path
@@ -69,16 +80,19 @@ class VfioUserClient:
 
     def request(self, command: int, payload: bytes = b"", fds: list[int] | None = None,
                 no_reply: bool = False) -> Message | None:
+        """Send ``command``; its reply (None if ``no_reply``). Raises as the module says."""
         return self.endpoint.request(command, payload, fds, self.timeout, no_reply)
 
     def call(self, command: int, payload: bytes = b"", fds: list[int] | None = None) -> bytes:
+        """Send ``command`` and return the reply's payload. Raises as the module says."""
         reply = self.request(command, payload, fds)
         assert reply is not None
         reply.close_fds()
         return reply.payload
 
     def poll(self, timeout: float = 0.0) -> bool:
-        """Serve server requests (DMA_READ/WRITE) that arrived while idle."""
+        """Serve server requests (DMA_READ/WRITE) that arrived while idle; a bad one gets
+        an errno reply. Raises ConnectionClosed."""
         return self.endpoint.poll(timeout)
 
     # -- server -> client: DMA to our emulated memory ----------------------------------
@@ -117,6 +131,8 @@ class VfioUserClient:
 
     def version(self, major: int = 0, minor: int = 0,
                 caps: dict[str, Any] | None = None) -> dict[str, Any]:
+        """VFIO_USER_VERSION: the server's capabilities. Raises ProtocolError for a
+        version other than 0.0 in the reply."""
         body = json.dumps({"capabilities": CLIENT_CAPS if caps is None else caps}).encode()
         reply = self.call(
             wire.Command.VERSION, wire.build(wire.Version, major=major, minor=minor) + body + b"\0"
@@ -130,6 +146,7 @@ class VfioUserClient:
 
     def dma_map(self, address: int, size: int, flags: int = 3, fd: int | None = None,
                 offset: int = 0) -> None:
+        """VFIO_USER_DMA_MAP (sends ``fd`` if given; the caller keeps its copy)."""
         payload = wire.build(wire.DmaMap, argsz=32, flags=flags, offset=offset, address=address,
                              size=size)
         self.call(wire.Command.DMA_MAP, payload, [fd] if fd is not None else None)
@@ -198,9 +215,11 @@ class VfioUserClient:
         return int(wire.WriteMultiHeader.parse(reply[:8]).wr_cnt)
 
     def reset(self) -> None:
+        """VFIO_USER_DEVICE_RESET (RemoteError EPERM from a secondary session)."""
         self.call(wire.Command.DEVICE_RESET)
 
     def feature(self, flags: int, data: bytes = b"", argsz: int | None = None) -> bytes:
+        """VFIO_USER_DEVICE_FEATURE: the reply's data after struct vfio_device_feature."""
         size = 8 + len(data) if argsz is None else argsz
         reply = self.call(
             wire.Command.DEVICE_FEATURE, wire.build(wire.DeviceFeature, argsz=size, flags=flags)
@@ -209,11 +228,13 @@ class VfioUserClient:
         return reply[8:]
 
     def mig_data_read(self, size: int) -> bytes:
+        """VFIO_USER_MIG_DATA_READ: up to ``size`` bytes (fewer at the end of the data)."""
         reply = self.call(wire.Command.MIG_DATA_READ, wire.build(wire.MigData, argsz=8 + size,
                                                                  size=size))
         return reply[8:]
 
     def mig_data_write(self, data: bytes) -> None:
+        """VFIO_USER_MIG_DATA_WRITE (RemoteError unless the device is RESUMING)."""
         self.call(wire.Command.MIG_DATA_WRITE,
                   wire.build(wire.MigData, argsz=8 + len(data), size=len(data)) + data)
 
