@@ -16,6 +16,7 @@ message a person sees on the command line (``vfnic: error: MESSAGE``, exit 1).
     │   ├── ConnectionClosed         ECONNRESET  the peer closed the vfio-user socket
     │   ├── RemoteError              the peer answered a request with an errno reply
     │   ├── ServerUnreachable        ECONNREFUSED  no `vfnic serve` answers on DIR/control.sock
+    │   ├── QmpReplyError            (host.qmp) QEMU answered a query in an unexpected shape
     │   ├── MailboxTimeout           (device.pfagent) the VF driver did not acknowledge
     │   ├── BusError                 (guestdriver.bus) the function cannot be reached
     │   └── DriverError              (guestdriver.driver) the VF does not behave

@@ -148,6 +148,8 @@ async def _plain_migrate(src_qmp: str, dst_qmp: str, uri: str, pause: bool = Fal
     migrate-continue at once)."""
     from qemu.qmp import EventListener, QMPClient
 
+    from vfnic.host.qmp import MigrationInfo, query_migrate, query_status
+
     qa, qb = QMPClient("bench-source"), QMPClient("bench-destination")
     status_events = EventListener("MIGRATION")
     await qa.connect(src_qmp)
@@ -160,9 +162,9 @@ async def _plain_migrate(src_qmp: str, dst_qmp: str, uri: str, pause: bool = Fal
         t0 = time.perf_counter()
         await qa.execute("migrate", {"uri": uri})
         deadline = time.monotonic() + timeout
-        info: dict[str, Any] = {}
+        info: MigrationInfo = {}
         while True:
-            info = await qa.execute("query-migrate")  # type: ignore[assignment]
+            info = await query_migrate(qa)
             st = info.get("status")
             if st == "pre-switchover":
                 await qa.execute("migrate-continue", {"state": "pre-switchover"})
@@ -179,7 +181,7 @@ async def _plain_migrate(src_qmp: str, dst_qmp: str, uri: str, pause: bool = Fal
                                                             "failed", "cancelled"):
                         break
         while True:
-            st2: dict[str, Any] = await qb.execute("query-status")  # type: ignore[assignment]
+            st2 = await query_status(qb)
             if st2.get("status") in ("paused", "postmigrate", "prelaunch", "running"):
                 break
             if time.monotonic() > deadline:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from qemu.qmp import EventListener, QMPClient, Runstate
 
 from vfnic.errors import VfnicError
+from vfnic.host.qmp import query_migrate, query_migrate_parameters, query_status
 from vfnic.migrate.orchestrator import MigrationError, wait_suspend_point
 
 if TYPE_CHECKING:
@@ -50,7 +51,7 @@ async def _next_status(qmp: QMPClient, events: EventListener, wait: float) -> st
         event: dict[str, Any] = dict(await asyncio.wait_for(events.get(), wait))
         return str(event.get("data", {}).get("status", ""))
     except TimeoutError:
-        info: dict[str, Any] = await qmp.execute("query-migrate")  # type: ignore[assignment]
+        info = await query_migrate(qmp)
         return str(info.get("status", "none"))
 
 
@@ -127,7 +128,7 @@ class Follower:
             while qmp.runstate == Runstate.RUNNING:
                 if await _next_status(qmp, events, POLL_INTERVAL) not in ("setup", "active"):
                     continue
-                run: dict[str, Any] = await qmp.execute("query-status")  # type: ignore[assignment]
+                run = await query_status(qmp)
                 if run.get("status") == "inmigrate":
                     continue  # the destination: the driver takes the fresh VF over
                 await self._source(vf, qmp, events)
@@ -146,14 +147,14 @@ class Follower:
                                        MAILBOX_TIMEOUT)
 
     async def _source(self, vf: int, qmp: QMPClient, events: EventListener) -> None:
-        info: dict[str, Any] = await qmp.execute("query-migrate")  # type: ignore[assignment]
+        info = await query_migrate(qmp)
         if info.get("status") not in ("setup", "active"):
             return  # events of a migration that is already over
         t0 = time.perf_counter()
         record: dict[str, Any] = {"vf": vf, "role": "source", "started": time.time()}
         with self._lock:
             self.history.append(record)
-        params: dict[str, Any] = await qmp.execute("query-migrate-parameters")  # type: ignore[assignment]
+        params = await query_migrate_parameters(qmp)
         limit = int(params.get("downtime-limit", 300))
         suspended = migrating = False
         try:

@@ -32,6 +32,7 @@ from typing import Any
 from qemu.qmp import EventListener, QMPClient
 
 from vfnic.errors import OperatorError, VfnicError
+from vfnic.host.qmp import MigrationInfo, query_migrate, query_pci, query_status
 from vfnic.migrate.devicelink import DeviceLink
 from vfnic.regs.ids import VENDOR_ID, VF_DEVICE_ID
 from vfnic.vfiouser.features import State
@@ -170,13 +171,13 @@ class Orchestrator:
                                          self.opts.mailbox_timeout + 5)
         return dict(result)
 
-    async def _wait_migration(self, want: set[str], timeout: float) -> dict[str, Any]:
+    async def _wait_migration(self, want: set[str], timeout: float) -> MigrationInfo:
         """Wait for QEMU's migration status to reach one of ``want``: woken at once by
         its MIGRATION events (capability "events"), polled for progress meanwhile."""
         deadline = time.monotonic() + timeout
         last = 0.0
         while True:
-            info: dict[str, Any] = await self.qa.execute("query-migrate")  # type: ignore[assignment]
+            info = await query_migrate(self.qa)
             status = info.get("status", "none")
             if status in want:
                 return info
@@ -200,7 +201,7 @@ class Orchestrator:
 
     async def _find_device(self, qmp: QMPClient, host: Host) -> tuple[int, int, int]:
         """(bus, slot, function) of the VF in that QEMU (by id, else by IDs)."""
-        buses: list[dict[str, Any]] = await qmp.execute("query-pci")  # type: ignore[assignment]
+        buses = await query_pci(qmp)
         found = []
         for bus in buses:
             for dev in bus.get("devices", []):
@@ -274,7 +275,7 @@ class Orchestrator:
         await self.qa.connect(self.src.qmp)
         self.qa.register_listener(self.events)
         await self.qb.connect(self.dst.qmp)
-        dst_status: dict[str, Any] = await self.qb.execute("query-status")  # type: ignore[assignment]
+        dst_status = await query_status(self.qb)
         if dst_status.get("status") != "inmigrate":
             raise MigrationError("the destination QEMU is not waiting for a migration "
                                  "(start it with -incoming)")
@@ -381,7 +382,7 @@ class Orchestrator:
     async def _wait_destination_loaded(self) -> None:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            st: dict[str, Any] = await self.qb.execute("query-status")  # type: ignore[assignment]
+            st = await query_status(self.qb)
             if st.get("status") in ("paused", "postmigrate", "prelaunch"):
                 return
             if st.get("status") in ("running",):
@@ -395,11 +396,11 @@ class Orchestrator:
         if self.dest_running:
             return  # the guest already runs on the destination: nothing to undo
         with contextlib.suppress(Exception):
-            info: dict[str, Any] = await self.qa.execute("query-migrate")  # type: ignore[assignment]
+            info = await query_migrate(self.qa)
             if info.get("status") in ("active", "pre-switchover", "setup", "device"):
                 await self.qa.execute("migrate_cancel")
                 for _ in range(200):
-                    info = await self.qa.execute("query-migrate")  # type: ignore[assignment]
+                    info = await query_migrate(self.qa)
                     if info.get("status") not in ("active", "pre-switchover", "cancelling"):
                         break
                     await asyncio.sleep(0.05)
@@ -410,7 +411,7 @@ class Orchestrator:
             with contextlib.suppress(Exception):
                 self.da.logging_stop()
         with contextlib.suppress(Exception):
-            st: dict[str, Any] = await self.qa.execute("query-status")  # type: ignore[assignment]
+            st = await query_status(self.qa)
             if not st.get("running"):
                 await self.qa.execute("cont")
         if self.suspended:
@@ -437,7 +438,7 @@ async def wait_suspend_point(qmp: QMPClient, timeout: float) -> bool:
     switchover anyway (an idle guest with nothing left to send)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        info: dict[str, Any] = await qmp.execute("query-migrate")  # type: ignore[assignment]
+        info = await query_migrate(qmp)
         status = info.get("status")
         if status in ("failed", "cancelled"):
             raise MigrationError(f"QEMU migration {status}: {info.get('error-desc', '')}")
