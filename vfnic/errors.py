@@ -73,3 +73,23 @@ class SetupError(VfnicError):
 
 class UsageError(VfnicError):
     """A bad command line."""
+
+
+class AccessDenied(ProtocolError):
+    """A session that does not own the function asked to change it (read-only session)."""
+
+    errno = _errno.EPERM
+
+
+class DmaTimeout(DmaError):
+    """The client did not answer a DMA_READ/DMA_WRITE within the bound: it is cut off."""
+
+    errno = _errno.ETIMEDOUT
+
+
+class PolicyError(UsageError):
+    """A VF setting the host refuses (duplicate MAC, out-of-range VLAN, ...)."""
+
+
+class FolderError(UsageError):
+    """The runtime folder is unsafe (not ours, a symlink, writable by others) or in use."""

@@ -63,6 +63,7 @@ class PciFunction:
         self.index = index  # VF number; 0 for the PF
         self.name = "pf" if is_pf else f"vf{index}"
         self.perm_mac = mac
+        self.rx_mac = mac  # the address the switch filters on (PF-approved RAL/RAH)
         self.total_vfs = total_vfs
         self.num_vfs = num_vfs
         self.link_state = LINK_AUTO
@@ -77,6 +78,10 @@ class PciFunction:
         self.irq_fds: dict[tuple[int, int], int] = {}  # (irq index, sub-index) -> eventfd
         self.irq_masked: set[tuple[int, int]] = set()
         self.session: Session | None = None
+        from vfnic.device.policy import VfPolicy
+
+        self.policy = VfPolicy()  # the host's VF settings (`vfnic link set DIR vf N ...`)
+        self.tx_kick_pending = False  # a paced TX queue waits for its timer
         self._build_config()
         from vfnic.device.datapath import DataPath
         from vfnic.savevm.migration import Migration
@@ -326,13 +331,16 @@ class PciFunction:
         """Program the receive address (RAL/RAH, address valid) with ``mac``."""
         self.bank.set("RAL", int.from_bytes(mac[:4], "little"))
         self.bank.set("RAH", int.from_bytes(mac[4:6], "little") | T.RAH_AV)
+        self.rx_mac = mac
 
     def in_serving_thread(self) -> bool:
         return self.serving_thread == threading.get_ident()
 
     def on_wake(self) -> None:
-        """Run in the serving thread: deliver frames queued for fd-less DMA."""
+        """Run in the serving thread: deliver frames queued for fd-less DMA, resume
+        paced transmission."""
         self.datapath.drain_backlog()
+        self.datapath.resume_tx()
 
     def client_attached(self, session: Session) -> None:
         self.session = session

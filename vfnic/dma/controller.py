@@ -1,17 +1,22 @@
 """DMA controller: the regions a client made available (VFIO_USER_DMA_MAP).
 
-Regions with a file descriptor are mmapped and accessed directly; regions
-without one are reached through server-to-client VFIO_USER_DMA_READ/WRITE
-messages. Every access is checked against the mappings; writes are recorded in
-the dirty log while logging is on (VFIO_DEVICE_FEATURE_DMA_LOGGING_*).
+Regions with a file descriptor are accessed with pread/pwrite on that fd, not
+through an mmap: a client that shrinks its file (ftruncate) under the server
+would turn an mmap access into SIGBUS for the whole process; pread/pwrite
+return short or fail instead, and the access becomes a DmaError for that
+function only. Regions without an fd are reached through server-to-client
+VFIO_USER_DMA_READ/WRITE messages. Every access is checked against the
+mappings; writes are recorded in the dirty log while logging is on
+(VFIO_DEVICE_FEATURE_DMA_LOGGING_*).
 """
 
 from __future__ import annotations
 
 import bisect
 import errno
-import mmap
+import fcntl
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,8 +35,17 @@ class DmaRegion:
     size: int
     flags: int
     offset: int = 0
-    mm: mmap.mmap | None = None
-    mm_skew: int = 0  # fd offset rounded down to a page: bytes to skip in mm
+    fd: int | None = None  # the client's file (pread/pwrite at offset + iova - address)
+
+    @property
+    def mm(self) -> int | None:
+        """The region's file, if it has one (kept for callers of the mmap era)."""
+        return self.fd
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
     @property
     def end(self) -> int:
@@ -76,16 +90,8 @@ class DmaController:
                     )
             region = DmaRegion(address, size, flags, offset)
             if fd is not None:
-                skew = offset % mmap.PAGESIZE
-                prot = (mmap.PROT_READ if flags & 1 else 0) | (mmap.PROT_WRITE if flags & 2 else 0)
-                try:
-                    region.mm = mmap.mmap(
-                        fd, size + skew, mmap.MAP_SHARED, prot or mmap.PROT_READ,
-                        offset=offset - skew,
-                    )
-                except (OSError, ValueError, OverflowError) as exc:
-                    raise ProtocolError(f"cannot mmap DMA region: {exc}", errno.EINVAL) from exc
-                region.mm_skew = skew
+                _check_fd(fd, flags, offset, size)
+                region.fd, fd = fd, None  # the region owns it now
         finally:
             if fd is not None:
                 os.close(fd)
@@ -96,20 +102,18 @@ class DmaController:
         for i, r in enumerate(self.regions):
             if r.address == address and r.size == size:
                 del self.regions[i]
-                if r.mm is not None:
-                    r.mm.close()
+                r.close()
                 return r
         raise ProtocolError(f"no DMA region {address:#x}+{size:#x}", errno.ENOENT)
 
     def unmap_all(self) -> None:
         for r in self.regions:
-            if r.mm is not None:
-                r.mm.close()
+            r.close()
         self.regions.clear()
 
     def has_message_regions(self) -> bool:
         """Whether some region is reached only through DMA_READ/WRITE messages."""
-        return any(r.mm is None for r in self.regions)
+        return any(r.fd is None for r in self.regions)
 
     def find(self, address: int, length: int) -> DmaRegion:
         """The region holding all of [address, address+length)."""
@@ -127,9 +131,15 @@ class DmaController:
         r = self.find(address, length)
         if not r.readable:
             raise DmaError(f"DMA region at {r.address:#x} is not readable")
-        if r.mm is not None:
-            start = r.mm_skew + address - r.address
-            return bytes(r.mm[start : start + length])
+        if r.fd is not None:
+            try:
+                data = os.pread(r.fd, length, r.offset + address - r.address)
+            except OSError as exc:
+                raise DmaError(f"DMA read at {address:#x}: {exc.strerror}") from exc
+            if len(data) != length:  # the client's file shrank under its mapping
+                raise DmaError(f"DMA read at {address:#x}+{length:#x}: beyond the end of "
+                               "the client's file")
+            return data
         if self.message_read is None:
             raise DmaError("no client connection for DMA_READ", errno.ENODEV)
         return self.message_read(address, length)
@@ -138,9 +148,19 @@ class DmaController:
         r = self.find(address, len(data))
         if not r.writable:
             raise DmaError(f"DMA region at {r.address:#x} is not writable")
-        if r.mm is not None:
-            start = r.mm_skew + address - r.address
-            r.mm[start : start + len(data)] = data
+        if r.fd is not None:
+            pos = r.offset + address - r.address
+            try:
+                # pwrite past the end would grow the client's file: refuse instead
+                # (a shrink racing with this check only regrows the client's own file).
+                if os.fstat(r.fd).st_size < pos + len(data):
+                    raise DmaError(f"DMA write at {address:#x}+{len(data):#x}: beyond the "
+                                   "end of the client's file")
+                n = os.pwrite(r.fd, data, pos)
+            except OSError as exc:
+                raise DmaError(f"DMA write at {address:#x}: {exc.strerror}") from exc
+            if n != len(data):
+                raise DmaError(f"DMA write at {address:#x}: short write ({n} bytes)")
         else:
             if self.message_write is None:
                 raise DmaError("no client connection for DMA_WRITE", errno.ENODEV)
@@ -149,3 +169,24 @@ class DmaController:
             pages = range(address // PAGE_SIZE, (address + len(data) - 1) // PAGE_SIZE + 1)
             self.dirty_log.update(pages)
             self.dirty_total.update(pages)
+
+
+def _check_fd(fd: int, flags: int, offset: int, size: int) -> None:
+    """A DMA_MAP fd must be a regular file (memfd, tmpfs, hugetlbfs...) opened for
+    the access the mapping promises, covering the region when it is mapped."""
+    try:
+        st = os.fstat(fd)
+        acc = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+    except OSError as exc:
+        raise ProtocolError(f"DMA_MAP fd: {exc.strerror}", errno.EINVAL) from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise ProtocolError("DMA_MAP fd is not a regular file", errno.EINVAL)
+    if offset + size > 1 << 63:
+        raise ProtocolError("DMA_MAP offset out of range", errno.EINVAL)
+    if flags & 2 and acc == os.O_RDONLY:
+        raise ProtocolError("DMA_MAP writable region with a read-only fd", errno.EACCES)
+    if flags & 1 and acc == os.O_WRONLY:
+        raise ProtocolError("DMA_MAP readable region with a write-only fd", errno.EACCES)
+    if st.st_size < offset + size:
+        raise ProtocolError(f"DMA_MAP region {size:#x} at offset {offset:#x} is beyond the "
+                            f"end of the file ({st.st_size:#x})", errno.EINVAL)

@@ -15,6 +15,7 @@ pages the device wrote by DMA.
 
 from __future__ import annotations
 
+import bisect
 import enum
 import errno
 import struct
@@ -94,6 +95,7 @@ LogControl = struct.Struct("<QII")  # page_size, num_ranges, reserved
 LogRange = struct.Struct("<QQ")  # iova, length
 LogReport = struct.Struct("<QQQ")  # iova, length, page_size
 MAX_LOG_RANGES = 1024
+MAX_BITMAP = 1 << 20  # bytes: the max_bitmap_size the server advertises (SERVER_MAX_BITMAP)
 
 
 def path(cur: State, new: State, flags: int = SUPPORTED) -> list[State]:
@@ -214,9 +216,32 @@ class Migration:
             self.incoming = bytearray()
         elif cur == S.RESUMING and new == S.STOP:
             image, pages = stream.assemble(bytes(self.incoming))
-            snapshot.restore(fn, image)  # checks everything before touching the device
-            for iova, data in pages:  # DMA-written pages QEMU could not have seen
-                fn.dma.write(iova, data)
+            # Everything is checked before anything is applied: the snapshot's every
+            # field, every page inside the destination's writable mappings, the MAC
+            # against the destination NIC's other functions.
+            snapshot.check(fn, image)
+            for iova, data in pages:
+                if iova % stream.PAGE_SIZE:
+                    raise SnapshotError(f"migration stream: page at {iova:#x} is not aligned")
+                try:
+                    region = fn.dma.find(iova, len(data))
+                except VfnicError as exc:
+                    raise SnapshotError(f"migration stream: page at {iova:#x} is outside "
+                                        "the destination's DMA mappings") from exc
+                if not region.writable:
+                    raise SnapshotError(f"migration stream: page at {iova:#x} is in a "
+                                        "read-only mapping")
+            if fn.nic is not None:
+                fn.nic.check_restore(fn, snapshot.stored_mac(image))
+            try:
+                for iova, data in pages:  # DMA-written pages QEMU could not have seen
+                    fn.dma.write(iova, data)
+            except VfnicError as exc:  # the client's memory went away meanwhile
+                raise SnapshotError(f"migration stream: writing pages failed: {exc}") from exc
+            host_link_state = fn.link_state
+            snapshot.restore(fn, image)
+            if fn.nic is not None:  # the destination host's VF settings apply
+                fn.nic.after_restore(fn, host_link_state)
             fn.running = False
             self.incoming = bytearray()
         if cur in SAVING_STATES and new not in SAVING_STATES:
@@ -301,20 +326,27 @@ class Migration:
             raise ProtocolError("DMA_LOGGING_REPORT: range not aligned to the page size")
         npages = length // page_size
         words = (npages + 63) // 64
+        if 8 * words > MAX_BITMAP:
+            raise ProtocolError(f"DMA_LOGGING_REPORT: bitmap of {8 * words} bytes exceeds the "
+                                f"advertised max_bitmap_size {MAX_BITMAP}", errno.E2BIG)
         if argsz < 8 + LogReport.size + 8 * words:
             raise ProtocolError("DMA_LOGGING_REPORT: argsz too small for the bitmap", errno.ENOSPC)
-        bits = 0
+        # Work proportional to the dirty pages in range (sorted, bisected), the bitmap
+        # itself bounded by MAX_BITMAP.
+        bitmap = bytearray(8 * words)
         lps = stream.PAGE_SIZE
-        for page in sorted(log):
+        dirty = sorted(log)
+        lo = bisect.bisect_left(dirty, iova // lps)
+        hi = bisect.bisect_left(dirty, (iova + length + lps - 1) // lps)
+        reported = []
+        for page in dirty[lo:hi]:
             addr = page * lps
-            if addr + lps <= iova or addr >= iova + length:
-                continue
             first = max(addr, iova) - iova
             last = min(addr + lps, iova + length) - 1 - iova
             for i in range(first // page_size, last // page_size + 1):
-                bits |= 1 << i
+                bitmap[i >> 3] |= 1 << (i & 7)
+            if iova <= addr and addr + lps <= iova + length:
+                reported.append(page)
         # Reported pages are cleared (the kernel's semantics for REPORT).
-        for page in [p for p in log if iova <= p * lps and (p + 1) * lps <= iova + length]:
-            log.discard(page)
-        bitmap = bits.to_bytes(8 * words, "little")
-        return LogReport.pack(iova, length, page_size) + bitmap
+        log.difference_update(reported)
+        return LogReport.pack(iova, length, page_size) + bytes(bitmap)
