@@ -232,3 +232,42 @@ def test_nothing_blocks_while_one_vf_waits(nic_server: NicServer) -> None:
         assert time.monotonic() - t < 0.5 and info["vfs"][0]["attached"]
     finally:
         sock.close()
+
+
+# -- hugetlbfs guest memory (no pwrite): mmap with a size check ------------------------------
+
+
+@pytest.fixture
+def two_huge_pages() -> Iterator[None]:
+    knob = Path("/proc/sys/vm/nr_hugepages")
+    before = int(knob.read_text())
+    knob.write_text(str(before + 2))
+    try:
+        yield
+    finally:
+        knob.write_text(str(before))
+
+
+def test_hugetlb_memory_works_and_a_shrink_is_a_dma_error(nic_server: NicServer,
+                                                          two_huge_pages: None) -> None:
+    from vfnic.errors import DmaError
+
+    huge = 2 << 20
+    fd = os.memfd_create("vfd-huge", os.MFD_HUGETLB)
+    try:
+        os.ftruncate(fd, huge)
+        fn = nic_server.nic.vfs[0]
+        with fn.lock:
+            fn.dma.map(0x200000, huge, 3, 0, os.dup(fd))
+            assert fn.dma.regions[0].view is not None  # hugetlbfs takes no pwrite
+            fn.dma.write(0x200010, b"hello")
+            assert fn.dma.read(0x200010, 5) == b"hello"
+        os.ftruncate(fd, 0)
+        with fn.lock:
+            with pytest.raises(DmaError, match="beyond the end"):
+                fn.dma.read(0x200010, 5)
+            with pytest.raises(DmaError, match="beyond the end"):
+                fn.dma.write(0x200010, b"x")
+            fn.dma.unmap_all()
+    finally:
+        os.close(fd)

@@ -4,8 +4,10 @@ Regions with a file descriptor are accessed with pread/pwrite on that fd, not
 through an mmap: a client that shrinks its file (ftruncate) under the server
 would turn an mmap access into SIGBUS for the whole process; pread/pwrite
 return short or fail instead, and the access becomes a DmaError for that
-function only. Regions without an fd are reached through server-to-client
-VFIO_USER_DMA_READ/WRITE messages. Every access is checked against the
+function only. Files that cannot be written with pwrite (hugetlbfs) fall back
+to an mmap guarded by a size check before each access (a shrink racing with
+that check can still SIGBUS: see README, known limits). Regions without an fd
+are reached through server-to-client VFIO_USER_DMA_READ/WRITE messages. Every access is checked against the
 mappings; writes are recorded in the dirty log while logging is on
 (VFIO_DEVICE_FEATURE_DMA_LOGGING_*).
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import bisect
 import errno
 import fcntl
+import mmap
 import os
 import stat
 from collections.abc import Callable
@@ -36,6 +39,8 @@ class DmaRegion:
     flags: int
     offset: int = 0
     fd: int | None = None  # the client's file (pread/pwrite at offset + iova - address)
+    view: mmap.mmap | None = None  # only for files pwrite cannot write (hugetlbfs)
+    view_skew: int = 0  # offset rounded down to a page: bytes to skip in view
 
     @property
     def mm(self) -> int | None:
@@ -43,6 +48,9 @@ class DmaRegion:
         return self.fd
 
     def close(self) -> None:
+        if self.view is not None:
+            self.view.close()
+            self.view = None
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
@@ -91,6 +99,16 @@ class DmaController:
             region = DmaRegion(address, size, flags, offset)
             if fd is not None:
                 _check_fd(fd, flags, offset, size)
+                if flags & 2 and not _pwritable(fd, offset):
+                    skew = offset % mmap.PAGESIZE
+                    prot = mmap.PROT_READ | mmap.PROT_WRITE
+                    try:
+                        region.view = mmap.mmap(fd, size + skew, mmap.MAP_SHARED, prot,
+                                                offset=offset - skew)
+                    except (OSError, ValueError, OverflowError) as exc:
+                        raise ProtocolError(f"cannot mmap DMA region: {exc}",
+                                            errno.EINVAL) from exc
+                    region.view_skew = skew
                 region.fd, fd = fd, None  # the region owns it now
         finally:
             if fd is not None:
@@ -131,6 +149,8 @@ class DmaController:
         r = self.find(address, length)
         if not r.readable:
             raise DmaError(f"DMA region at {r.address:#x} is not readable")
+        if r.view is not None:
+            return bytes(_guarded(r, address, length))
         if r.fd is not None:
             try:
                 data = os.pread(r.fd, length, r.offset + address - r.address)
@@ -148,7 +168,9 @@ class DmaController:
         r = self.find(address, len(data))
         if not r.writable:
             raise DmaError(f"DMA region at {r.address:#x} is not writable")
-        if r.fd is not None:
+        if r.view is not None:
+            _guarded(r, address, len(data))[:] = data
+        elif r.fd is not None:
             pos = r.offset + address - r.address
             try:
                 # pwrite past the end would grow the client's file: refuse instead
@@ -190,3 +212,29 @@ def _check_fd(fd: int, flags: int, offset: int, size: int) -> None:
     if st.st_size < offset + size:
         raise ProtocolError(f"DMA_MAP region {size:#x} at offset {offset:#x} is beyond the "
                             f"end of the file ({st.st_size:#x})", errno.EINVAL)
+
+
+def _pwritable(fd: int, offset: int) -> bool:
+    """Whether the file takes pwrite (hugetlbfs has no write: EINVAL even for 0 bytes)."""
+    try:
+        os.pwrite(fd, b"", offset)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            return False
+        raise ProtocolError(f"DMA_MAP fd: {exc.strerror}", errno.EINVAL) from exc
+    return True
+
+
+def _guarded(r: DmaRegion, address: int, length: int) -> memoryview:
+    """The mmap bytes of [address, address+length) after checking the file still
+    holds them (else DmaError instead of SIGBUS)."""
+    assert r.view is not None and r.fd is not None
+    pos = r.offset + address - r.address
+    try:
+        if os.fstat(r.fd).st_size < pos + length:
+            raise DmaError(f"DMA at {address:#x}+{length:#x}: beyond the end of the "
+                           "client's file")
+    except OSError as exc:
+        raise DmaError(f"DMA at {address:#x}: {exc.strerror}") from exc
+    start = r.view_skew + address - r.address
+    return memoryview(r.view)[start:start + length]
