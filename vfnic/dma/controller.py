@@ -7,8 +7,8 @@ return short or fail instead, and the access becomes a DmaError for that
 function only. Files that cannot be written with pwrite (hugetlbfs) fall back
 to an mmap guarded by a size check before each access (a shrink racing with
 that check can still SIGBUS: see README, known limits). Regions without an fd
-are reached through server-to-client VFIO_USER_DMA_READ/WRITE messages. Every access is checked against the
-mappings; writes are recorded in the dirty log while logging is on
+are reached through server-to-client VFIO_USER_DMA_READ/WRITE messages. Every
+access is checked against the mappings; writes are recorded in the dirty log while logging is on
 (VFIO_DEVICE_FEATURE_DMA_LOGGING_*).
 """
 
