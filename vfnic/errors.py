@@ -9,8 +9,10 @@ message a person sees on the command line (``vfnic: error: MESSAGE``, exit 1).
     │   ├── ProtocolError            EINVAL  a malformed or out-of-range message
     │   │   ├── UnsupportedError     ENOTSUP a command or feature not implemented
     │   │   ├── NotTtyError          ENOTTY  a device feature not implemented
+    │   │   ├── AccessDenied         EPERM   a read-only (non-owner) session tried a change
     │   │   └── FramingError         (vfiouser.transport) a header that cannot be honoured
     │   ├── DmaError                 EFAULT  DMA outside the mappings, or refused by the client
+    │   │   └── DmaTimeout           ETIMEDOUT  the client did not answer a DMA request in time
     │   └── SnapshotError            EINVAL  device state that cannot be restored
     ├── TransportError               the other end of a link failed or said no
     │   ├── ConnectionClosed         ECONNRESET  the peer closed the vfio-user socket
@@ -23,6 +25,8 @@ message a person sees on the command line (``vfnic: error: MESSAGE``, exit 1).
     │       └── MailboxError         the PF refused or did not answer a mailbox request
     └── OperatorError                for the person running vfnic: fix the command or setup
         ├── UsageError               a bad command line or management request
+        │   ├── PolicyError          a VF setting the host refuses (duplicate MAC, bad VLAN)
+        │   └── FolderError          an unsafe or busy runtime folder (DIR)
         ├── SetupError               ENOENT  the QEMU runtime or guest image is missing
         ├── VmError                  (host.vm) QEMU or the guest failed
         ├── LabError                 (migrate.lab) the namespaces could not be set up
@@ -132,3 +136,23 @@ class SetupError(OperatorError):
 
 class UsageError(OperatorError):
     """A bad command line or management request."""
+
+
+class PolicyError(UsageError):
+    """A VF setting the host refuses (duplicate MAC, out-of-range VLAN, ...)."""
+
+
+class FolderError(UsageError):
+    """The runtime folder is unsafe (not ours, a symlink, writable by others) or in use."""
+
+
+class AccessDenied(ProtocolError):
+    """A session that does not own the function asked to change it (read-only session)."""
+
+    errno = _errno.EPERM
+
+
+class DmaTimeout(DmaError):
+    """The client did not answer a DMA_READ/DMA_WRITE within the bound: it is cut off."""
+
+    errno = _errno.ETIMEDOUT

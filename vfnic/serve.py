@@ -26,6 +26,9 @@ def register(sub: Any) -> None:
     p.add_argument("--busy-poll", type=int, default=0, metavar="USEC",
                    help="keep polling a client's socket this long after each message "
                    "before sleeping (lower latency for bursts, costs a CPU; default 0)")
+    p.add_argument("--group", metavar="GROUP",
+                   help="open the sockets to this group too (mode 0660, DIR g+x), e.g. the "
+                   "group QEMU runs as; default: owner only (0600)")
     p.add_argument("-v", "--verbose", action="store_true", help="log protocol errors")
     p.set_defaults(handler=cmd_serve)
 
@@ -36,10 +39,11 @@ def register(sub: Any) -> None:
     s.add_argument("--json", action="store_true")
     s.set_defaults(handler=cmd_link_show)
     s = lsub.add_parser(
-        "set", help="DIR vf N state auto|enable|disable|migrate|cancelmigration|suspend|resume"
-        " | DIR vf N mac MAC")
+        "set", help="DIR vf N [mac MAC] [vlan VID [qos Q]] [spoofchk on|off] [trust on|off] "
+        "[max_tx_rate MBPS] [min_tx_rate MBPS] [state auto|enable|disable] | DIR vf N state "
+        "migrate|cancelmigration|suspend|resume")
     s.add_argument("dir")
-    s.add_argument("words", nargs="+", help="vf N state STATE")
+    s.add_argument("words", nargs="+", help="vf N SETTING VALUE ...")
     s.set_defaults(handler=cmd_link_set)
 
     p = sub.add_parser("regs", help="dump a function's registers, like `ethtool -d`")
@@ -71,7 +75,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not 0 <= args.busy_poll <= 1_000_000:
         raise UsageError("--busy-poll must be between 0 and 1000000 microseconds")
     try:
-        server = NicServer(args.dir, args.vfs, args.uplink, args.nic_id, args.busy_poll)
+        server = NicServer(args.dir, args.vfs, args.uplink, args.nic_id, args.busy_poll,
+                           args.group)
     except OSError as exc:
         raise UsageError(f"cannot serve in {args.dir}: {exc.strerror or exc}") from exc
     done = threading.Event()
@@ -97,6 +102,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def format_vf(vf: dict[str, Any]) -> str:
+    """One VF the way `ip link show` prints a PF's VF list (iproute2's print_vfinfo)."""
+    out = f"    vf {vf['vf']}     link/ether {vf['mac']} brd ff:ff:ff:ff:ff:ff"
+    if vf.get("vlan"):
+        out += f", vlan {vf['vlan']}"
+        if vf.get("qos"):
+            out += f", qos {vf['qos']}"
+    if vf.get("max_tx_rate"):
+        out += f", max_tx_rate {vf['max_tx_rate']}Mbps"
+    if vf.get("min_tx_rate"):
+        out += f", min_tx_rate {vf['min_tx_rate']}Mbps"
+    if "spoofchk" in vf:
+        out += f", spoof checking {'on' if vf['spoofchk'] else 'off'}"
+    out += f", link-state {vf['state']}"
+    if "trust" in vf:
+        out += f", trust {'on' if vf['trust'] else 'off'}"
+    out += f", link {vf['link']}, {'attached' if vf['attached'] else 'not attached'}"
+    return out
+
+
 def cmd_link_show(args: argparse.Namespace) -> int:
     from vfnic.device.nic import control_call
 
@@ -108,29 +133,47 @@ def cmd_link_show(args: argparse.Namespace) -> int:
     print(f"pf: link/ether {pf['mac']} link {pf['link']}"
           f"{' (attached)' if pf['attached'] else ''}")
     for vf in info["vfs"]:
-        print(f"    vf {vf['vf']}     link/ether {vf['mac']}, link-state {vf['state']}, "
-              f"link {vf['link']}, {'attached' if vf['attached'] else 'not attached'}")
+        print(format_vf(vf))
     return 0
+
+
+VF_SETTINGS = ("mac", "vlan", "qos", "spoofchk", "trust", "max_tx_rate", "min_tx_rate",
+               "state")
+MIGRATION_STATES = ("migrate", "cancelmigration", "suspend", "resume")
+
+
+def parse_vf_settings(words: list[str]) -> tuple[int, dict[str, str]]:
+    """`vf N SETTING VALUE ...` in iproute2's grammar (UsageError otherwise)."""
+    usage = ("usage: vfnic link set DIR vf N [mac MAC] [vlan VID [qos Q]] [spoofchk on|off] "
+             "[trust on|off] [max_tx_rate MBPS] [min_tx_rate MBPS] "
+             "[state auto|enable|disable|migrate|cancelmigration|suspend|resume]")
+    if len(words) < 4 or words[0] != "vf" or not words[1].isdigit() or len(words) % 2:
+        raise UsageError(usage)
+    settings: dict[str, str] = {}
+    for key, value in zip(words[2::2], words[3::2], strict=True):
+        if key not in VF_SETTINGS:
+            raise UsageError(f"unknown VF setting {key!r}; {usage}")
+        if key in settings:
+            raise UsageError(f"{key} given twice")
+        if key == "qos" and "vlan" not in settings:
+            raise UsageError("qos must follow vlan (vlan VID qos Q)")
+        settings[key] = value
+    if settings.get("state") in MIGRATION_STATES and len(settings) > 1:
+        raise UsageError(f"state {settings['state']} goes alone")
+    return int(words[1]), settings
 
 
 def cmd_link_set(args: argparse.Namespace) -> int:
     from vfnic.device.nic import control_call
 
-    words = args.words
-    usage = ("usage: vfnic link set DIR vf N state "
-             "auto|enable|disable|migrate|cancelmigration|suspend|resume  |  vf N mac MAC")
-    if len(words) != 4 or words[0] != "vf" or not words[1].isdigit():
-        raise UsageError(usage)
-    vf, what, value = int(words[1]), words[2], words[3]
-    if what == "state":
-        result = control_call(args.dir, {"op": "vf-state", "vf": vf, "state": value})
-    elif what == "mac":
-        result = control_call(args.dir, {"op": "vf-mac", "vf": vf, "mac": value})
-    else:
-        raise UsageError(usage)
-    if result:
+    vf, settings = parse_vf_settings(args.words)
+    state = settings.get("state")
+    if state in MIGRATION_STATES:
+        result = control_call(args.dir, {"op": "vf-state", "vf": vf, "state": state})
         driver = f", driver {result['driver_us']} us" if result.get("driver_us") else ""
-        print(f"vf {vf}: {value} acknowledged in {result['mailbox_ms']} ms{driver}")
+        print(f"vf {vf}: {state} acknowledged in {result['mailbox_ms']} ms{driver}")
+        return 0
+    control_call(args.dir, {"op": "vf-set", "vf": vf, "settings": settings})
     return 0
 
 

@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="python -m vfnic.bench", description=__doc__)
     p.add_argument("--only", default=",".join(report.ORDER),
-                   help="comma-separated sections: regs, datapath, migration, virsh (default: all)")
+                   help="comma-separated sections: regs, datapath, migration, virsh, isolation "
+                   "(default: all)")
     p.add_argument("--runs", type=int, default=None,
                    help="migration runs per configuration (default 15, virsh 10; 2 with --quick)")
     p.add_argument("--quick", action="store_true",
@@ -63,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
                 from vfnic.bench import datapath
 
                 sec = datapath.run(args.quick)
+            elif key == "isolation":
+                from vfnic.bench import isolation
+
+                sec = isolation.run(args.quick)
             elif key == "migration":
                 from vfnic.bench import migration
 

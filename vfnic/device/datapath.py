@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import struct
+import threading
 from typing import TYPE_CHECKING
 
 from vfnic.errors import DmaError
@@ -118,6 +119,11 @@ class DataPath:
                     self._set(T.TDH(q), head)
                     self.queue_error(T.TX, q, T.QERR_LEN)
                     return sent
+                wait = fn.policy.bucket.take(length)
+                if wait:  # max_tx_rate: the descriptor stays the device's until then
+                    self._set(T.TDH(q), head)
+                    self._pace(wait)
+                    break
                 frame = fn.dma_read(addr, length)
                 if cmd & D.CMD_RS:
                     fn.dma_write(slot + 12, bytes([D.STAT_DD]))
@@ -135,6 +141,32 @@ class DataPath:
         if sent and fn.nic is not None:
             fn.nic.raise_cause(fn, T.EICR_RTXQ(q))
         return sent
+
+    def _pace(self, wait: float) -> None:
+        """Come back to the TX queues in ``wait`` seconds (one timer at a time)."""
+        fn = self.fn
+        if fn.tx_kick_pending:
+            return
+        fn.tx_kick_pending = True
+        timer = threading.Timer(wait, self._kick)
+        timer.daemon = True
+        timer.start()
+
+    def _kick(self) -> None:
+        fn = self.fn
+        with fn.lock:
+            fn.tx_kick_pending = False
+            session = fn.session
+            if session is not None and fn.dma.has_message_regions():
+                session.endpoint.wake()  # DMA messages: only the serving thread may
+                return
+            self.resume_tx()
+
+    def resume_tx(self) -> None:
+        """Transmit what paced queues still hold."""
+        for q in range(T.NUM_QUEUES):
+            if self.enabled(T.TX, q) and self._reg(T.TDH(q)) != self._reg(T.TDT(q)):
+                self.transmit(q)
 
     # -- receive --------------------------------------------------------------------------
 

@@ -15,8 +15,21 @@ import threading
 from typing import TYPE_CHECKING
 
 from vfnic.device import pci, snapshot
+from vfnic.device.pci import (
+    MSIX_BAR,
+    MSIX_BAR_SIZE,
+    MSIX_ENTRY,
+    MSIX_PBA_OFFSET,
+    MSIX_TABLE_OFFSET,
+    MSIX_VECTORS,
+)
+from vfnic.device.policy import (
+    LINK_AUTO,
+    VfPolicy,
+)
+from vfnic.dma.controller import PAGE_SIZE as DMA_PAGE_SIZE
 from vfnic.dma.controller import DmaController
-from vfnic.errors import DmaError, ProtocolError
+from vfnic.errors import DmaError, ProtocolError, SnapshotError, VfnicError
 from vfnic.regs import table as T
 from vfnic.regs.bank import RegisterBank
 from vfnic.regs.ids import (
@@ -36,12 +49,6 @@ if TYPE_CHECKING:
     from vfnic.vfiouser.server import Session
 
 
-MSIX_BAR = 3
-MSIX_BAR_SIZE = 0x4000
-MSIX_VECTORS = 4  # queue 0, queue 1, mailbox, link/other
-MSIX_TABLE_OFFSET = 0x0000
-MSIX_PBA_OFFSET = 0x2000
-MSIX_ENTRY = 16
 
 CAP_PM = 0x40
 CAP_MSIX = 0x50
@@ -51,9 +58,6 @@ EXT_SRIOV = 0x100
 
 BAR_SIZES = {0: BAR0_SIZE, MSIX_BAR: MSIX_BAR_SIZE}
 
-# VF link state set by the host (`ip link set PF vf N state auto|enable|disable`)
-LINK_AUTO, LINK_ENABLE, LINK_DISABLE = 0, 1, 2
-LINK_STATE_NAMES = {LINK_AUTO: "auto", LINK_ENABLE: "enable", LINK_DISABLE: "disable"}
 
 
 class PciFunction:
@@ -66,6 +70,7 @@ class PciFunction:
         self.index = index  # VF number; 0 for the PF
         self.name = "pf" if is_pf else f"vf{index}"
         self.perm_mac = mac
+        self.rx_mac = mac  # the address the switch filters on (PF-approved RAL/RAH)
         self.total_vfs = total_vfs
         self.num_vfs = num_vfs
         self.link_state = LINK_AUTO
@@ -80,6 +85,8 @@ class PciFunction:
         self.irq_fds: dict[tuple[int, int], int] = {}  # (irq index, sub-index) -> eventfd
         self.irq_masked: set[tuple[int, int]] = set()
         self.session: Session | None = None
+        self.policy = VfPolicy()  # the host's VF settings (`vfnic link set DIR vf N ...`)
+        self.tx_kick_pending = False  # a paced TX queue waits for its timer
         self._build_config()
         from vfnic.device.datapath import DataPath
 
@@ -322,9 +329,32 @@ class PciFunction:
         return snapshot.save(self)
 
     def load_state(self, image: bytes, pages: list[tuple[int, bytes]]) -> None:
-        snapshot.restore(self, image)  # checks everything before touching the function
-        for iova, data in pages:  # DMA-written pages QEMU could not have seen
-            self.dma.write(iova, data)
+        # Everything is checked before anything is applied: the snapshot's every
+        # field, every page inside this function's writable mappings, the MAC
+        # against the NIC's other functions.
+        snapshot.check(self, image)
+        for iova, data in pages:
+            if iova % DMA_PAGE_SIZE:
+                raise SnapshotError(f"migration stream: page at {iova:#x} is not aligned")
+            try:
+                region = self.dma.find(iova, len(data))
+            except VfnicError as exc:
+                raise SnapshotError(f"migration stream: page at {iova:#x} is outside "
+                                    "the destination's DMA mappings") from exc
+            if not region.writable:
+                raise SnapshotError(f"migration stream: page at {iova:#x} is in a "
+                                    "read-only mapping")
+        if self.nic is not None:
+            self.nic.check_restore(self, snapshot.stored_mac(image))
+        try:
+            for iova, data in pages:  # DMA-written pages QEMU could not have seen
+                self.dma.write(iova, data)
+        except VfnicError as exc:  # the client's memory went away meanwhile
+            raise SnapshotError(f"migration stream: writing pages failed: {exc}") from exc
+        host_link_state = self.link_state
+        snapshot.restore(self, image)
+        if self.nic is not None:  # the destination host's VF settings apply
+            self.nic.after_restore(self, host_link_state)
         self.running = False  # a restored function waits, stopped, for RUNNING
 
     def set_running(self, running: bool) -> None:
@@ -345,13 +375,16 @@ class PciFunction:
         """Program the receive address (RAL/RAH, address valid) with ``mac``."""
         self.bank.set(T.RAL, int.from_bytes(mac[:4], "little"))
         self.bank.set(T.RAH, int.from_bytes(mac[4:6], "little") | T.RAH_AV)
+        self.rx_mac = mac
 
     def in_serving_thread(self) -> bool:
         return self.serving_thread == threading.get_ident()
 
     def on_wake(self) -> None:
-        """Run in the serving thread: deliver frames queued for fd-less DMA."""
+        """Run in the serving thread: deliver frames queued for fd-less DMA, resume
+        paced transmission."""
         self.datapath.drain_backlog()
+        self.datapath.resume_tx()
 
     def client_attached(self, session: Session) -> None:
         self.session = session

@@ -7,30 +7,37 @@ DIR/pf.sock, DIR/vf0.sock ... and DIR/control.sock (management, JSON lines).
 
 from __future__ import annotations
 
+import base64
+import fcntl
 import functools
+import grp
 import json
 import logging
 import os
 import socket
+import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from vfnic.device import pci
-from vfnic.device.function import (
-    CAP_MSIX,
-    LINK_DISABLE,
-    LINK_STATE_NAMES,
-    PciFunction,
-)
+from vfnic.device.function import CAP_MSIX, PciFunction
 from vfnic.device.pfagent import PfAgent
+from vfnic.device.policy import LINK_DISABLE, LINK_STATE_NAMES, MAX_QOS, MAX_RATE, MAX_VLAN
 from vfnic.device.switch import Switch
-from vfnic.errors import ServerUnreachable, UsageError, VfnicError
+from vfnic.errors import (
+    FolderError,
+    PolicyError,
+    ServerUnreachable,
+    SnapshotError,
+    UsageError,
+    VfnicError,
+)
 from vfnic.regs import table as T
 from vfnic.regs.table import Register
 from vfnic.vfiouser import wire
-from vfnic.vfiouser.server import FunctionServer
+from vfnic.vfiouser.server import FunctionServer, accept_retry, listen_unix
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +74,8 @@ WRITE_HOOKS: dict[Register, Hook] = {
 }
 VF_WRITE_HOOKS: dict[Register, Hook] = {
     T.VFMBDOORBELL: lambda nic, fn, v: nic.pf_agent.on_vf_doorbell(fn, v),
+    T.RAL: lambda nic, fn, _v: nic._on_mac_register(fn),  # admin MAC / spoofchk policy
+    T.RAH: lambda nic, fn, _v: nic._on_mac_register(fn),
 }
 
 
@@ -162,34 +171,191 @@ class Nic:
             fn.link_state = names[state]
             self._update_link(fn)
 
-    def set_vf_mac(self, vf: int, mac_text: str) -> None:
-        """`ip link set PF vf N mac MAC`: the host assigns the VF's MAC."""
+    # -- the host's VF settings (vfnic.device.policy) ------------------------------------
+
+    def mac_owner(self, mac: bytes, exclude: PciFunction | None = None) -> PciFunction | None:
+        """The function (other than ``exclude``) whose address ``mac`` is."""
+        for fn in self.functions:
+            if fn is exclude:
+                continue
+            if (fn.mac == mac) if fn.is_pf else mac in (fn.perm_mac, fn.rx_mac):
+                return fn
+        return None
+
+    def mac_refusal(self, fn: PciFunction, mac: bytes) -> str | None:
+        """Why VF ``fn`` may not take ``mac`` itself (mailbox or RAL/RAH), or None."""
+        if mac[0] & 1:
+            return "not a unicast address"
+        if fn.policy.mac is not None and mac != fn.policy.mac and not fn.policy.trust:
+            return f"the host set {fn.policy.mac.hex(':')} and the VF is not trusted"
+        owner = self.mac_owner(mac, fn)
+        if owner is not None:
+            return f"in use by {owner.name}"
+        return None
+
+    def _on_mac_register(self, fn: PciFunction) -> None:
+        """A VF wrote RAL/RAH: the switch filters on the new address only if the PF
+        would grant it through the mailbox; else the VF keeps receiving (and, with
+        spoofchk, sending) as its approved address (rx_mac)."""
+        if not fn.bank.get(T.RAH) & T.RAH_AV:
+            return
+        mac = fn.mac
+        if mac == fn.rx_mac:
+            return
+        why = None if mac == fn.perm_mac else self.mac_refusal(fn, mac)
+        if why is not None:
+            fn.policy.mac_refused += 1
+            if fn.policy.mac_refused == 1 or log.isEnabledFor(logging.DEBUG):
+                log.warning("%s: RAL/RAH %s ignored: %s", fn.name, mac.hex(":"), why)
+            return
+        fn.rx_mac = mac
+
+    @staticmethod
+    def parse_mac(mac_text: str) -> bytes:
         try:
             mac = bytes(int(x, 16) for x in mac_text.split(":"))
         except ValueError:
             mac = b""
         if len(mac) != 6 or mac[0] & 1:
-            raise UsageError(f"bad unicast MAC address {mac_text!r}")
+            raise PolicyError(f"bad unicast MAC address {mac_text!r}")
+        return mac
+
+    def set_vf_mac(self, vf: int, mac_text: str) -> None:
+        """`ip link set PF vf N mac MAC`: the host assigns the VF's MAC."""
+        self.set_vf(vf, {"mac": mac_text})
+
+    def set_vf(self, vf: int, settings: dict[str, Any]) -> None:
+        """`ip link set PF vf N [mac M] [vlan V [qos Q]] [spoofchk on|off] [trust on|off]
+        [max_tx_rate R] [min_tx_rate R] [state S]`: everything is checked first, then
+        applied together (PolicyError names the first bad setting)."""
         fn = self.vf(vf)
+        known = {"mac", "vlan", "qos", "spoofchk", "trust", "max_tx_rate", "min_tx_rate",
+                 "state"}
+        unknown = set(settings) - known
+        if unknown:
+            raise PolicyError(f"unknown VF setting {sorted(unknown)[0]!r}")
+
+        def flag(name: str) -> bool | None:
+            v = settings.get(name)
+            if v is None:
+                return None
+            if v in (True, "on"):
+                return True
+            if v in (False, "off"):
+                return False
+            raise PolicyError(f"{name} must be on or off")
+
+        def number(name: str, top: int) -> int | None:
+            v = settings.get(name)
+            if v is None:
+                return None
+            try:
+                n = int(v)
+            except (TypeError, ValueError):
+                n = -1
+            if not 0 <= n <= top or isinstance(v, bool):
+                raise PolicyError(f"{name} must be between 0 and {top}")
+            return n
+
+        spoofchk, trust = flag("spoofchk"), flag("trust")
+        vlan, qos = number("vlan", MAX_VLAN), number("qos", MAX_QOS)
+        max_rate, min_rate = number("max_tx_rate", MAX_RATE), number("min_tx_rate", MAX_RATE)
+        state = settings.get("state")
+        names = {v: k for k, v in LINK_STATE_NAMES.items()}
+        if state is not None and state not in names:
+            raise PolicyError(f"link state must be one of {', '.join(names)}")
+        mac: bytes | None = None
+        clear_mac = False
         with self.lock:
-            fn.perm_mac = mac
-            self.pf_agent.admin_mac[vf] = mac
-            fn.load_mac(mac)
+            pol = fn.policy
+            if "mac" in settings:
+                text = str(settings["mac"])
+                if text == "00:00:00:00:00:00":
+                    clear_mac = True  # the VF may choose its MAC again
+                else:
+                    mac = self.parse_mac(text)
+                    owner = self.mac_owner(mac, fn)
+                    if owner is not None:
+                        raise PolicyError(f"MAC {text} is already used by {owner.name}")
+            if qos and not (vlan if vlan is not None else pol.vlan):
+                raise PolicyError("qos needs a vlan")
+            mx = pol.max_tx_rate if max_rate is None else max_rate
+            mn = pol.min_tx_rate if min_rate is None else min_rate
+            if mx and mn > mx:
+                raise PolicyError(f"min_tx_rate {mn} exceeds max_tx_rate {mx}")
+            # checked: apply
+            if clear_mac:
+                pol.mac = None
+                self.pf_agent.admin_mac.pop(vf, None)
+            if mac is not None:
+                pol.mac = mac
+                self.pf_agent.admin_mac[vf] = mac
+                fn.perm_mac = mac
+                fn.load_mac(mac)
+            if spoofchk is not None:
+                pol.spoofchk = spoofchk
+            if trust is not None:
+                pol.trust = trust
+            if vlan is not None:
+                pol.vlan = vlan
+                pol.qos = qos or 0
+            elif qos is not None:
+                pol.qos = qos
+            if max_rate is not None:
+                pol.max_tx_rate = max_rate
+                pol.bucket.configure(max_rate)
+            if min_rate is not None:
+                pol.min_tx_rate = min_rate
+            if state is not None:
+                fn.link_state = names[state]
+                self._update_link(fn)
+            log.info("vf %d settings: %s", vf, settings)
+
+    def check_restore(self, fn: PciFunction, restored_mac: bytes) -> None:
+        """Refuse (SnapshotError) a restored state whose MAC another function here uses."""
+        mac = fn.policy.mac or restored_mac
+        owner = self.mac_owner(mac, fn)
+        if owner is not None:
+            raise SnapshotError(f"restored MAC {mac.hex(':')} is in use by {owner.name} "
+                                "on this NIC")
+
+    def after_restore(self, fn: PciFunction, host_link_state: int) -> None:
+        """The destination host's settings win over the stream's (MAC, link state)."""
+        fn.link_state = host_link_state
+        if fn.policy.mac is not None and fn.perm_mac != fn.policy.mac:
+            fn.perm_mac = fn.policy.mac
+            fn.load_mac(fn.policy.mac)
+        else:
+            fn.rx_mac = fn.perm_mac
+            self._on_mac_register(fn)  # the stream's RAL/RAH, if this NIC grants it
 
     # -- views for the management socket ---------------------------------------------
 
     def link_info(self, servers: dict[str, FunctionServer] | None = None) -> dict[str, Any]:
         def one(fn: PciFunction) -> dict[str, Any]:
             srv = (servers or {}).get(fn.name)
-            return {
+            mac = fn.mac if fn.is_pf else fn.rx_mac
+            info = {
                 "function": fn.name,
-                "mac": ":".join(f"{b:02x}" for b in fn.mac),
+                "mac": ":".join(f"{b:02x}" for b in mac),
                 "link": "up" if fn.bank.get(T.STATUS) & T.STATUS_LU else "down",
-                "state": LINK_STATE_NAMES[fn.link_state],
+                "state": LINK_STATE_NAMES.get(fn.link_state, f"unknown({fn.link_state})"),
                 "attached": bool(srv and srv.attached),
                 "migration": fn.migration.state.name,
                 "dropped_while_stopped": fn.stopped_drops,
             }
+            if not fn.is_pf:
+                pol = fn.policy
+                info |= {
+                    "admin_mac": pol.mac is not None,
+                    "vlan": pol.vlan, "qos": pol.qos,
+                    "spoofchk": pol.spoofchk, "trust": pol.trust,
+                    "max_tx_rate": pol.max_tx_rate, "min_tx_rate": pol.min_tx_rate,
+                    "spoof_dropped": pol.spoof_dropped, "vlan_dropped": pol.vlan_dropped,
+                    "mac_refused": pol.mac_refused,
+                    "readonly_sessions": len(srv.readonly) if srv else 0,
+                }
+            return info
 
         with self.lock:
             return {"pf": one(self.pf), "vfs": [one(vf) | {"vf": vf.index} for vf in self.vfs]}
@@ -217,13 +383,97 @@ class Nic:
         return "\n".join(lines) + "\n"
 
 
+MAX_CONTROL_LINE = 1 << 20  # bytes per request line on control.sock
+MAX_CONTROL_CONNS = 16  # concurrent control.sock connections
+CONTROL_IDLE = 60.0  # seconds a control.sock connection may stay silent
+MAX_WAIT = 120.0  # longest wait a control request may ask for (mailbox acks)
+LOCK_NAME = ".vfnic.lock"
+
+
+def prepare_folder(directory: Path, gid: int | None = None) -> int:
+    """Create DIR owner-only, or accept it only if it is a real folder of ours that
+    nobody else can write; lock it against a second `vfnic serve`. Returns the lock
+    fd (FolderError with a one-line reason otherwise)."""
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(directory, 0o700)
+        os.chmod(directory, 0o700)  # whatever the umask
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise FolderError(f"cannot create {directory}: {exc.strerror}") from exc
+    try:
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if os.path.islink(directory):
+            raise FolderError(f"{directory} is a symlink: refusing to serve in it") from exc
+        raise FolderError(f"{directory} is not a usable folder: {exc.strerror}") from exc
+    try:
+        st = os.fstat(dfd)
+        if st.st_uid != os.geteuid():
+            raise FolderError(f"{directory} is owned by uid {st.st_uid}, not by the serving "
+                              f"user (uid {os.geteuid()}): refusing to serve in it")
+        if st.st_mode & 0o022:
+            raise FolderError(f"{directory} is writable by others (mode "
+                              f"{stat.S_IMODE(st.st_mode):o}): refusing to serve in it")
+        if gid is not None:
+            os.fchown(dfd, -1, gid)
+            os.fchmod(dfd, stat.S_IMODE(st.st_mode) | 0o010)  # the group may reach the sockets
+        try:
+            lock = os.open(LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                           0o600, dir_fd=dfd)
+        except OSError as exc:
+            raise FolderError(f"cannot lock {directory}: {exc.strerror}") from exc
+    finally:
+        os.close(dfd)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.pread(lock, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(lock)
+        raise FolderError(f"{directory} is already served by another vfnic serve "
+                          f"(pid {holder})") from exc
+    os.ftruncate(lock, 0)
+    os.pwrite(lock, f"{os.getpid()}\n".encode(), 0)
+    return lock
+
+
+def group_id(group: str | None) -> int | None:
+    if group is None:
+        return None
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        if group.isdigit():
+            return int(group)
+        raise UsageError(f"no group {group!r}") from None
+
+
 class NicServer:
-    """A Nic with its sockets in a runtime folder."""
+    """A Nic with its sockets in a runtime folder.
+
+    Trust model: whoever can connect to a socket may use it (the file mode is the
+    gate: owner-only, or a group with ``group``); DIR/control.sock is the host's
+    (VF settings, migration control); DIR/vfN.sock is owned by its first client
+    (QEMU), any other connection meanwhile is read-only."""
 
     def __init__(self, directory: str | os.PathLike[str], num_vfs: int = DEFAULT_VFS,
-                 uplink: str | None = None, nic_id: int = 0, busy_poll_us: int = 0) -> None:
+                 uplink: str | None = None, nic_id: int = 0, busy_poll_us: int = 0,
+                 group: str | None = None) -> None:
         self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        gid = group_id(group)
+        mode = 0o660 if gid is not None else 0o600
+        self._lock_fd = prepare_folder(self.dir, gid)
+        try:
+            self._setup(num_vfs, uplink, nic_id, busy_poll_us, mode, gid)
+        except BaseException:
+            for srv in getattr(self, "servers", {}).values():
+                srv.stop()
+            os.close(self._lock_fd)
+            raise
+
+    def _setup(self, num_vfs: int, uplink: str | None, nic_id: int, busy_poll_us: int,
+               mode: int, gid: int | None) -> None:
         self.nic = Nic(num_vfs, nic_id)
         if uplink:
             from vfnic.device.switch import TapUplink
@@ -232,17 +482,16 @@ class NicServer:
         self.servers: dict[str, FunctionServer] = {}
         for fn in self.nic.functions:
             path = str(self.dir / f"{fn.name}.sock")
-            self.servers[fn.name] = FunctionServer(fn, path, fn.name, busy_poll_us / 1e6)
+            self.servers[fn.name] = FunctionServer(fn, path, fn.name, busy_poll_us / 1e6,
+                                                   mode, gid)
         self.control_path = str(self.dir / "control.sock")
-        if os.path.exists(self.control_path):
-            os.unlink(self.control_path)
-        self.control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.control.bind(self.control_path)
-        self.control.listen(8)
+        self.control = listen_unix(self.control_path, 16, mode, gid)
         self._stopped = threading.Event()
         # Management operations added by the layers above (`vfnic serve` adds
         # "migrations", the migration follower's records): op -> handler(request).
         self.control_ops: dict[str, Callable[[dict[str, Any]], Any]] = {}
+        self._control_conns = 0
+        self._control_lock = threading.Lock()
 
     def start(self) -> None:
         for srv in self.servers.values():
@@ -266,29 +515,72 @@ class NicServer:
             os.unlink(self.control_path)
         except OSError:
             pass
+        fd, self._lock_fd = self._lock_fd, -1
+        if fd >= 0:
+            os.close(fd)  # releases the folder lock
 
     # -- management socket: one JSON object per line each way ------------------------
 
     def _control_loop(self) -> None:
-        while not self._stopped.is_set():
-            try:
-                conn, _ = self.control.accept()
-            except OSError:
+        while True:
+            conn = accept_retry(self.control, self._stopped, "control.sock")
+            if conn is None:
                 return
-            threading.Thread(target=self._control_conn, args=(conn,), daemon=True).start()
+            try:
+                with self._control_lock:
+                    busy = self._control_conns >= MAX_CONTROL_CONNS
+                    if not busy:
+                        self._control_conns += 1
+                if busy:
+                    log.warning("control.sock: refused a connection (%d open)",
+                                MAX_CONTROL_CONNS)
+                    conn.settimeout(0.5)
+                    conn.sendall(json.dumps({"ok": False, "error": "too many control "
+                                             "connections"}).encode() + b"\n")
+                    conn.close()
+                    continue
+                threading.Thread(target=self._control_conn, args=(conn,), daemon=True,
+                                 name="vfnic-control-conn").start()
+            except Exception as exc:  # this connection only
+                log.warning("control.sock: dropped a connection: %s", exc)
+                conn.close()
+                with self._control_lock:
+                    self._control_conns = max(0, self._control_conns - 1)
 
     def _control_conn(self, conn: socket.socket) -> None:
-        with conn, conn.makefile("rwb") as f:
-            for line in f:
-                try:
-                    req = json.loads(line)
-                    if not isinstance(req, dict):
-                        raise UsageError("request must be a JSON object")
-                    reply = {"ok": True, "result": self.control_request(req)}
-                except (ValueError, VfnicError) as exc:
-                    reply = {"ok": False, "error": str(exc)}
-                f.write(json.dumps(reply).encode() + b"\n")
-                f.flush()
+        try:
+            conn.settimeout(CONTROL_IDLE)
+            with conn, conn.makefile("rwb") as f:
+                while True:
+                    line = f.readline(MAX_CONTROL_LINE + 1)
+                    if not line:
+                        return
+                    if len(line) > MAX_CONTROL_LINE:
+                        log.warning("control.sock: request line over %d bytes: closed",
+                                    MAX_CONTROL_LINE)
+                        f.write(json.dumps({"ok": False, "error": "request line too long"})
+                                .encode() + b"\n")
+                        f.flush()
+                        return
+                    reply: dict[str, Any]
+                    try:
+                        req = json.loads(line)
+                        if not isinstance(req, dict):
+                            raise UsageError("request must be a JSON object")
+                        reply = {"ok": True, "result": self.control_request(req)}
+                    except VfnicError as exc:
+                        reply = {"ok": False, "error": str(exc), "errno": exc.errno}
+                    except (ValueError, TypeError, KeyError, RecursionError) as exc:
+                        reply = {"ok": False, "error": f"bad request: {exc}"}
+                    f.write(json.dumps(reply).encode() + b"\n")
+                    f.flush()
+        except (OSError, TimeoutError):
+            pass  # idle too long, or the peer went away
+        except Exception:
+            log.exception("control.sock: request failed")
+        finally:
+            with self._control_lock:
+                self._control_conns -= 1
 
     def migration_command(self, vf: int, state: str, timeout: float,
                           words: list[int] | None = None) -> dict[str, Any]:
@@ -308,6 +600,30 @@ class NicServer:
             "driver_us": pending.reply[1] if len(pending.reply) > 1 else None,
         }
 
+    def migration_call(self, vf: int, req: dict[str, Any]) -> Any:
+        """The host's migration control of a VF (vfnic migrate): the vfio migration
+        feature, MIG_DATA and a look at the registers, through control.sock now that
+        a second vfio-user session on the VF's socket is read-only."""
+        fn = self.nic.vf(vf)
+        call = req.get("call")
+        with self.nic.lock:
+            if call == "feature":
+                data = base64.b64decode(str(req.get("data", "")))
+                out = fn.feature(int(req["flags"]), data, int(req["argsz"]))
+            elif call == "read":
+                out = fn.mig_data_read(min(int(req["size"]), 1 << 20))
+            elif call == "write":
+                fn.mig_data_write(base64.b64decode(str(req["data"])))
+                out = b""
+            elif call == "region_read":
+                region, offset, count = int(req["region"]), int(req["offset"]), int(req["count"])
+                if not 0 < count <= 1 << 16:
+                    raise UsageError(f"region_read of {count} bytes")
+                out = fn.region_read(region, offset, count)
+            else:
+                raise UsageError(f"unknown migration call {call!r}")
+        return base64.b64encode(out).decode()
+
     def control_request(self, req: dict[str, Any]) -> Any:
         op = req.get("op")
         if op == "link-show":
@@ -321,7 +637,8 @@ class NicServer:
             vf = int(req.get("vf", -1))
             if state in MIGRATION_COMMANDS:
                 words = [int(w) & 0xFFFFFFFF for w in req.get("args", [])][:7]
-                return self.migration_command(vf, state, float(req.get("timeout", 5.0)), words)
+                timeout = min(max(float(req.get("timeout", 5.0)), 0.0), MAX_WAIT)
+                return self.migration_command(vf, state, timeout, words)
             self.nic.set_link_state(vf, state)
             return None
         if op == "announce":
@@ -332,6 +649,14 @@ class NicServer:
         if op == "vf-mac":
             self.nic.set_vf_mac(int(req.get("vf", -1)), str(req.get("mac")))
             return None
+        if op == "vf-set":
+            settings = req.get("settings")
+            if not isinstance(settings, dict):
+                raise UsageError("vf-set needs a settings object")
+            self.nic.set_vf(int(req.get("vf", -1)), settings)
+            return None
+        if op == "vf-migration":
+            return self.migration_call(int(req.get("vf", -1)), req)
         raise UsageError(f"unknown management operation {op!r}")
 
 
@@ -363,7 +688,12 @@ def control_call(directory: str | os.PathLike[str], req: dict[str, Any],
         raise ServerUnreachable(f"cannot reach the vfnic server in {directory}: {exc}") from exc
     if not line:
         raise ServerUnreachable(f"the vfnic server in {directory} closed the connection")
-    reply = json.loads(line)
+    try:
+        reply = json.loads(line)
+    except ValueError as exc:
+        raise ServerUnreachable(f"the vfnic server in {directory} sent a bad reply") from exc
     if not reply.get("ok"):
-        raise UsageError(reply.get("error", "request failed"))
+        err = reply.get("errno")
+        raise UsageError(reply.get("error", "request failed"),
+                         err if isinstance(err, int) else None)
     return reply.get("result")

@@ -12,6 +12,14 @@ import struct
 
 CONFIG_SIZE = 4096  # PCIe extended configuration space
 
+# MSI-X of every vfnic function: table and PBA in their own BAR
+MSIX_BAR = 3
+MSIX_BAR_SIZE = 0x4000
+MSIX_VECTORS = 4  # queue 0, queue 1, mailbox, link/other
+MSIX_TABLE_OFFSET = 0x0000
+MSIX_PBA_OFFSET = 0x2000
+MSIX_ENTRY = 16
+
 # Type 0 header offsets
 VENDOR_ID = 0x00
 DEVICE_ID = 0x02

@@ -8,6 +8,7 @@ the VF driver's acknowledgement or a timeout. See vfnic/regs/mailbox.py.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from vfnic.regs import table as T
 if TYPE_CHECKING:
     from vfnic.device.function import PciFunction
     from vfnic.device.nic import Nic
+
+log = logging.getLogger(__name__)
 
 
 class MailboxTimeout(TransportError):
@@ -79,8 +82,10 @@ class PfAgent:
             reply += [*M.mac_to_words(fn.perm_mac), link_up, fn.link_state]
         elif msg_type == M.MsgType.SET_MAC:
             mac = M.words_to_mac(words[1], words[2])
-            admin = self.admin_mac.get(fn.index)
-            if (admin is not None and mac != admin) or mac[0] & 1:
+            why = self.nic.mac_refusal(fn, mac)
+            if why is not None:
+                fn.policy.mac_refused += 1
+                log.warning("%s: mailbox SET_MAC %s refused: %s", fn.name, mac.hex(":"), why)
                 reply = [msg_type | M.FLAG_NACK]
             else:
                 fn.perm_mac = mac

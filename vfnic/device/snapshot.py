@@ -14,14 +14,16 @@ Layout (little endian), declared once with construct:
 from __future__ import annotations
 
 import hashlib
+import struct
 import zlib
 from typing import TYPE_CHECKING
 
 from construct import Bytes, Const, Int8ul, Int16ul, Int32ul, Struct
 
-from vfnic.device.pci import CONFIG_SIZE
+from vfnic.device.pci import CONFIG_SIZE, MSIX_BAR_SIZE, MSIX_ENTRY, MSIX_VECTORS
+from vfnic.device.policy import LINK_STATE_NAMES
 from vfnic.errors import SnapshotError
-from vfnic.regs.table import Register
+from vfnic.regs.table import Access, Register
 
 if TYPE_CHECKING:
     from vfnic.device.function import PciFunction
@@ -89,6 +91,43 @@ def check(fn: PciFunction, data: bytes) -> None:
         raise SnapshotError("snapshot of a PF cannot restore a VF (or the reverse)")
     if head.layout != layout_hash(fn.bank.table) or head.nregs != len(fn.bank.table):
         raise SnapshotError("snapshot register layout differs from this device's")
+    check_fields(fn, data)
+
+
+def check_fields(fn: PciFunction, data: bytes) -> None:
+    """Every field in range, as a guest could have left it: config bytes the guest
+    cannot write equal the device's own, register values inside their masks, the
+    MSI-X PBA and write-only registers zero, a
+    unicast MAC and a known link state (SnapshotError naming the first bad field)."""
+    head = Head.parse(data[:HEAD_SIZE])
+    if head.link_state not in LINK_STATE_NAMES:
+        raise SnapshotError(f"snapshot link state {head.link_state} is out of range")
+    pos = HEAD_SIZE
+    cfg = data[pos : pos + CONFIG_SIZE]
+    cur, wm, cm = fn.config.data, fn.config.wmask, fn.config.w1cmask
+    for i in range(CONFIG_SIZE):
+        if (cfg[i] ^ cur[i]) & ~(wm[i] | cm[i]) & 0xFF:
+            raise SnapshotError(f"snapshot changes read-only config byte {i:#x} "
+                                f"({cur[i]:#04x} -> {cfg[i]:#04x})")
+    pos += CONFIG_SIZE
+    for i, reg in enumerate(fn.bank.table):
+        (value,) = struct.unpack_from("<I", data, pos + 4 * i)
+        if value & ~reg.mask or (reg.access is Access.WO and value != reg.reset):
+            raise SnapshotError(f"snapshot register {reg.name} = {value:#x} is outside its "
+                                f"mask {reg.mask:#x}")
+    pos += 4 * head.nregs
+    msix = data[pos : pos + MSIX_BAR_SIZE]
+    if any(msix[MSIX_VECTORS * MSIX_ENTRY :]):
+        raise SnapshotError("snapshot has read-only MSI-X bytes (PBA) set")
+    pos += MSIX_BAR_SIZE
+    mac = data[pos : pos + 6]
+    if mac[0] & 1:
+        raise SnapshotError(f"snapshot MAC {mac.hex(':')} is not unicast")
+
+
+def stored_mac(data: bytes) -> bytes:
+    """The permanent MAC a (checked) snapshot carries: the 6 bytes before its CRC."""
+    return bytes(data[-10:-4])
 
 
 def restore(fn: PciFunction, data: bytes) -> None:

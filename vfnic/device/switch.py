@@ -4,6 +4,14 @@ Frames are switched by destination MAC: to the function whose receive address
 (RAL/RAH with AV) matches, broadcast and multicast to every function and the
 uplink, anything else out of the uplink. A function whose link is down neither
 sends nor receives.
+
+Isolation (the host's VF settings, vfnic.device.policy): a VF's receive address
+is the one the PF approved (rx_mac: set by the host, or asked for through the
+mailbox or RAL/RAH and not in use elsewhere); with spoofchk on, a frame whose
+source MAC is not that address is dropped and counted. Frames belong to a VLAN
+domain: a VF with a port VLAN has its frames tagged on the wire and receives
+only that VLAN's frames, untagged; a VF without one sends and receives untagged
+frames only, unless trusted. The PF (the host) sees every domain.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ IFF_NO_PI = 0x1000
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
 IFF_UP = 0x1
+TPID = b"\x81\x00"  # 802.1Q tag protocol identifier
 
 
 class TapUplink:
@@ -106,7 +115,49 @@ class Switch:
     def _address(fn: PciFunction) -> bytes | None:
         if not fn.bank.get(T.RAH) & T.RAH_AV:
             return None
-        return fn.mac
+        return fn.mac if fn.is_pf else fn.rx_mac
+
+    @staticmethod
+    def _tagged(frame: bytes) -> bool:
+        return len(frame) >= 18 and frame[12:14] == TPID
+
+    def _ingress(self, src: PciFunction, frame: bytes) -> tuple[bytes, int | None] | None:
+        """A VF's frame checked and tagged by its policy: (frame, VLAN domain), or None
+        if it is dropped (spoofed source, or a VLAN it may not use)."""
+        pol = src.policy
+        if pol.spoofchk and frame[6:12] != src.rx_mac:
+            pol.spoof_dropped += 1
+            src.count_drop(T.TXERRC)
+            if pol.spoof_dropped == 1:
+                log.warning("%s: spoofchk: dropped a frame from %s (counting further drops)",
+                            src.name, frame[6:12].hex(":"))
+            return None
+        tagged = self._tagged(frame)
+        if pol.vlan:
+            if tagged:  # the port VLAN is the VF's only VLAN
+                pol.vlan_dropped += 1
+                src.count_drop(T.TXERRC)
+                return None
+            return frame[:12] + TPID + pol.tci().to_bytes(2, "big") + frame[12:], pol.vlan
+        if tagged:
+            if not pol.trust:
+                pol.vlan_dropped += 1
+                src.count_drop(T.TXERRC)
+                return None
+            return frame, int.from_bytes(frame[14:16], "big") & 0xFFF
+        return frame, None
+
+    @staticmethod
+    def _egress(fn: PciFunction, frame: bytes, vid: int | None) -> bytes | None:
+        """The frame as ``fn`` receives it in VLAN domain ``vid``, or None."""
+        if fn.is_pf:
+            return frame
+        pol = fn.policy
+        if pol.vlan:
+            return frame[:12] + frame[16:] if vid == pol.vlan else None
+        if vid is None or pol.trust:
+            return frame
+        return None
 
     def forward(self, src: PciFunction | None, frame: bytes) -> None:
         """Switch a frame sent by ``src`` (None: it came from the uplink)."""
@@ -115,18 +166,31 @@ class Switch:
             if src is not None and not self._link_up(src):
                 src.count_drop(T.TXERRC)
                 return
+            vid: int | None = None
+            if src is not None and not src.is_pf:
+                checked = self._ingress(src, frame)
+                if checked is None:
+                    return
+                frame, vid = checked
+            elif self._tagged(frame):
+                vid = int.from_bytes(frame[14:16], "big") & 0xFFF
             dst = frame[:6]
-            if dst[0] & 1:  # broadcast / multicast: flood
+            if dst[0] & 1:  # broadcast / multicast: flood within the VLAN domain
                 for fn in self.nic.functions:
                     if fn is not src and self._link_up(fn):
-                        fn.datapath.receive(frame)
+                        rx = self._egress(fn, frame, vid)
+                        if rx is not None:
+                            fn.datapath.receive(rx)
                 if src is not None and self.uplink is not None:
                     self.uplink.send(frame)
                 return
             for fn in self.nic.functions:
                 if fn is not src and self._address(fn) == dst:
+                    rx = self._egress(fn, frame, vid)
+                    if rx is None:
+                        continue  # not in this VLAN domain
                     if self._link_up(fn):
-                        fn.datapath.receive(frame)
+                        fn.datapath.receive(rx)
                     else:
                         fn.count_drop()
                     return
@@ -136,7 +200,7 @@ class Switch:
     def announce(self, fn: PciFunction, count: int = 1) -> int:
         """Announce ``fn``'s MAC on the LAN after it moved (a RARP broadcast, as QEMU's
         announce-self does for virtio-net), so the switches learn its new port."""
-        mac = fn.mac
+        mac = fn.mac if fn.is_pf else fn.rx_mac
         rarp = (b"\xff" * 6 + mac + b"\x80\x35" + struct.pack(">HHBBH", 1, 0x0800, 6, 4, 3)
                 + mac + b"\0" * 4 + mac + b"\0" * 4)
         frame = rarp.ljust(60, b"\0")

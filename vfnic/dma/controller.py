@@ -1,19 +1,26 @@
 """DMA controller: the regions a client made available (VFIO_USER_DMA_MAP).
 
-Regions with a file descriptor are mmapped and accessed directly; regions
-without one are reached through server-to-client VFIO_USER_DMA_READ/WRITE
-messages. Every access is checked against the mappings; writes are recorded in
-the dirty log while logging is on: the controller owns dirty logging (start,
-stop, report: VFIO_DEVICE_FEATURE_DMA_LOGGING_*, linux/vfio.h) and the pages
-logged since it started, which the migration stream carries.
+Regions with a file descriptor are accessed with pread/pwrite on that fd, not
+through an mmap: a client that shrinks its file (ftruncate) under the server
+would turn an mmap access into SIGBUS for the whole process; pread/pwrite
+return short or fail instead, and the access becomes a DmaError for that
+function only. Files that cannot be written with pwrite (hugetlbfs) fall back
+to an mmap guarded by a size check before each access (a shrink racing with
+that check can still SIGBUS: see README, known limits). Regions without an fd
+are reached through server-to-client VFIO_USER_DMA_READ/WRITE messages. Every
+access is checked against the mappings. The controller owns dirty logging
+(start, stop, report: VFIO_DEVICE_FEATURE_DMA_LOGGING_*, linux/vfio.h) and the
+pages logged since it started, which the migration stream carries.
 """
 
 from __future__ import annotations
 
 import bisect
 import errno
+import fcntl
 import mmap
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,8 +39,22 @@ class DmaRegion:
     size: int
     flags: int
     offset: int = 0
-    mm: mmap.mmap | None = None
-    mm_skew: int = 0  # fd offset rounded down to a page: bytes to skip in mm
+    fd: int | None = None  # the client's file (pread/pwrite at offset + iova - address)
+    view: mmap.mmap | None = None  # only for files pwrite cannot write (hugetlbfs)
+    view_skew: int = 0  # offset rounded down to a page: bytes to skip in view
+
+    @property
+    def mm(self) -> int | None:
+        """The region's file, if it has one (kept for callers of the mmap era)."""
+        return self.fd
+
+    def close(self) -> None:
+        if self.view is not None:
+            self.view.close()
+            self.view = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
     @property
     def end(self) -> int:
@@ -78,16 +99,18 @@ class DmaController:
                     )
             region = DmaRegion(address, size, flags, offset)
             if fd is not None:
-                skew = offset % mmap.PAGESIZE
-                prot = (mmap.PROT_READ if flags & 1 else 0) | (mmap.PROT_WRITE if flags & 2 else 0)
-                try:
-                    region.mm = mmap.mmap(
-                        fd, size + skew, mmap.MAP_SHARED, prot or mmap.PROT_READ,
-                        offset=offset - skew,
-                    )
-                except (OSError, ValueError, OverflowError) as exc:
-                    raise ProtocolError(f"cannot mmap DMA region: {exc}", errno.EINVAL) from exc
-                region.mm_skew = skew
+                _check_fd(fd, flags, offset, size)
+                if flags & 2 and not _pwritable(fd, offset):
+                    skew = offset % mmap.PAGESIZE
+                    prot = mmap.PROT_READ | mmap.PROT_WRITE
+                    try:
+                        region.view = mmap.mmap(fd, size + skew, mmap.MAP_SHARED, prot,
+                                                offset=offset - skew)
+                    except (OSError, ValueError, OverflowError) as exc:
+                        raise ProtocolError(f"cannot mmap DMA region: {exc}",
+                                            errno.EINVAL) from exc
+                    region.view_skew = skew
+                region.fd, fd = fd, None  # the region owns it now
         finally:
             if fd is not None:
                 os.close(fd)
@@ -98,20 +121,18 @@ class DmaController:
         for i, r in enumerate(self.regions):
             if r.address == address and r.size == size:
                 del self.regions[i]
-                if r.mm is not None:
-                    r.mm.close()
+                r.close()
                 return r
         raise ProtocolError(f"no DMA region {address:#x}+{size:#x}", errno.ENOENT)
 
     def unmap_all(self) -> None:
         for r in self.regions:
-            if r.mm is not None:
-                r.mm.close()
+            r.close()
         self.regions.clear()
 
     def has_message_regions(self) -> bool:
         """Whether some region is reached only through DMA_READ/WRITE messages."""
-        return any(r.mm is None for r in self.regions)
+        return any(r.fd is None for r in self.regions)
 
     def find(self, address: int, length: int) -> DmaRegion:
         """The region holding all of [address, address+length)."""
@@ -129,9 +150,17 @@ class DmaController:
         r = self.find(address, length)
         if not r.readable:
             raise DmaError(f"DMA region at {r.address:#x} is not readable")
-        if r.mm is not None:
-            start = r.mm_skew + address - r.address
-            return bytes(r.mm[start : start + length])
+        if r.view is not None:
+            return bytes(_guarded(r, address, length))
+        if r.fd is not None:
+            try:
+                data = os.pread(r.fd, length, r.offset + address - r.address)
+            except OSError as exc:
+                raise DmaError(f"DMA read at {address:#x}: {exc.strerror}") from exc
+            if len(data) != length:  # the client's file shrank under its mapping
+                raise DmaError(f"DMA read at {address:#x}+{length:#x}: beyond the end of "
+                               "the client's file")
+            return data
         if self.message_read is None:
             raise DmaError("no client connection for DMA_READ", errno.ENODEV)
         return self.message_read(address, length)
@@ -140,9 +169,21 @@ class DmaController:
         r = self.find(address, len(data))
         if not r.writable:
             raise DmaError(f"DMA region at {r.address:#x} is not writable")
-        if r.mm is not None:
-            start = r.mm_skew + address - r.address
-            r.mm[start : start + len(data)] = data
+        if r.view is not None:
+            _guarded(r, address, len(data))[:] = data
+        elif r.fd is not None:
+            pos = r.offset + address - r.address
+            try:
+                # pwrite past the end would grow the client's file: refuse instead
+                # (a shrink racing with this check only regrows the client's own file).
+                if os.fstat(r.fd).st_size < pos + len(data):
+                    raise DmaError(f"DMA write at {address:#x}+{len(data):#x}: beyond the "
+                                   "end of the client's file")
+                n = os.pwrite(r.fd, data, pos)
+            except OSError as exc:
+                raise DmaError(f"DMA write at {address:#x}: {exc.strerror}") from exc
+            if n != len(data):
+                raise DmaError(f"DMA write at {address:#x}: short write ({n} bytes)")
         else:
             if self.message_write is None:
                 raise DmaError("no client connection for DMA_WRITE", errno.ENODEV)
@@ -192,19 +233,23 @@ class DmaController:
         if length % page_size or iova % page_size:
             raise ProtocolError("DMA_LOGGING_REPORT: range not aligned to the page size")
         words = (length // page_size + 63) // 64
-        bits = 0
-        for page in sorted(log):
+        # Work proportional to the dirty pages in range (sorted, bisected); the
+        # caller bounds the bitmap by the advertised max_bitmap_size.
+        bitmap = bytearray(8 * words)
+        dirty = sorted(log)
+        lo = bisect.bisect_left(dirty, iova // PAGE_SIZE)
+        hi = bisect.bisect_left(dirty, (iova + length + PAGE_SIZE - 1) // PAGE_SIZE)
+        reported = []
+        for page in dirty[lo:hi]:
             addr = page * PAGE_SIZE
-            if addr + PAGE_SIZE <= iova or addr >= iova + length:
-                continue
             first = max(addr, iova) - iova
             last = min(addr + PAGE_SIZE, iova + length) - 1 - iova
             for i in range(first // page_size, last // page_size + 1):
-                bits |= 1 << i
-        for page in [p for p in log if iova <= p * PAGE_SIZE and
-                     (p + 1) * PAGE_SIZE <= iova + length]:
-            log.discard(page)
-        return bits.to_bytes(8 * words, "little")
+                bitmap[i >> 3] |= 1 << (i & 7)
+            if iova <= addr and addr + PAGE_SIZE <= iova + length:
+                reported.append(page)
+        log.difference_update(reported)  # reported pages are cleared, as the kernel does
+        return bytes(bitmap)
 
     def logged_pages(self) -> list[tuple[int, bytes]]:
         """(iova, contents) of every page written since logging started (none if
@@ -218,3 +263,49 @@ class DmaController:
             except VfnicError:
                 continue  # unmapped since: nothing to carry
         return out
+
+def _check_fd(fd: int, flags: int, offset: int, size: int) -> None:
+    """A DMA_MAP fd must be a regular file (memfd, tmpfs, hugetlbfs...) opened for
+    the access the mapping promises, covering the region when it is mapped."""
+    try:
+        st = os.fstat(fd)
+        acc = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+    except OSError as exc:
+        raise ProtocolError(f"DMA_MAP fd: {exc.strerror}", errno.EINVAL) from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise ProtocolError("DMA_MAP fd is not a regular file", errno.EINVAL)
+    if offset + size > 1 << 63:
+        raise ProtocolError("DMA_MAP offset out of range", errno.EINVAL)
+    if flags & 2 and acc == os.O_RDONLY:
+        raise ProtocolError("DMA_MAP writable region with a read-only fd", errno.EACCES)
+    if flags & 1 and acc == os.O_WRONLY:
+        raise ProtocolError("DMA_MAP readable region with a write-only fd", errno.EACCES)
+    if st.st_size < offset + size:
+        raise ProtocolError(f"DMA_MAP region {size:#x} at offset {offset:#x} is beyond the "
+                            f"end of the file ({st.st_size:#x})", errno.EINVAL)
+
+
+def _pwritable(fd: int, offset: int) -> bool:
+    """Whether the file takes pwrite (hugetlbfs has no write: EINVAL even for 0 bytes)."""
+    try:
+        os.pwrite(fd, b"", offset)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            return False
+        raise ProtocolError(f"DMA_MAP fd: {exc.strerror}", errno.EINVAL) from exc
+    return True
+
+
+def _guarded(r: DmaRegion, address: int, length: int) -> memoryview:
+    """The mmap bytes of [address, address+length) after checking the file still
+    holds them (else DmaError instead of SIGBUS)."""
+    assert r.view is not None and r.fd is not None
+    pos = r.offset + address - r.address
+    try:
+        if os.fstat(r.fd).st_size < pos + length:
+            raise DmaError(f"DMA at {address:#x}+{length:#x}: beyond the end of the "
+                           "client's file")
+    except OSError as exc:
+        raise DmaError(f"DMA at {address:#x}: {exc.strerror}") from exc
+    start = r.view_skew + address - r.address
+    return memoryview(r.view)[start:start + length]

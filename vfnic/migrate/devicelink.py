@@ -1,17 +1,24 @@
-"""The orchestrator's side of the vfio migration protocol, over vfio-user.
+"""The orchestrator's side of the vfio migration protocol.
 
 QEMU 11.1 sends no VFIO_USER_DEVICE_FEATURE for a vfio-user device, so vfnic
-plays the part of QEMU's vfio migration client itself: it opens a second
-(secondary) session on the function's socket and drives the v2 state machine,
-the MIG_DATA stream and DMA dirty logging with the protocol's own messages.
+plays the part of QEMU's vfio migration client itself: it drives the v2 state
+machine, the MIG_DATA stream and DMA dirty logging with the protocol's own
+payloads, carried over the host's management socket (DIR/control.sock): a
+second vfio-user session on the VF's socket is read-only (QEMU owns the VF).
 """
 
 from __future__ import annotations
 
+import base64
+import json
+import re
+import socket
 import struct
+from pathlib import Path
+from typing import Any
 
+from vfnic.errors import ConnectionClosed, RemoteError, UsageError
 from vfnic.vfiouser import wire
-from vfnic.vfiouser.client import VfioUserClient
 from vfnic.vfiouser.features import Feature, LogControl, LogReport, MigState, State
 
 GET = wire.VFIO_DEVICE_FEATURE_GET
@@ -20,8 +27,68 @@ PROBE = wire.VFIO_DEVICE_FEATURE_PROBE
 CHUNK = 1 << 16
 
 
+class HostChannel:
+    """The migration calls of one VF over DIR/control.sock (one connection), with
+    VfioUserClient's method names; a refused call raises RemoteError(errno)."""
+
+    def __init__(self, socket_path: str, timeout: float = 60.0) -> None:
+        path = Path(socket_path)
+        m = re.fullmatch(r"vf(\d+)\.sock", path.name)
+        if m is None:
+            raise UsageError(f"{socket_path} is not a VF socket (DIR/vfN.sock)")
+        self.vf = int(m.group(1))
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(str(path.parent / "control.sock"))
+        except OSError as exc:
+            self.sock.close()
+            raise UsageError(f"cannot reach the vfnic server of {socket_path}: "
+                             f"{exc.strerror or exc}") from exc
+        self.file = self.sock.makefile("rwb")
+
+    def _call(self, call: str, **args: Any) -> bytes:
+        req = {"op": "vf-migration", "vf": self.vf, "call": call, **args}
+        try:
+            self.file.write(json.dumps(req).encode() + b"\n")
+            self.file.flush()
+            line = self.file.readline()
+        except OSError as exc:
+            raise ConnectionClosed(f"control.sock: {exc}") from exc
+        if not line:
+            raise ConnectionClosed("control.sock closed the connection")
+        reply = json.loads(line)
+        if not reply.get("ok"):
+            raise RemoteError(f"{call} ({reply.get('error')})", int(reply.get("errno") or 5))
+        return base64.b64decode(reply["result"])
+
+    def feature(self, flags: int, data: bytes = b"", argsz: int | None = None) -> bytes:
+        size = 8 + len(data) if argsz is None else argsz
+        return self._call("feature", flags=flags, argsz=size,
+                          data=base64.b64encode(data).decode())
+
+    def mig_data_read(self, size: int) -> bytes:
+        return self._call("read", size=size)
+
+    def mig_data_write(self, data: bytes) -> None:
+        self._call("write", data=base64.b64encode(data).decode())
+
+    def region_read(self, region: int, offset: int, count: int) -> bytes:
+        out = bytearray()
+        while len(out) < count:
+            n = min(1 << 16, count - len(out))
+            out += self._call("region_read", region=region, offset=offset + len(out), count=n)
+        return bytes(out)
+
+    def close(self) -> None:
+        try:
+            self.file.close()
+        finally:
+            self.sock.close()
+
+
 class DeviceLink:
-    """A secondary vfio-user session driving one function's migration.
+    """One function's migration driven over the NIC's control.sock (HostChannel).
 
     Every method raises what VfioUserClient's do (vfnic.errors): RemoteError when the
     device refuses (EINVAL for an arc the kernel's FSM forbids, EIO when an arc failed
@@ -30,7 +97,7 @@ class DeviceLink:
     raises ConnectionClosed when the socket cannot be reached."""
 
     def __init__(self, socket_path: str) -> None:
-        self.client = VfioUserClient(socket_path)
+        self.client = HostChannel(socket_path)
 
     def close(self) -> None:
         self.client.close()
@@ -84,7 +151,7 @@ class DeviceLink:
         self.client.feature(SET | Feature.DMA_LOGGING_STOP)
 
     def regs(self) -> bytes:
-        """BAR0 as the guest sees it (REGION_READ through the secondary session)."""
+        """BAR0 as the guest sees it."""
         return self.client.region_read(0, 0, 0x4000)
 
     def config(self) -> bytes:

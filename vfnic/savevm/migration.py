@@ -29,6 +29,7 @@ from vfnic.errors import NotTtyError, ProtocolError, SnapshotError, VfnicError
 from vfnic.savevm import stream
 from vfnic.vfiouser import wire
 from vfnic.vfiouser.features import (
+    MAX_BITMAP,
     MAX_LOG_RANGES,
     MIGRATION_P2P,
     MIGRATION_PRE_COPY,
@@ -271,6 +272,9 @@ class Migration:
         valid = page_size and not page_size & (page_size - 1) and length
         if valid and not length % page_size and not iova % page_size:  # else report() refuses
             words = (length // page_size + 63) // 64
+            if 8 * words > MAX_BITMAP:
+                raise ProtocolError(f"DMA_LOGGING_REPORT: bitmap of {8 * words} bytes exceeds "
+                                    f"the advertised max_bitmap_size {MAX_BITMAP}", errno.E2BIG)
             if argsz < 8 + LogReport.size + 8 * words:
                 raise ProtocolError("DMA_LOGGING_REPORT: argsz too small for the bitmap",
                                     errno.ENOSPC)

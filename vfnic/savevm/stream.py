@@ -2,7 +2,7 @@
 
 Each record: magic "VFMR", version u16, kind u16, payload length u32, payload,
 CRC32 of all that. Kinds:
-  FULL   a whole function snapshot (vfnic.savevm.snapshot)
+  FULL   a whole function snapshot (the device's own layout: vfnic.device.snapshot)
   DELTA  CRC32 of the base snapshot, then patches (offset u32, length u32, bytes)
   PAGES  guest pages the device wrote by DMA: (iova u64, page bytes)*, written
          into the destination's guest memory when the state is restored

@@ -13,11 +13,21 @@ import logging
 import os
 import socket
 import threading
+import time
 from typing import Protocol
 
 from vfnic.dma.controller import DmaController
-from vfnic.errors import ConnectionClosed, DmaError, ProtocolError, RemoteError, VfnicError
+from vfnic.errors import (
+    AccessDenied,
+    ConnectionClosed,
+    DmaError,
+    DmaTimeout,
+    ProtocolError,
+    RemoteError,
+    VfnicError,
+)
 from vfnic.vfiouser import wire
+from vfnic.vfiouser.features import MAX_BITMAP
 from vfnic.vfiouser.transport import DEFAULT_MAX_DATA_XFER, Endpoint, Message
 
 log = logging.getLogger(__name__)
@@ -25,6 +35,15 @@ log = logging.getLogger(__name__)
 SERVER_MAX_MSG_FDS = 16
 SERVER_MAX_DMA_MAPS = 65535
 SERVER_PGSIZES = 4096
+# Largest DMA_LOGGING_REPORT bitmap (bytes) we advertise and enforce: it must fit
+# in one reply (max_data_xfer_size); 1 MiB covers 32 GiB of 4 KiB pages.
+SERVER_MAX_BITMAP = MAX_BITMAP
+# Bound on a client's answer to one DMA_READ/DMA_WRITE; past it the client is cut
+# off (its connection closed). The NIC lock is not held meanwhile, so other
+# functions are never stalled by it; this function's work waits at most this long.
+DMA_REPLY_TIMEOUT = 2.0
+MAX_READONLY_SESSIONS = 4  # concurrent non-owner sessions per function
+ACCEPT_BACKOFF = 0.1  # seconds to wait after EMFILE/ENFILE before accepting again
 
 
 class Device(Protocol):
@@ -52,14 +71,18 @@ class Device(Protocol):
 class Session:
     """One client connection: negotiated limits and the command dispatcher."""
 
-    # Commands a secondary client (the migration orchestrator, while QEMU owns the
-    # function) may send: it manages migration and may look, never touch.
-    SECONDARY_COMMANDS = frozenset({
+    # Commands a read-only session (any connection but the function's owner) may
+    # send: it may look (registers, config space, migration info), never touch.
+    READONLY_COMMANDS = frozenset({
         wire.Command.VERSION, wire.Command.DEVICE_GET_INFO,
         wire.Command.DEVICE_GET_REGION_INFO, wire.Command.DEVICE_GET_IRQ_INFO,
-        wire.Command.REGION_READ, wire.Command.DEVICE_FEATURE,
-        wire.Command.MIG_DATA_READ, wire.Command.MIG_DATA_WRITE,
+        wire.Command.DEVICE_GET_REGION_IO_FDS, wire.Command.REGION_READ,
+        wire.Command.DEVICE_FEATURE,
     })
+    # Device features a read-only session may GET or PROBE (never SET): the
+    # migration capabilities and the current migration state. Not the dirty log
+    # (a REPORT clears what it reports).
+    READONLY_FEATURES = frozenset({1, 2})  # VFIO_DEVICE_FEATURE_MIGRATION, MIG_DEVICE_STATE
 
     def __init__(self, device: Device, sock: socket.socket, primary: bool = True,
                  busy_poll: float = 0.0) -> None:
@@ -69,6 +92,8 @@ class Session:
                                  busy_poll)
         self.negotiated = False
         self.client_max_data_xfer = DEFAULT_MAX_DATA_XFER
+        self.cut_off = False  # the client missed a DMA reply bound: no more DMA to it
+        self._refusals = 0
         self.handlers = {
             wire.Command.VERSION: self.on_version,
             wire.Command.DMA_MAP: self.on_dma_map,
@@ -100,11 +125,8 @@ class Session:
                 raise ProtocolError(f"unknown command {msg.command}", errno.ENOSYS)
             if not self.negotiated and msg.command != wire.Command.VERSION:
                 raise ProtocolError("VFIO_USER_VERSION must come first")
-            if not self.primary and msg.command not in self.SECONDARY_COMMANDS:
-                raise ProtocolError(
-                    f"{wire.command_name(msg.command)}: only the primary client may do that",
-                    errno.EPERM,
-                )
+            if not self.primary:
+                self._check_readonly(msg)
             if msg.fds and msg.command not in (
                 wire.Command.DMA_MAP, wire.Command.DEVICE_SET_IRQS
             ):
@@ -124,6 +146,27 @@ class Session:
             log.exception("%s: internal error", wire.command_name(msg.command))
             if not msg.no_reply:
                 self.endpoint.reply_error(msg, errno.EIO)
+
+    def _check_readonly(self, msg: Message) -> None:
+        """A read-only session may look, never change the device (AccessDenied)."""
+        name = wire.command_name(msg.command)
+        why = None
+        if msg.command not in self.READONLY_COMMANDS:
+            why = f"{name}: only the session owning the function may do that"
+        elif msg.command == wire.Command.DEVICE_FEATURE and len(msg.payload) >= 8:
+            flags = wire.DeviceFeature.parse(msg.payload[:8]).flags
+            index = flags & wire.VFIO_DEVICE_FEATURE_MASK
+            if flags & wire.VFIO_DEVICE_FEATURE_SET or index not in self.READONLY_FEATURES:
+                why = f"{name} {index} (flags {flags:#x}): read-only session"
+        if why is None:
+            return
+        self._refusals += 1
+        # Logged once per session at warning level (a hostile client cannot flood the log).
+        level = logging.WARNING if self._refusals == 1 else logging.DEBUG
+        log.log(level, "%s: refused %s from a read-only session (%d so far)",
+                getattr(self.device, "name", "function"), why, self._refusals)
+        msg.close_fds()
+        raise AccessDenied(why)
 
     @staticmethod
     def _need(msg: Message, size: int, exact: bool = False) -> None:
@@ -178,7 +221,7 @@ class Session:
             "pgsizes": SERVER_PGSIZES,
         }
         if isinstance(caps.get("migration"), dict):
-            ours["migration"] = {"pgsize": 4096, "max_bitmap_size": 256 * 1024 * 1024}
+            ours["migration"] = {"pgsize": 4096, "max_bitmap_size": SERVER_MAX_BITMAP}
         if caps.get("write_multiple") is True:
             ours["write_multiple"] = True
         self.negotiated = True
@@ -216,14 +259,36 @@ class Session:
         return msg.payload
 
     def _dma_request(self, command: wire.Command, payload: bytes) -> bytes:
-        """A server-to-client DMA message; any failure becomes a DmaError."""
+        """A server-to-client DMA message; any failure becomes a DmaError.
+
+        The NIC lock is released while the client answers (other functions keep
+        being served); a client silent for DMA_REPLY_TIMEOUT is cut off."""
         name = wire.command_name(command)
+        if self.cut_off or self.endpoint.closed:
+            raise DmaError(f"{name}: the client was cut off", errno.ENODEV)
+        lock = self.device.lock
+        owned = lock._is_owned()  # type: ignore[attr-defined]
+        saved = lock._release_save() if owned else None  # type: ignore[attr-defined]
         try:
-            reply = self.endpoint.request(command, payload, timeout=10)
+            reply = self.endpoint.request(command, payload, timeout=DMA_REPLY_TIMEOUT)
         except TimeoutError as exc:
-            raise DmaError(f"client did not answer {name}: {exc}", errno.ETIMEDOUT) from exc
+            self.cut_off = True
+            log.warning("%s: client did not answer %s within %g s: cut off",
+                        getattr(self.device, "name", "function"), name, DMA_REPLY_TIMEOUT)
+            try:
+                self.endpoint.sock.shutdown(socket.SHUT_RDWR)  # its serving thread ends
+            except OSError:
+                pass
+            raise DmaTimeout(f"client did not answer {name} within "
+                             f"{DMA_REPLY_TIMEOUT:g} s: {exc}") from exc
         except RemoteError as exc:
             raise DmaError(f"client refused {name}: {exc}", exc.errno) from exc
+        except ConnectionClosed as exc:
+            self.cut_off = True
+            raise DmaError(f"{name}: client gone: {exc}", errno.ENODEV) from exc
+        finally:
+            if owned:
+                lock._acquire_restore(saved)  # type: ignore[attr-defined]
         assert reply is not None
         return reply.payload[wire.DMA_ACCESS_SIZE:]
 
@@ -392,21 +457,64 @@ class Session:
         return wire.build(wire.MigData, argsz=8, size=req.size)
 
 
-class FunctionServer:
-    """Listens on one UNIX socket and serves one client at a time for ``device``."""
+def listen_unix(path: str, backlog: int, mode: int = 0o600, gid: int | None = None
+                ) -> socket.socket:
+    """A listening UNIX socket at ``path`` with ``mode`` (and group ``gid``) whatever
+    the umask: the caller's folder is owner-only, so nobody reaches it before chmod."""
+    if os.path.lexists(path):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        if gid is not None:
+            os.chown(path, -1, gid)
+        os.chmod(path, mode)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
-    def __init__(self, device: Device, path: str, name: str, busy_poll: float = 0.0) -> None:
+
+def accept_retry(listener: socket.socket, stopped: threading.Event, name: str
+                 ) -> socket.socket | None:
+    """accept() that survives EMFILE/ENFILE and the like (waits, logs once per burst,
+    retries); None once the listener is closed."""
+    failures = 0
+    while not stopped.is_set():
+        try:
+            conn, _ = listener.accept()
+            if failures:
+                log.warning("%s: accepting again after %d failed accepts", name, failures)
+            return conn
+        except (ConnectionAbortedError, InterruptedError):
+            continue
+        except OSError as exc:
+            if stopped.is_set() or listener.fileno() < 0 or exc.errno in (
+                    errno.EBADF, errno.EINVAL, errno.ENOTSOCK):
+                return None
+            if failures == 0:
+                log.warning("%s: accept failed (%s); retrying", name, exc.strerror or exc)
+            failures += 1
+            time.sleep(ACCEPT_BACKOFF)  # EMFILE/ENFILE/ENOMEM/ENOBUFS: wait for fds
+    return None
+
+
+class FunctionServer:
+    """Listens on one UNIX socket for ``device``: the first client owns the function,
+    any other connection meanwhile gets a read-only session."""
+
+    def __init__(self, device: Device, path: str, name: str, busy_poll: float = 0.0,
+                 mode: int = 0o600, gid: int | None = None) -> None:
         self.device = device
         self.path = path
         self.name = name
-        self.busy_poll = busy_poll  # Endpoint.busy_poll of the primary session
+        self.busy_poll = busy_poll  # Endpoint.busy_poll of the owner's session
         self.session: Session | None = None
+        self.readonly: set[Session] = set()
+        self._lock = threading.Lock()
         self._stop = threading.Event()
-        if os.path.exists(path):
-            os.unlink(path)
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(path)
-        self.listener.listen(4)
+        self.listener = listen_unix(path, 16, mode, gid)
         self.thread = threading.Thread(target=self._accept_loop, name=f"vfu-{name}", daemon=True)
 
     def start(self) -> None:
@@ -417,30 +525,55 @@ class FunctionServer:
         return self.session is not None
 
     def _accept_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
+        while True:
+            conn = accept_retry(self.listener, self._stop, self.name)
+            if conn is None:
                 return
-            if self.session is not None:
-                # A second client (the migration orchestrator) gets a restricted session.
-                secondary = Session(self.device, conn, primary=False)
-                threading.Thread(target=self._serve_secondary, args=(secondary,),
-                                 name=f"vfu-{self.name}-mig", daemon=True).start()
-                continue
-            session = Session(self.device, conn, busy_poll=self.busy_poll)
-            self.session = session
-            with self.device.lock:
-                self.device.client_attached(session)
-            threading.Thread(
-                target=self._serve, args=(session,), name=f"vfu-{self.name}-conn", daemon=True
-            ).start()
+            try:
+                self._take(conn)
+            except Exception as exc:  # one connection failing (no fds, no thread) is not fatal
+                log.warning("%s: dropped a connection: %s", self.name, exc)
+                conn.close()
 
-    def _serve_secondary(self, session: Session) -> None:
+    def _take(self, conn: socket.socket) -> None:
+        with self._lock:
+            owner = self.session is None
+            if not owner and len(self.readonly) >= MAX_READONLY_SESSIONS:
+                log.warning("%s: refused a connection: %d read-only sessions already",
+                            self.name, MAX_READONLY_SESSIONS)
+                conn.close()
+                return
+            session = Session(self.device, conn, primary=owner,
+                              busy_poll=self.busy_poll if owner else 0.0)
+            if owner:
+                self.session = session
+            else:
+                self.readonly.add(session)
+        target = self._serve if owner else self._serve_readonly
+        try:
+            if owner:
+                with self.device.lock:
+                    self.device.client_attached(session)
+            threading.Thread(target=target, args=(session,), daemon=True,
+                             name=f"vfu-{self.name}-{'conn' if owner else 'ro'}").start()
+        except BaseException:
+            if owner:
+                with self.device.lock:
+                    self.device.client_detached()
+            with self._lock:
+                if owner:
+                    self.session = None
+                self.readonly.discard(session)
+            session.endpoint.close()
+            raise
+
+    def _serve_readonly(self, session: Session) -> None:
         try:
             session.endpoint.serve_forever()
         finally:
             session.endpoint.close()
+            with self._lock:
+                self.readonly.discard(session)
 
     def _serve(self, session: Session) -> None:
         self.device.serving_thread = threading.get_ident()  # type: ignore[attr-defined]
@@ -462,7 +595,8 @@ class FunctionServer:
             with self.device.lock:
                 self.device.client_detached()
             session.endpoint.close()
-            self.session = None
+            with self._lock:
+                self.session = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -473,6 +607,8 @@ class FunctionServer:
         self.listener.close()
         if self.session is not None:
             self.session.endpoint.close()
+        for ro in list(self.readonly):
+            ro.endpoint.close()
         try:
             os.unlink(self.path)
         except OSError:

@@ -1,0 +1,68 @@
+"""The host's settings for one VF, as `ip link set PF vf N ...` gives them on real
+SR-IOV NICs (iproute2's VF grammar): an administrative MAC, spoof checking,
+trust, a port VLAN with priority, TX rate limits. They are the PF's state: kept
+across VF resets, guest reboots and client reconnections, never carried by a
+migration stream (the destination host's own settings apply).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+# VF link state set by the host (`ip link set PF vf N state auto|enable|disable`)
+LINK_AUTO, LINK_ENABLE, LINK_DISABLE = 0, 1, 2
+LINK_STATE_NAMES = {LINK_AUTO: "auto", LINK_ENABLE: "enable", LINK_DISABLE: "disable"}
+
+MAX_VLAN = 4094
+MAX_QOS = 7
+MAX_RATE = 100_000  # Mbit/s
+
+
+@dataclass
+class TokenBucket:
+    """TX pacing for max_tx_rate: bytes may leave at ``rate`` bytes/s with ``burst``
+    bytes of credit."""
+
+    rate: float = 0.0  # bytes/s, 0 = unlimited
+    burst: float = 0.0
+    tokens: float = 0.0
+    stamp: float = field(default_factory=time.monotonic)
+
+    def configure(self, mbit: int) -> None:
+        self.rate = mbit * 1_000_000 / 8
+        # 2 ms of line rate, at least two full frames: smooth pacing, few timer wakeups.
+        self.burst = max(self.rate * 0.002, 2 * 1518.0)
+        self.tokens = self.burst
+        self.stamp = time.monotonic()
+
+    def take(self, nbytes: int) -> float:
+        """0 if ``nbytes`` may be sent now (and take them), else seconds to wait."""
+        if not self.rate:
+            return 0.0
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= nbytes:
+            self.tokens -= nbytes
+            return 0.0
+        return (nbytes - self.tokens) / self.rate
+
+
+@dataclass
+class VfPolicy:
+    mac: bytes | None = None  # set by the host: the VF may not change it unless trusted
+    spoofchk: bool = True  # drop frames whose source MAC is not the VF's
+    trust: bool = False  # may change its MAC, send and receive tagged frames
+    vlan: int = 0  # port VLAN (0: none): tagged on the wire, untagged in the VF
+    qos: int = 0  # 802.1p priority in the port VLAN's tag
+    max_tx_rate: int = 0  # Mbit/s, 0 = unlimited (the VF's TX is paced)
+    min_tx_rate: int = 0  # Mbit/s, recorded and shown (no guarantee is enforced)
+    # counters (host side, shown by `vfnic link show --json`)
+    spoof_dropped: int = 0
+    vlan_dropped: int = 0
+    mac_refused: int = 0
+    bucket: TokenBucket = field(default_factory=TokenBucket)
+
+    def tci(self) -> int:
+        return self.qos << 13 | self.vlan
