@@ -32,7 +32,7 @@ def register(sub: Any) -> None:
     s.set_defaults(handler=cmd_link_show)
     s = lsub.add_parser(
         "set", help="DIR vf N state auto|enable|disable|migrate|cancelmigration|suspend|resume"
-        " | DIR vf N mac MAC")
+        " | DIR vf N mac MAC | DIR vf N migration transparent|cooperative")
     s.add_argument("dir")
     s.add_argument("words", nargs="+", help="vf N state STATE")
     s.set_defaults(handler=cmd_link_set)
@@ -61,13 +61,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="vfnic serve: %(message)s",
     )
-    logging.getLogger("vfnic.follow").setLevel(logging.INFO)  # migrations libvirt drives
+    logging.getLogger("vfnic.vmstate").setLevel(logging.INFO)  # migrations, whoever drives them
     if not 0 <= args.busy_poll <= 1_000_000:
         raise UsageError("--busy-poll must be between 0 and 1000000 microseconds")
     try:
         server = NicServer(args.dir, args.vfs, args.uplink, args.nic_id, args.busy_poll)
     except OSError as exc:
         raise UsageError(f"cannot serve in {args.dir}: {exc.strerror or exc}") from exc
+    # The migration layer sits above the NIC: wired in here, not by the NIC server.
+    from vfnic.migrate.vmstate import attach
+
+    attach(server)
     done = threading.Event()
 
     def stop(_sig: int, _frame: object) -> None:
@@ -98,7 +102,8 @@ def cmd_link_show(args: argparse.Namespace) -> int:
           f"{' (attached)' if pf['attached'] else ''}")
     for vf in info["vfs"]:
         print(f"    vf {vf['vf']}     link/ether {vf['mac']}, link-state {vf['state']}, "
-              f"link {vf['link']}, {'attached' if vf['attached'] else 'not attached'}")
+              f"link {vf['link']}, migration {vf['migration_mode']}, "
+              f"{'attached' if vf['attached'] else 'not attached'}")
     return 0
 
 
@@ -107,7 +112,8 @@ def cmd_link_set(args: argparse.Namespace) -> int:
 
     words = args.words
     usage = ("usage: vfnic link set DIR vf N state "
-             "auto|enable|disable|migrate|cancelmigration|suspend|resume  |  vf N mac MAC")
+             "auto|enable|disable|migrate|cancelmigration|suspend|resume  |  vf N mac MAC"
+             "  |  vf N migration transparent|cooperative")
     if len(words) != 4 or words[0] != "vf" or not words[1].isdigit():
         raise UsageError(usage)
     vf, what, value = int(words[1]), words[2], words[3]
@@ -115,6 +121,8 @@ def cmd_link_set(args: argparse.Namespace) -> int:
         result = control_call(args.dir, {"op": "vf-state", "vf": vf, "state": value})
     elif what == "mac":
         result = control_call(args.dir, {"op": "vf-mac", "vf": vf, "mac": value})
+    elif what == "migration":
+        result = control_call(args.dir, {"op": "vf-migration", "vf": vf, "mode": value})
     else:
         raise UsageError(usage)
     if result:

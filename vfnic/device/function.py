@@ -53,6 +53,10 @@ LINK_AUTO, LINK_ENABLE, LINK_DISABLE = 0, 1, 2
 LINK_STATE_NAMES = {LINK_AUTO: "auto", LINK_ENABLE: "enable", LINK_DISABLE: "disable"}
 
 
+MIGRATION_TRANSPARENT, MIGRATION_COOPERATIVE = "transparent", "cooperative"
+MIGRATION_MODES = (MIGRATION_TRANSPARENT, MIGRATION_COOPERATIVE)
+
+
 class PciFunction:
     """A PF or VF: everything the vfio-user dispatcher needs (``server.Device``)."""
 
@@ -66,6 +70,9 @@ class PciFunction:
         self.total_vfs = total_vfs
         self.num_vfs = num_vfs
         self.link_state = LINK_AUTO
+        # Host-side VF setting (`vfnic link set DIR vf N migration ...`): whether the VF
+        # driver is told of a migration (the 2015 protocol) or not. Travels in snapshots.
+        self.migration_mode = MIGRATION_TRANSPARENT
         self.nic: Nic | None = None
         self.running = True  # False in the migration STOP states: no DMA, no interrupts
         self.stopped_drops = 0  # frames that arrived while stopped (host-side counter)

@@ -14,13 +14,14 @@ import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from vfnic.device import pci
 from vfnic.device.function import (
     CAP_MSIX,
     LINK_DISABLE,
     LINK_STATE_NAMES,
+    MIGRATION_MODES,
     PciFunction,
 )
 from vfnic.errors import UsageError, VfnicError
@@ -143,6 +144,14 @@ class Nic:
             fn.link_state = names[state]
             self._update_link(fn)
 
+    def set_migration_mode(self, vf: int, mode: str) -> None:
+        """`vfnic link set DIR vf N migration transparent|cooperative`."""
+        if mode not in MIGRATION_MODES:
+            raise UsageError(f"migration mode must be one of {', '.join(MIGRATION_MODES)}")
+        fn = self.vf(vf)
+        with self.lock:
+            fn.migration_mode = mode
+
     def set_vf_mac(self, vf: int, mac_text: str) -> None:
         """`ip link set PF vf N mac MAC`: the host assigns the VF's MAC."""
         try:
@@ -169,6 +178,7 @@ class Nic:
                 "state": LINK_STATE_NAMES[fn.link_state],
                 "attached": bool(srv and srv.attached),
                 "migration": fn.migration.state.name,
+                "migration_mode": fn.migration_mode,
                 "dropped_while_stopped": fn.stopped_drops,
             }
 
@@ -198,6 +208,13 @@ class Nic:
         return "\n".join(lines) + "\n"
 
 
+class Service(Protocol):
+    """Something an upper layer runs alongside a NicServer."""
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+
 class NicServer:
     """A Nic with its sockets in a runtime folder."""
 
@@ -221,9 +238,10 @@ class NicServer:
         self.control.bind(self.control_path)
         self.control.listen(8)
         self._stopped = threading.Event()
-        from vfnic.migrate.follower import Follower
-
-        self.follower = Follower(self)  # migrations libvirt drives, seen through DIR/vfN.qmp
+        # Upper layers (the `vfnic serve` command wires the migration layer in) add
+        # services started and stopped with the server and management operations.
+        self.services: list[Service] = []
+        self.control_ops: dict[str, Callable[[dict[str, Any]], Any]] = {}
 
     def start(self) -> None:
         for srv in self.servers.values():
@@ -231,11 +249,13 @@ class NicServer:
         if self.nic.switch.uplink is not None:
             self.nic.switch.uplink.start(self.nic.switch)
         threading.Thread(target=self._control_loop, name="vfnic-control", daemon=True).start()
-        self.follower.start()
+        for service in self.services:
+            service.start()
 
     def stop(self) -> None:
         self._stopped.set()
-        self.follower.stop()
+        for service in self.services:
+            service.stop()
         for srv in self.servers.values():
             srv.stop()
         if self.nic.switch.uplink is not None:
@@ -310,8 +330,11 @@ class NicServer:
         if op == "announce":
             fn = self.nic.vf(int(req.get("vf", -1)))
             return self.nic.switch.announce(fn, int(req.get("count", 1)))
-        if op == "migrations":
-            return self.follower.records(float(req.get("settle", 0.0)))
+        if op == "vf-migration":
+            self.nic.set_migration_mode(int(req.get("vf", -1)), str(req.get("mode")))
+            return None
+        if isinstance(op, str) and op in self.control_ops:
+            return self.control_ops[op](req)
         if op == "vf-mac":
             self.nic.set_vf_mac(int(req.get("vf", -1)), str(req.get("mac")))
             return None

@@ -3,7 +3,7 @@
 Layout (little endian), declared once with construct:
   magic "VFNS", format version, kind (PF/VF), VF index, hash of the register
   table layout, then config space, the register values in table order, the MSI-X
-  BAR, the permanent MAC and the host-side VF link state; a CRC32 of everything
+  BAR, the permanent MAC and the host-side VF link state and migration mode; a CRC32 of everything
   before it closes the record. A restore checks all of it before touching the
   device, so a refused snapshot changes nothing.
 """
@@ -16,7 +16,11 @@ from typing import TYPE_CHECKING
 
 from construct import Bytes, Const, Int8ul, Int16ul, Int32ul, Struct
 
-from vfnic.device.function import MSIX_BAR_SIZE
+from vfnic.device.function import (
+    MIGRATION_COOPERATIVE,
+    MIGRATION_TRANSPARENT,
+    MSIX_BAR_SIZE,
+)
 from vfnic.device.pci import CONFIG_SIZE
 from vfnic.errors import SnapshotError
 from vfnic.regs.table import Register
@@ -36,8 +40,9 @@ Head = Struct(
     "layout" / Bytes(8),
     "nregs" / Int16ul,
     "link_state" / Int8ul,
-    "reserved" / Int8ul,
+    "flags" / Int8ul,  # FLAG_COOPERATIVE: the VF's host-side migration mode
 )
+FLAG_COOPERATIVE = 1 << 0
 HEAD_SIZE = Head.sizeof()
 
 
@@ -60,7 +65,7 @@ def save(fn: PciFunction) -> bytes:
             "layout": layout_hash(table),
             "nregs": len(table),
             "link_state": fn.link_state,
-            "reserved": 0,
+            "flags": FLAG_COOPERATIVE if fn.migration_mode == MIGRATION_COOPERATIVE else 0,
         }
     )
     body = bytes(fn.config.data) + fn.bank.save() + bytes(fn.msix) + fn.perm_mac
@@ -102,3 +107,5 @@ def restore(fn: PciFunction, data: bytes) -> None:
     pos += MSIX_BAR_SIZE
     fn.perm_mac = bytes(data[pos : pos + 6])
     fn.link_state = head.link_state
+    coop = head.flags & FLAG_COOPERATIVE
+    fn.migration_mode = MIGRATION_COOPERATIVE if coop else MIGRATION_TRANSPARENT
