@@ -180,11 +180,11 @@ class VMState1(ServiceInterface):
         self.link = link
 
     @dbus_property(access=PropertyAccess.READ)
-    def Id(self) -> "s":  # type: ignore[name-defined]  # noqa: F821 (D-Bus signature)
+    def Id(self) -> "s":  # type: ignore[name-defined]  # noqa: F821, UP037 (D-Bus signature)
         return self.link.id
 
     @method()
-    def Save(self) -> "ay":  # type: ignore[name-defined]  # noqa: F821
+    def Save(self) -> "ay":  # type: ignore[name-defined]  # noqa: F821, UP037
         try:
             return self.link.save()
         except VfnicError as exc:
@@ -192,7 +192,7 @@ class VMState1(ServiceInterface):
             raise DBusError("org.qemu.VMState1.Error.Save", str(exc)) from exc
 
     @method()
-    def Load(self, data: "ay"):  # type: ignore[name-defined,no-untyped-def]  # noqa: F821
+    def Load(self, data: "ay"):  # type: ignore[name-defined,no-untyped-def]  # noqa: F821, UP037
         try:
             self.link.load(bytes(data))
         except VfnicError as exc:
