@@ -37,6 +37,7 @@ import socket
 import struct
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -222,6 +223,11 @@ class VfLink:
         self.record = record
         return record
 
+    def _regs(self) -> dict[str, int]:
+        """The VF's registers (BAR0) now: at the stop (source), once loaded (destination)."""
+        with self.fn.lock:
+            return {r.name: self.fn.bank.get(r.name) for r in self.fn.bank.table}
+
     # Save and Load run with QEMU's main loop blocked: no monitor call from here.
 
     def save(self) -> bytes:
@@ -239,7 +245,8 @@ class VfLink:
             mid = len(data) // 2
             data = data[:mid] + bytes([data[mid] ^ 0xFF]) + data[mid + 1:]
         record.update(save_ms=round((time.perf_counter() - t0) * 1000, 3), bytes=len(data),
-                      pages=vmstate.pages_in(data), saved=True)
+                      pages=vmstate.pages_in(data), saved=True, crc=zlib.crc32(data),
+                      regs=self._regs())
         return data
 
     def load(self, data: bytes) -> None:
@@ -251,7 +258,9 @@ class VfLink:
             record.update(error=str(exc), result="refused")
             raise
         record.update(load_ms=round((time.perf_counter() - t0) * 1000, 3), bytes=len(data),
-                      pages=pages, loaded_at=time.time())
+                      pages=pages, loaded_at=time.time(), crc=zlib.crc32(data),
+                      mode=self.fn.migration_mode,  # as the source's VF had it
+                      regs=self._regs())
         self.loaded.set()  # the rest waits until QEMU's main loop runs again
 
     # -- the link's life -------------------------------------------------------------------
