@@ -5,6 +5,7 @@ peer through its VF; the domain XML carries what libvirt 9.0 + QEMU 11.1 need.""
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -164,3 +165,51 @@ def test_virsh_migrate_carries_the_vf_in_qemus_stream(lab: Lab, mode: str) -> No
         assert d.get("announced") is True
     sent, received = pinger.loss()
     assert sent - received < 200, pinger.output[-500:]  # one outage window at most (2 s)
+
+
+@pytest.mark.parametrize("fault", ["abort", "corrupt", "oversize"])
+def test_failed_virsh_migrate_leaves_the_vf_running_on_the_source(lab: Lab, fault: str) -> None:
+    """Each failure of the VF's part under libvirt (return-path on): the job aborted
+    while RAM is sent (before Save), the destination refusing a corrupted stream (after
+    Save, in Load), a state too large for QEMU's 1 MiB (Save fails). virsh reports the
+    failure, the guest runs on A, A's VF is RUNNING again and the peer reaches it."""
+    lab.start_nic("a", vfs=2, nic_id=1)
+    lab.start_nic("b", vfs=2, nic_id=2)
+    xml = lab_domain(lab, "g1", "tail -F /run/vfnic-driver.log")
+    with LibvirtHost(lab, "a") as a, LibvirtHost(lab, "b") as b:
+        a.virsh("define", str(xml))
+        a.virsh("start", "g1")
+        _wait_ping(lab, a, lab.nic_dir("a") / "console.log")
+        argv = ["virsh", "-c", a.uri, "migrate", "--live", "g1", b.uri,
+                "--migrateuri", "tcp://192.168.77.2:49152"]
+        if fault == "abort":
+            argv += ["--bandwidth", "20"]  # MiB/s: 512 MiB of RAM take long enough
+        else:
+            control_call(lab.nic_dir("a"), {"op": "vmstate-fault", "vf": 0, "fault": fault})
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if fault == "abort":
+            deadline = time.monotonic() + 60
+            while not control_call(lab.nic_dir("a"), {"op": "migrations"}):
+                assert time.monotonic() < deadline, "the source NIC saw no migration"
+                time.sleep(0.1)
+            time.sleep(1)
+            a.virsh("domjobabort", "g1")
+        _out, err = proc.communicate(timeout=300)
+        assert proc.returncode != 0, "virsh migrate should have failed"
+        records = control_call(lab.nic_dir("a"), {"op": "migrations", "settle": 20})
+        assert a.virsh("domstate", "g1").stdout.strip() == "running", err
+        _wait_ping(lab, a, lab.nic_dir("a") / "console.log", timeout=30)
+        links = control_call(lab.nic_dir("a"), {"op": "link-show"})
+        dst = control_call(lab.nic_dir("b"), {"op": "migrations"})
+        a.virsh("destroy", "g1")
+    (rec,) = records
+    assert rec["result"] in ("failed", "cancelled"), rec
+    assert rec["vf_running"] is True
+    assert links["vfs"][0]["migration"] == "RUNNING"
+    if fault == "abort":
+        assert "saved" not in rec  # failed before Save
+    elif fault == "corrupt":
+        assert rec["saved"] is True
+        assert [d["result"] for d in dst] == ["refused"], dst
+    else:
+        assert "exceeds QEMU's dbus-vmstate limit" in rec["error"]
