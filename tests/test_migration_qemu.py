@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from vfnic.device.nic import NicServer
+from vfnic.device.nic import NicServer, control_call
 from vfnic.host.vm import VM, VfioUserFunction
 from vfnic.migrate.orchestrator import Host, Options, migrate
 from vfnic.migrate.vmstate import attach
@@ -162,3 +162,42 @@ def test_destination_killed_during_the_migration(pair) -> None:  # type: ignore[
     wait_ticks(va, n + 2, timeout=30)
     assert a.nic.vfs[0].migration.state.name == "RUNNING"
     assert a.nic.vfs[0].bank.get("MTA") == 0xCAFE0001
+
+
+def test_a_vm_with_two_vfs_from_two_nics_carries_both(short_dir: Path) -> None:
+    """One VM, two VFs (host A: NIC a1's vf0 and NIC a2's vf1); on B they are NIC b1's
+    vf1 and NIC b2's vf0. Two helpers on the VM's one bus, each VF's state lands on
+    the VF with the same device id, whatever its index."""
+    nics = {n: NicServer(short_dir / n, 2, nic_id=i) for i, n in enumerate(
+        ("a1", "a2", "b1", "b2"), start=1)}
+    for nic in nics.values():
+        attach(nic)
+        nic.start()
+    uri = f"tcp:127.0.0.1:{next(PORT)}"
+    va = VM([VfioUserFunction(nics["a1"].dir / "vf0.sock", "nic0"),
+             VfioUserFunction(nics["a2"].dir / "vf1.sock", "nic1")], command=TICKER,
+            token="ticker")
+    vb = VM([VfioUserFunction(nics["b1"].dir / "vf1.sock", "nic0"),
+             VfioUserFunction(nics["b2"].dir / "vf0.sock", "nic1")], command=TICKER,
+            token="ticker", extra_args=["-S", "-incoming", uri])
+    try:
+        va.start()
+        wait_ticks(va, 2)
+        second = nics["a2"].nic.vfs[1]
+        second.region_write(0, 0x28, (0x5EC0D2).to_bytes(4, "little"))  # MTA, by the host
+        vb.start()
+        summary = migrate(Host(str(va.qmp_socket), str(nics["a1"].dir), 0),
+                          Host(str(vb.qmp_socket), str(nics["b1"].dir), 1),
+                          Options(uri, quit_source=False), progress=lambda _l: None)
+        assert summary.status == "completed", summary.error
+        recs = control_call(nics["b2"].dir, {"op": "migrations", "settle": 10})
+        assert [(r["id"], r["result"]) for r in recs] == [("vfnic.nic1", "completed")], recs
+        assert nics["b1"].nic.vfs[1].bank.get("MTA") == 0xCAFE0001  # the guest's value
+        assert nics["b2"].nic.vfs[0].bank.get("MTA") == 0x5EC0D2  # the host's, on nic1
+        assert nics["b2"].nic.vfs[0].mac == second.mac
+        wait_ticks(vb, 0)
+    finally:
+        va.stop()
+        vb.stop()
+        for nic in nics.values():
+            nic.stop()

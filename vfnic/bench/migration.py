@@ -137,11 +137,11 @@ class LivePinger:
 async def _plain_migrate(src_qmp: str, dst_qmp: str, uri: str, pause: bool = False,
                          timeout: float = 300) -> dict[str, Any]:
     """`migrate`, wait for completion, `cont` the destination (started with -S), quit
-    the source. Status changes are awaited as the orchestrator awaits them: woken by
-    QEMU's MIGRATION events. Pause = RESUME event on the destination - STOP event on
-    the source (QMP timestamps, both QEMUs on this host's clock). With ``pause``: the
-    orchestrator's protocol without a device (pause-before-switchover, then
-    migrate-continue at once)."""
+    the source, with the capabilities `vfnic migrate` sets (return-path, events).
+    Status changes are awaited with the one wait (vfnic.migrate.control). Pause =
+    RESUME event on the destination - STOP event on the source (QMP timestamps, both
+    QEMUs on this host's clock). With ``pause``: pause-before-switchover, then
+    migrate-continue at once."""
     from qemu.qmp import EventListener, QMPClient
 
     qa, qb = QMPClient("bench-source"), QMPClient("bench-destination")
@@ -150,30 +150,23 @@ async def _plain_migrate(src_qmp: str, dst_qmp: str, uri: str, pause: bool = Fal
     qa.register_listener(status_events)
     await qb.connect(dst_qmp)
     try:
-        await qa.execute("migrate-set-capabilities", {"capabilities": [
-            {"capability": "pause-before-switchover", "state": pause},
-            {"capability": "events", "state": True}]})
+        from vfnic.migrate import control
+
+        caps = {"capabilities": [{"capability": "return-path", "state": True},
+                                 {"capability": "events", "state": True}]}
+        await qb.execute("migrate-set-capabilities", caps)
+        caps["capabilities"].append({"capability": "pause-before-switchover", "state": pause})
+        await qa.execute("migrate-set-capabilities", caps)
         t0 = time.perf_counter()
         await qa.execute("migrate", {"uri": uri})
         deadline = time.monotonic() + timeout
-        info: dict[str, Any] = {}
-        while True:
-            info = await qa.execute("query-migrate")  # type: ignore[assignment]
-            st = info.get("status")
-            if st == "pre-switchover":
+        try:
+            if pause:
+                await control.wait_status(qa, status_events, {"pre-switchover"}, timeout)
                 await qa.execute("migrate-continue", {"state": "pre-switchover"})
-            if st == "completed":
-                break
-            if st in ("failed", "cancelled"):
-                raise RuntimeError(f"QEMU migration {st}: {info.get('error-desc', '')}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"migration did not complete in {timeout:.0f} s")
-            with contextlib.suppress(TimeoutError):
-                while True:  # until a status change we act on (or 100 ms)
-                    ev: dict[str, Any] = dict(await asyncio.wait_for(status_events.get(), 0.1))
-                    if ev.get("data", {}).get("status") in ("pre-switchover", "completed",
-                                                            "failed", "cancelled"):
-                        break
+            info = await control.wait_status(qa, status_events, {"completed"}, timeout)
+        except control.MigrationError as exc:
+            raise RuntimeError(str(exc)) from exc
         while True:
             st2: dict[str, Any] = await qb.execute("query-status")  # type: ignore[assignment]
             if st2.get("status") in ("paused", "postmigrate", "prelaunch", "running"):
