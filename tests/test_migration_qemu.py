@@ -183,8 +183,9 @@ def test_a_vm_with_two_vfs_from_two_nics_carries_both(short_dir: Path) -> None:
     try:
         va.start()
         wait_ticks(va, 2)
-        second = nics["a2"].nic.vfs[1]
-        second.region_write(0, 0x28, (0x5EC0D2).to_bytes(4, "little"))  # MTA, by the host
+        first, second = nics["a1"].nic.vfs[0], nics["a2"].nic.vfs[1]
+        first.region_write(0, 0x28, (0xF125).to_bytes(4, "little"))  # MTA, by the host
+        second.region_write(0, 0x28, (0x5EC0D2).to_bytes(4, "little"))
         vb.start()
         summary = migrate(Host(str(va.qmp_socket), str(nics["a1"].dir), 0),
                           Host(str(vb.qmp_socket), str(nics["b1"].dir), 1),
@@ -192,8 +193,9 @@ def test_a_vm_with_two_vfs_from_two_nics_carries_both(short_dir: Path) -> None:
         assert summary.status == "completed", summary.error
         recs = control_call(nics["b2"].dir, {"op": "migrations", "settle": 10})
         assert [(r["id"], r["result"]) for r in recs] == [("vfnic.nic1", "completed")], recs
-        assert nics["b1"].nic.vfs[1].bank.get("MTA") == 0xCAFE0001  # the guest's value
-        assert nics["b2"].nic.vfs[0].bank.get("MTA") == 0x5EC0D2  # the host's, on nic1
+        assert nics["b1"].nic.vfs[1].bank.get("MTA") == 0xF125  # nic0's state, on B's vf1
+        assert nics["b2"].nic.vfs[0].bank.get("MTA") == 0x5EC0D2  # nic1's, on B's vf0
+        assert nics["b1"].nic.vfs[1].mac == first.mac
         assert nics["b2"].nic.vfs[0].mac == second.mac
         wait_ticks(vb, 0)
     finally:

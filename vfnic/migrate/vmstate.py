@@ -223,10 +223,13 @@ class VfLink:
         self.record = record
         return record
 
-    def _regs(self) -> dict[str, int]:
-        """The VF's registers (BAR0) now: at the stop (source), once loaded (destination)."""
+    def _describe(self, record: dict[str, Any], data: bytes) -> None:
+        """The stream's CRC and page count, and the VF's registers (BAR0) as the stream
+        left them: at the stop (source, still stopped), restored (destination, not yet
+        running: the replay task runs after this)."""
         with self.fn.lock:
-            return {r.name: self.fn.bank.get(r.name) for r in self.fn.bank.table}
+            regs = {r.name: self.fn.bank.get(r.name) for r in self.fn.bank.table}
+        record.update(crc=zlib.crc32(data), pages=vmstate.pages_in(data), regs=regs)
 
     # Save and Load run with QEMU's main loop blocked: no monitor call from here.
 
@@ -245,8 +248,9 @@ class VfLink:
             mid = len(data) // 2
             data = data[:mid] + bytes([data[mid] ^ 0xFF]) + data[mid + 1:]
         record.update(save_ms=round((time.perf_counter() - t0) * 1000, 3), bytes=len(data),
-                      pages=vmstate.pages_in(data), saved=True, crc=zlib.crc32(data),
-                      regs=self._regs())
+                      saved=True)
+        # Bookkeeping after the reply, outside QEMU's pause (the VF stays stopped).
+        asyncio.get_running_loop().call_soon(self._describe, record, data)
         return data
 
     def load(self, data: bytes) -> None:
@@ -258,10 +262,10 @@ class VfLink:
             record.update(error=str(exc), result="refused")
             raise
         record.update(load_ms=round((time.perf_counter() - t0) * 1000, 3), bytes=len(data),
-                      pages=pages, loaded_at=time.time(), crc=zlib.crc32(data),
-                      mode=self.fn.migration_mode,  # as the source's VF had it
-                      regs=self._regs())
-        self.loaded.set()  # the rest waits until QEMU's main loop runs again
+                      pages=pages, loaded_at=time.time(),
+                      mode=self.fn.migration_mode)  # as the source's VF had it
+        self.loaded.set()  # the config replay is sent once this reply is out
+        asyncio.get_running_loop().call_soon(self._describe, record, data)
 
     # -- the link's life -------------------------------------------------------------------
 
@@ -358,11 +362,20 @@ class VfLink:
         self.record = None
 
     async def _destination(self, qmp: QMPClient, resumes: EventListener) -> None:
+        st: dict[str, Any] = await qmp.execute("query-status")  # type: ignore[assignment]
+        if st.get("status") != "inmigrate":
+            return
+        try:
+            address: int | Exception = await self._find_device(qmp)  # the main loop is free
+        except Exception as exc:
+            address = exc
         await self.loaded.wait()
         record = self.record or self._new_record("destination")
         t0 = time.perf_counter()
         try:
-            await self._replay_config(qmp)
+            if isinstance(address, Exception):
+                raise address
+            await self._replay_config(qmp, address)
         except Exception as exc:
             record["replay_error"] = str(exc)
             log.error("%s: PCI config not restored in QEMU: %s", self.id, exc)
@@ -373,7 +386,7 @@ class VfLink:
         record["restored_at"] = time.time()
         if resumes.empty():
             while True:
-                st: dict[str, Any] = await qmp.execute("query-status")  # type: ignore[assignment]
+                st = await qmp.execute("query-status")  # type: ignore[assignment]
                 if st.get("running"):
                     break
                 with contextlib.suppress(TimeoutError):
@@ -393,21 +406,22 @@ class VfLink:
             record["announced"] = True
         record["result"] = "completed"
 
-    async def _replay_config(self, qmp: QMPClient) -> None:
-        """Write the guest's PCI config for this VF into the destination QEMU through
-        the legacy config ports (0xcf8/0xcfc), leaving 0xcf8 as the guest had it."""
+    async def _find_device(self, qmp: QMPClient) -> int:
+        """The VF's bus/device/function in its QEMU, as a config address (0xcf8)."""
         buses: list[dict[str, Any]] = await qmp.execute("query-pci")  # type: ignore[assignment]
         found = [d for b in buses for d in b.get("devices", [])
                  if d.get("qdev_id") == self.att.device_id]
         if len(found) != 1:
             raise VfnicError(f"device {self.att.device_id} not found in query-pci")
         dev = found[0]
-        bdf = int(dev["bus"]) << 16 | int(dev["slot"]) << 11 | int(dev["function"]) << 8
+        return 0x80000000 | int(dev["bus"]) << 16 | int(dev["slot"]) << 11 | \
+            int(dev["function"]) << 8
 
-        async def hmp(line: str) -> str:
-            return str(await qmp.execute("human-monitor-command", {"command-line": line}))
-
-        saved = re.findall(r"0x[0-9a-fA-F]+", await hmp("i /w 0xcf8"))
+    async def _replay_config(self, qmp: QMPClient, address: int) -> None:
+        """Write the guest's PCI config for this VF into the destination QEMU through the
+        legacy config ports (0xcf8/0xcfc), 0xcf8 left as the guest had it. The commands
+        are sent at once, in order (one monitor runs them in order): they are all queued
+        before anyone's `cont`, which libvirt sends only once the source has completed."""
         with self.fn.lock:
             config = bytes(self.fn.config.data[:0x40])
 
@@ -416,11 +430,15 @@ class VfLink:
 
         words = [(off, dword(off)) for off in REPLAYED_CONFIG if dword(off)]
         words.append((0x04, dword(0x04) & 0xFFFF))
+        lines = ["i /w 0xcf8"]
         for off, value in words:
-            await hmp(f"o /w 0xcf8 {0x80000000 | bdf | off:#x}")
-            await hmp(f"o /w 0xcfc {value:#x}")
+            lines += [f"o /w 0xcf8 {address | off:#x}", f"o /w 0xcfc {value:#x}"]
+        replies = await asyncio.gather(*(
+            qmp.execute("human-monitor-command", {"command-line": line}) for line in lines))
+        saved = re.findall(r"0x[0-9a-fA-F]+", str(replies[0]))
         if saved:
-            await hmp(f"o /w 0xcf8 {saved[-1]}")
+            await qmp.execute("human-monitor-command",
+                              {"command-line": f"o /w 0xcf8 {saved[-1]}"})
 
 
 # -- the service: every VF of one NIC ------------------------------------------------------

@@ -101,19 +101,19 @@ def load(fn: PciFunction, data: bytes) -> int:
         if mig.state not in (State.RUNNING, State.STOP):
             raise VfnicError(f"{fn.name} is in migration state {mig.state.name}")
         try:
-            _image, pages = stream.assemble(data)  # refuse before touching anything
-            for iova, _page in pages:
-                if fn.dma.find(iova, len(_page)).mm is None:
-                    raise VfnicError(f"{fn.name}: guest RAM is not shared with vfnic: "
-                                     "start QEMU with a share=on memory backend")
+            if fn.dma.has_message_regions() and pages_in(data):
+                raise VfnicError(f"{fn.name}: guest RAM is not shared with vfnic: "
+                                 "start QEMU with a share=on memory backend")
             mig.set_state(State.RESUMING)
             mig.write(data)
-            mig.set_state(State.STOP)  # checks the snapshot, restores, writes the pages
+            # The whole stream is checked (records, CRCs, END, snapshot) before the
+            # snapshot is restored and the pages are written.
+            mig.set_state(State.STOP)
         except BaseException:
             if mig.state != State.RUNNING:
                 mig.reset()  # nothing was applied: the VF as it was, running
             raise
-        return len(pages)
+        return pages_in(data)
 
 
 def run(fn: PciFunction) -> None:
