@@ -60,7 +60,7 @@ def test_any_device_state_survives_save_then_load_bit_for_bit(data: st.DataObjec
     blob = vmstate.save(src)
     assert src.migration.state == State.STOP_COPY and not src.running
     assert vmstate.pages_in(blob) == len(written)
-    assert vmstate.load(dst, blob) == len(written)
+    vmstate.load(dst, blob)
     assert dst.migration.state == State.STOP
     assert device_state(dst) == device_state(src)
     for page, content in written.items():

@@ -257,12 +257,12 @@ class VfLink:
         t0 = time.perf_counter()
         record = self._new_record("destination")
         try:
-            pages = vmstate.load(self.fn, data)
+            vmstate.load(self.fn, data)
         except VfnicError as exc:
             record.update(error=str(exc), result="refused")
             raise
         record.update(load_ms=round((time.perf_counter() - t0) * 1000, 3), bytes=len(data),
-                      pages=pages, loaded_at=time.time(),
+                      loaded_at=time.time(),
                       mode=self.fn.migration_mode)  # as the source's VF had it
         self.loaded.set()  # the config replay is sent once this reply is out
         asyncio.get_running_loop().call_soon(self._describe, record, data)

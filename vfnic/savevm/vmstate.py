@@ -90,9 +90,9 @@ def save(fn: PciFunction, limit: int = LIMIT) -> bytes:
         return data
 
 
-def load(fn: PciFunction, data: bytes) -> int:
-    """Restore a stream made by :func:`save`; returns the number of guest pages written.
-    A stream that is not complete and intact, or not of a function like ``fn``, is
+def load(fn: PciFunction, data: bytes) -> None:
+    """Restore a stream made by :func:`save` (its pages written into guest RAM). A
+    stream that is not complete and intact, or not of a function like ``fn``, is
     refused (SnapshotError) with the VF unchanged."""
     if len(data) > LIMIT:
         raise SnapshotError(f"device state of {len(data)} bytes exceeds {LIMIT}")
@@ -113,7 +113,6 @@ def load(fn: PciFunction, data: bytes) -> int:
             if mig.state != State.RUNNING:
                 mig.reset()  # nothing was applied: the VF as it was, running
             raise
-        return pages_in(data)
 
 
 def run(fn: PciFunction) -> None:
