@@ -621,7 +621,7 @@ def run(quick: bool = False, runs: int | None = None, plot_path: Path | None = N
             continue
         rs = results[c.key]
         drows.append([c.label, stat_text(_sum_vals(rs, "save_ms"), "{:.2f}"),
-                      stat_text(_sum_vals(rs, "restore_ms"), "{:.2f}"),
+                      stat_text(_sum_vals(rs, "load_ms"), "{:.2f}"),
                       stat_text(_sum_vals(rs, "device_state_bytes"), "{:,.0f}"),
                       stat_text(_sum_vals(rs, "device_pages"), "{:.0f}"),
                       stat_text([v / 1000 for v in _sum_vals(rs, "suspend_us")], "{:.1f}"),
@@ -629,13 +629,13 @@ def run(quick: bool = False, runs: int | None = None, plot_path: Path | None = N
                       stat_text([v / 1000 for v in _sum_vals(rs, "resume_us")], "{:.1f}"),
                       stat_text(_sum_vals(rs, "resume_ms"), "{:.1f}")])
     sec.add("VF state transfer and the guest driver's suspend/resume, from the "
-            "orchestrator's `Summary` of the same runs. *save*: STOP_COPY + reading the "
-            "final device state (with the DMA-written pages in transparent mode), during the "
-            "pause; *restore*: RESUMING + writing the stream + STOP on the destination VF. "
+            "orchestrator's `Summary` of the same runs (the NICs' VMState1 helpers). *Save*: "
+            "STOP_COPY + the whole stream (snapshot and DMA-written pages), inside QEMU's "
+            "pause; *Load*: RESUMING + stream checked + restored + STOP on the destination. "
             "*driver*: what the guest's VF driver reports for its own work (word 1 of its "
             "ACK); *mailbox*: the PF's round trip, management socket to ACK, including the "
             "guest driver's 5 ms mailbox poll, all under TCG.")
-    sec.add(table(["configuration", "save ms", "restore ms", "device state bytes",
+    sec.add(table(["configuration", "Save ms", "Load ms", "device state bytes",
                    "DMA pages", "suspend: driver ms", "suspend: mailbox ms",
                    "resume: driver ms", "resume: mailbox ms"], drows))
     if mbx:

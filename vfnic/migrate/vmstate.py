@@ -214,6 +214,9 @@ class VfLink:
         self.id = helper_id(att.device_id)
         self.qmp: QMPClient | None = None
         self.loaded = asyncio.Event()
+        self.address: int | Exception | None = None  # of the VF in its QEMU (destination)
+        self.replay: asyncio.Task[None] | None = None
+        self.early = False  # the guest ran before the replay's last write was done
         self.record: dict[str, Any] | None = None  # the migration in progress
 
     def _new_record(self, role: str) -> dict[str, Any]:
@@ -264,7 +267,12 @@ class VfLink:
         record.update(load_ms=round((time.perf_counter() - t0) * 1000, 3), bytes=len(data),
                       loaded_at=time.time(),
                       mode=self.fn.migration_mode)  # as the source's VF had it
-        self.loaded.set()  # the config replay is sent once this reply is out
+        # The config replay, queued now: its commands go out right behind this reply and
+        # wait in the monitor until QEMU's main loop runs again, ahead of any `cont`.
+        if self.qmp is not None and isinstance(self.address, int):
+            self.replay = asyncio.get_running_loop().create_task(
+                self._replay_config(self.qmp, self.address))
+        self.loaded.set()
         asyncio.get_running_loop().call_soon(self._describe, record, data)
 
     # -- the link's life -------------------------------------------------------------------
@@ -366,23 +374,28 @@ class VfLink:
         if st.get("status") != "inmigrate":
             return
         try:
-            address: int | Exception = await self._find_device(qmp)  # the main loop is free
+            self.address = await self._find_device(qmp)  # now: the main loop is free
         except Exception as exc:
-            address = exc
+            self.address = exc
         await self.loaded.wait()
         record = self.record or self._new_record("destination")
         t0 = time.perf_counter()
         try:
-            if isinstance(address, Exception):
-                raise address
-            await self._replay_config(qmp, address)
+            if isinstance(self.address, Exception):
+                raise self.address
+            if self.replay is None:
+                raise VfnicError("no replay queued")
+            await self.replay
         except Exception as exc:
             record["replay_error"] = str(exc)
             log.error("%s: PCI config not restored in QEMU: %s", self.id, exc)
         vmstate.run(self.fn)
         record["replay_ms"] = round((time.perf_counter() - t0) * 1000, 3)
-        # A RESUME before the last reply means the guest ran with the config at reset.
-        record["early_access"] = not resumes.empty()
+        # A RESUME before the command register's reply: the guest ran with its VF's
+        # config at reset (the monitor answers in order, events in between).
+        record["early_access"] = self.early
+        if isinstance(self.address, int) and self.replay is None:
+            record["early_access"] = not resumes.empty()
         record["restored_at"] = time.time()
         if resumes.empty():
             while True:
@@ -433,8 +446,15 @@ class VfLink:
         lines = ["i /w 0xcf8"]
         for off, value in words:
             lines += [f"o /w 0xcf8 {address | off:#x}", f"o /w 0xcfc {value:#x}"]
-        replies = await asyncio.gather(*(
-            qmp.execute("human-monitor-command", {"command-line": line}) for line in lines))
+        resumes = EventListener("RESUME")
+        qmp.register_listener(resumes)
+        try:
+            replies = await asyncio.gather(*(
+                qmp.execute("human-monitor-command", {"command-line": line})
+                for line in lines))
+            self.early = not resumes.empty()
+        finally:
+            qmp.remove_listener(resumes)
         saved = re.findall(r"0x[0-9a-fA-F]+", str(replies[0]))
         if saved:
             await qmp.execute("human-monitor-command",
