@@ -122,3 +122,29 @@ def test_a_state_over_qemus_limit_is_refused_and_the_vf_runs_on() -> None:
     # Under the real limit the same state fits: 1 MiB holds about 250 pages.
     assert vmstate.max_pages(len(snapshot.save(src))) > RAM // stream.PAGE_SIZE
     assert len(vmstate.save(src)) <= vmstate.LIMIT
+
+
+def test_migration_mode_is_set_per_vf_and_shown(nic) -> None:  # type: ignore[no-untyped-def]
+    from vfnic.device.nic import control_call
+    from vfnic.errors import UsageError
+
+    control_call(nic.dir, {"op": "vf-migration", "vf": 1, "mode": "cooperative"})
+    vfs = control_call(nic.dir, {"op": "link-show"})["vfs"]
+    assert [v["migration_mode"] for v in vfs] == ["transparent", "cooperative"]
+    with pytest.raises(UsageError, match="migration mode must be one of"):
+        control_call(nic.dir, {"op": "vf-migration", "vf": 0, "mode": "fast"})
+    with pytest.raises(UsageError, match="no VF 7"):
+        control_call(nic.dir, {"op": "vf-migration", "vf": 7, "mode": "cooperative"})
+
+
+def test_qemu_option_syntax_is_read_like_qemu_reads_it() -> None:
+    from vfnic.migrate.vmstate import _object_or_device
+
+    obj = _object_or_device("dbus-vmstate,id=v,addr=unix:path=/r/b.bus,id-list=a,,b")
+    assert obj["qom-type"] == "dbus-vmstate" and obj["addr"] == "unix:path=/r/b.bus"
+    assert obj["id-list"] == "a,b"
+    dev = _object_or_device('{"driver": "vfio-user-pci", "id": "nic0", '
+                            '"socket": {"type": "unix", "path": "/n/vf0.sock"}}')
+    assert dev["id"] == "nic0" and dev["socket"]["path"] == "/n/vf0.sock"
+    dev = _object_or_device("vfio-user-pci,id=nic1,socket.type=unix,socket.path=/n/vf1.sock")
+    assert dev["driver"] == "vfio-user-pci" and dev["socket"]["path"] == "/n/vf1.sock"
