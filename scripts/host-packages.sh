@@ -1,11 +1,11 @@
 #!/bin/bash
 # Debian packages the host needs (Debian 12 or 13): make, venv, debootstrap for the QEMU
 # and guest roots, mkfs.ext4 -d, ip/netns/TAP, ping and arping for the network tests, lspci;
-# virsh (the libvirtd it talks to runs inside the sid root: scripts/setup-qemu.sh).
+# dbus-daemon (one bus per VM for QEMU's dbus-vmstate); virsh (the libvirtd it talks to runs inside the sid root: scripts/setup-qemu.sh).
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 pkgs=(make python3 python3-venv debootstrap debian-archive-keyring gpgv e2fsprogs iproute2
-      iputils-ping arping pciutils ca-certificates)
+      iputils-ping arping pciutils ca-certificates dbus-daemon)
 libvirt_pkgs=(libvirt-clients)
 
 missing_of() {

@@ -7,12 +7,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from devicelink import DeviceLink
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vfnic.device.nic import NicServer
 from vfnic.errors import RemoteError
-from vfnic.migrate.devicelink import DeviceLink
 from vfnic.vfiouser.client import VfioUserClient
 
 BASE = 0x4000_0000

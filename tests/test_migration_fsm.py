@@ -14,10 +14,10 @@ import struct
 from collections import deque
 
 import pytest
+from devicelink import DeviceLink
 
 from vfnic.device.nic import NicServer
 from vfnic.errors import RemoteError, VfnicError
-from vfnic.migrate.devicelink import DeviceLink
 from vfnic.savevm.migration import Device
 from vfnic.vfiouser import wire
 from vfnic.vfiouser.client import VfioUserClient

@@ -1,6 +1,7 @@
-"""Real QEMU: live migration of a guest that uses its VF's registers, with the
-device state carried by vfnic, and every failure path leaving the guest
-running on the source with its VF intact."""
+"""Real QEMU: a plain QMP live migration carries the VF's state in QEMU's own stream
+(dbus-vmstate, one helper per VF in each host's NIC server), the VF's PCI config is
+back in the destination QEMU before the guest runs, and every failure leaves the
+guest running on the source with its VF RUNNING and its state intact."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from vfnic.device import snapshot
-from vfnic.device.nic import NicServer
+from vfnic.device.nic import NicServer, control_call
 from vfnic.host.vm import VM, VfioUserFunction
 from vfnic.migrate.orchestrator import Host, Options, migrate
+from vfnic.migrate.vmstate import attach
 from vfnic.regs.ids import VF_DEVICE_ID
 
 # The guest keeps reading a register it wrote once; after a migration the
@@ -57,11 +59,14 @@ def wait_ticks(vm: VM, more_than: int, timeout: float = 120) -> list[tuple[int, 
 def pair(short_dir: Path) -> Iterator[tuple[NicServer, NicServer, VM, VM, str]]:
     a = NicServer(short_dir / "a", 2, nic_id=1)
     b = NicServer(short_dir / "b", 2, nic_id=2)
+    attach(a)
+    attach(b)
     a.start()
     b.start()
     uri = f"tcp:127.0.0.1:{next(PORT)}"
-    va = VM([VfioUserFunction(a.dir / "vf0.sock", "vf0")], command=TICKER, token="ticker")
-    vb = VM([VfioUserFunction(b.dir / "vf0.sock", "vf0")], command=TICKER, token="ticker",
+    # B's VF 1 holds the guest: the Id names the VF inside the VM, not a host's VF index.
+    va = VM([VfioUserFunction(a.dir / "vf0.sock", "nic0")], command=TICKER, token="ticker")
+    vb = VM([VfioUserFunction(b.dir / "vf1.sock", "nic0")], command=TICKER, token="ticker",
             extra_args=["-S", "-incoming", uri])
     try:
         va.start()
@@ -77,31 +82,44 @@ def pair(short_dir: Path) -> Iterator[tuple[NicServer, NicServer, VM, VM, str]]:
 
 def run(a: NicServer, b: NicServer, va: VM, vb: VM, opts: Options):  # type: ignore[no-untyped-def]
     return migrate(Host(str(va.qmp_socket), str(a.dir), 0),
-                   Host(str(vb.qmp_socket), str(b.dir), 0), opts, progress=lambda _l: None)
+                   Host(str(vb.qmp_socket), str(b.dir), 1), opts, progress=lambda _l: None)
 
 
-def test_transparent_migration_carries_vf_state(pair) -> None:  # type: ignore[no-untyped-def]
+def test_qemu_command_line_has_the_bus_and_the_object(short_dir: Path) -> None:
+    vm = VM([VfioUserFunction(short_dir / "vf0.sock", "nic0")], run_dir=short_dir / "vm")
+    argv = vm.argv()
+    obj = argv[argv.index("-object", argv.index("-append")) + 1]
+    assert obj == f"dbus-vmstate,id=vmstate,addr=unix:path={vm.bus_socket}"
+    assert f"unix:{short_dir / 'vm' / 'nic0.qmp'},server=on,wait=off" in argv
+
+
+def test_plain_qmp_migration_carries_vf_state(pair) -> None:  # type: ignore[no-untyped-def]
     a, b, va, vb, uri = pair
     summary = run(a, b, va, vb, Options(uri, quit_source=False))
     assert summary.status == "completed", summary.error
     assert summary.regs_equal is True
-    assert summary.vm_downtime_ms is not None and summary.device_state_bytes > 0
+    assert summary.source["id"] == summary.destination["id"] == "vfnic.nic0"
+    assert 0 < summary.device_state_bytes <= 1 << 20
+    assert summary.save_ms is not None and summary.load_ms is not None
+    assert summary.early_access is False  # config back before the guest ran
+    assert summary.destination["result"] == "completed"
     before = ticks(va)[-1][0]
-    after = wait_ticks(vb, 0)
+    wait_ticks(vb, 0)
     time.sleep(1.5)
     after = ticks(vb)
-    # The guest continued on B where it stopped on A, and reads the value it wrote.
+    # The guest continued on B where it stopped on A, reading the value it wrote:
+    # its BAR is mapped in B's QEMU (config replayed) and the register was carried.
     assert after[-1][0] > before
     assert all(v == "0xcafe0001" for _, v in after)
-    # The VF on B now has A's identity (its MAC), not B's own.
-    assert b.nic.vfs[0].mac == a.nic.vfs[0].mac
+    assert b.nic.vfs[1].mac == a.nic.vfs[0].mac
+    assert b.nic.vfs[1].migration.state.name == "RUNNING"
 
 
-@pytest.mark.parametrize("phase", ["setup", "precopy", "switchover", "restore"])
-def test_cancel_at_any_phase_leaves_the_guest_on_the_source(pair, phase: str) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("where", ["setup", "active"])
+def test_cancel_before_save_leaves_the_guest_on_the_source(pair, where: str) -> None:  # type: ignore[no-untyped-def]
     a, b, va, vb, uri = pair
     state_before = snapshot.save(a.nic.vfs[0])
-    summary = run(a, b, va, vb, Options(uri, cancel_at=phase))
+    summary = run(a, b, va, vb, Options(uri, cancel_at=where))
     assert summary.status == "cancelled"
     n = len(ticks(va))
     wait_ticks(va, n + 2, timeout=30)  # still running on A
@@ -109,27 +127,80 @@ def test_cancel_at_any_phase_leaves_the_guest_on_the_source(pair, phase: str) ->
     assert a.nic.vfs[0].running
     assert a.nic.vfs[0].bank.get("MTA") == 0xCAFE0001
     assert snapshot.save(a.nic.vfs[0])[:64] == state_before[:64]
-    assert not vb.running() or vb.qmp("query-status")["status"] != "running"  # type: ignore[index]
 
 
-def test_corrupted_stream_is_refused_and_the_source_resumes(pair) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("fault", ["corrupt", "oversize"])
+def test_failure_after_save_or_in_load_resumes_the_source_vf(pair, fault: str) -> None:  # type: ignore[no-untyped-def]
+    """corrupt: Save succeeds, the destination's Load refuses the stream; oversize: the
+    state cannot fit QEMU's 1 MiB, Save fails. Either way QEMU fails the migration,
+    resumes the source (return-path) and the source VF runs again, state intact."""
     a, b, va, vb, uri = pair
-    b_before = snapshot.save(b.nic.vfs[0])
-    summary = run(a, b, va, vb, Options(uri, corrupt_stream=True))
-    assert summary.status == "failed" and "checksum" in (summary.error or "") or \
-        "EINVAL" in (summary.error or "")
+    b_before = snapshot.save(b.nic.vfs[1])
+    summary = run(a, b, va, vb, Options(uri, save_fault=fault))
+    assert summary.status == "failed", summary
+    rec = summary.source
+    assert rec["result"] in ("failed", "cancelled"), rec
+    assert rec["vf_running"] is True
+    if fault == "oversize":
+        assert "exceeds QEMU's dbus-vmstate limit" in rec["error"]
+    else:
+        assert rec["saved"] is True
+        assert summary.destination.get("result") == "refused", summary.destination
+        assert "checksum" in summary.destination["error"]
     n = len(ticks(va))
     wait_ticks(va, n + 2, timeout=30)
+    assert a.nic.vfs[0].migration.state.name == "RUNNING" and a.nic.vfs[0].running
     assert a.nic.vfs[0].bank.get("MTA") == 0xCAFE0001
-    assert snapshot.save(b.nic.vfs[0]) == b_before  # destination VF unchanged
+    assert snapshot.save(b.nic.vfs[1]) == b_before  # destination VF unchanged
 
 
-def test_destination_killed_mid_stream(pair) -> None:  # type: ignore[no-untyped-def]
+def test_destination_killed_during_the_migration(pair) -> None:  # type: ignore[no-untyped-def]
     a, b, va, vb, uri = pair
-    summary = run(a, b, va, vb, Options(uri, kill_destination_at="precopy",
+    summary = run(a, b, va, vb, Options(uri, kill_destination_at="active",
                                         destination_pid=vb.pid))
     assert summary.status == "failed"
     n = len(ticks(va))
     wait_ticks(va, n + 2, timeout=30)
     assert a.nic.vfs[0].migration.state.name == "RUNNING"
     assert a.nic.vfs[0].bank.get("MTA") == 0xCAFE0001
+
+
+def test_a_vm_with_two_vfs_from_two_nics_carries_both(short_dir: Path) -> None:
+    """One VM, two VFs (host A: NIC a1's vf0 and NIC a2's vf1); on B they are NIC b1's
+    vf1 and NIC b2's vf0. Two helpers on the VM's one bus, each VF's state lands on
+    the VF with the same device id, whatever its index."""
+    nics = {n: NicServer(short_dir / n, 2, nic_id=i) for i, n in enumerate(
+        ("a1", "a2", "b1", "b2"), start=1)}
+    for nic in nics.values():
+        attach(nic)
+        nic.start()
+    uri = f"tcp:127.0.0.1:{next(PORT)}"
+    va = VM([VfioUserFunction(nics["a1"].dir / "vf0.sock", "nic0"),
+             VfioUserFunction(nics["a2"].dir / "vf1.sock", "nic1")], command=TICKER,
+            token="ticker")
+    vb = VM([VfioUserFunction(nics["b1"].dir / "vf1.sock", "nic0"),
+             VfioUserFunction(nics["b2"].dir / "vf0.sock", "nic1")], command=TICKER,
+            token="ticker", extra_args=["-S", "-incoming", uri])
+    try:
+        va.start()
+        wait_ticks(va, 2)
+        first, second = nics["a1"].nic.vfs[0], nics["a2"].nic.vfs[1]
+        first.region_write(0, 0x28, (0xF125).to_bytes(4, "little"))  # MTA, by the host
+        second.region_write(0, 0x28, (0x5EC0D2).to_bytes(4, "little"))
+        vb.start()
+        summary = migrate(Host(str(va.qmp_socket), str(nics["a1"].dir), 0),
+                          Host(str(vb.qmp_socket), str(nics["b1"].dir), 1),
+                          Options(uri, quit_source=False), progress=lambda _l: None)
+        assert summary.status == "completed", summary.error
+        recs = control_call(nics["b2"].dir, {"op": "migrations", "settle": 10})
+        assert [(r["id"], r["result"]) for r in recs] == [("vfnic.nic1", "completed")], recs
+        assert nics["b1"].nic.vfs[1].bank.get("MTA") == 0xF125  # nic0's state, on B's vf1
+        assert nics["b2"].nic.vfs[0].bank.get("MTA") == 0x5EC0D2  # nic1's, on B's vf0
+        assert nics["b1"].nic.vfs[1].mac == first.mac
+        assert nics["b2"].nic.vfs[0].mac == second.mac
+        wait_ticks(vb, 0)
+    finally:
+        va.stop()
+        vb.stop()
+        for nic in nics.values():
+            nic.stop()

@@ -1,8 +1,8 @@
 """`vfnic serve`, `vfnic link`, `vfnic regs`: run a NIC and look at it.
 
-`vfnic serve` is where the NIC (vfnic.device) and the migration follower
-(vfnic.migrate.follower, which watches QEMU's QMP sockets next to the VF
-sockets) are put together: the device layer knows nothing of QMP.
+`vfnic serve` is where the NIC (vfnic.device) and the migration layer's
+org.qemu.VMState1 helpers (vfnic.migrate.vmstate) are put together: the device
+layer knows nothing of QMP or D-Bus.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ def register(sub: Any) -> None:
     s.set_defaults(handler=cmd_link_show)
     s = lsub.add_parser(
         "set", help="DIR vf N [mac MAC] [vlan VID [qos Q]] [spoofchk on|off] [trust on|off] "
-        "[max_tx_rate MBPS] [min_tx_rate MBPS] [state auto|enable|disable] | DIR vf N state "
+        "[max_tx_rate MBPS] [min_tx_rate MBPS] [state auto|enable|disable] "
+        "[migration transparent|cooperative] | DIR vf N state "
         "migrate|cancelmigration|suspend|resume")
     s.add_argument("dir")
     s.add_argument("words", nargs="+", help="vf N SETTING VALUE ...")
@@ -65,13 +66,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
     from vfnic.device.nic import NicServer
-    from vfnic.migrate.follower import Follower
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="vfnic serve: %(message)s",
     )
-    logging.getLogger("vfnic.follow").setLevel(logging.INFO)  # migrations libvirt drives
+    logging.getLogger("vfnic.vmstate").setLevel(logging.INFO)  # migrations, whoever drives them
     if not 0 <= args.busy_poll <= 1_000_000:
         raise UsageError("--busy-poll must be between 0 and 1000000 microseconds")
     try:
@@ -79,6 +79,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            args.group)
     except OSError as exc:
         raise UsageError(f"cannot serve in {args.dir}: {exc.strerror or exc}") from exc
+    # The migration layer sits above the NIC: wired in here, not by the NIC server.
+    from vfnic.migrate.vmstate import attach
+
+    attach(server)
     done = threading.Event()
 
     def stop(_sig: int, _frame: object) -> None:
@@ -87,16 +91,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     server.start()
-    follower = Follower(server)  # migrations libvirt drives, seen through DIR/vfN.qmp
-    server.control_ops["migrations"] = lambda req: follower.records(
-        float(req.get("settle", 0.0)))
-    follower.start()
     names = ", ".join(f"{n}.sock" for n in server.servers)
     print(f"vfnic: serving PF and {args.vfs} VFs in {args.dir} ({names}, control.sock)",
           flush=True)
     while not done.wait(0.5):
         pass
-    follower.stop()
     server.stop()
     print("vfnic: stopped", flush=True)
     return 0
@@ -118,6 +117,8 @@ def format_vf(vf: dict[str, Any]) -> str:
     out += f", link-state {vf['state']}"
     if "trust" in vf:
         out += f", trust {'on' if vf['trust'] else 'off'}"
+    if "migration_mode" in vf:
+        out += f", migration {vf['migration_mode']}"
     out += f", link {vf['link']}, {'attached' if vf['attached'] else 'not attached'}"
     return out
 
@@ -138,7 +139,7 @@ def cmd_link_show(args: argparse.Namespace) -> int:
 
 
 VF_SETTINGS = ("mac", "vlan", "qos", "spoofchk", "trust", "max_tx_rate", "min_tx_rate",
-               "state")
+               "state", "migration")
 MIGRATION_STATES = ("migrate", "cancelmigration", "suspend", "resume")
 
 
@@ -146,7 +147,8 @@ def parse_vf_settings(words: list[str]) -> tuple[int, dict[str, str]]:
     """`vf N SETTING VALUE ...` in iproute2's grammar (UsageError otherwise)."""
     usage = ("usage: vfnic link set DIR vf N [mac MAC] [vlan VID [qos Q]] [spoofchk on|off] "
              "[trust on|off] [max_tx_rate MBPS] [min_tx_rate MBPS] "
-             "[state auto|enable|disable|migrate|cancelmigration|suspend|resume]")
+             "[state auto|enable|disable|migrate|cancelmigration|suspend|resume] "
+             "[migration transparent|cooperative]")
     if len(words) < 4 or words[0] != "vf" or not words[1].isdigit() or len(words) % 2:
         raise UsageError(usage)
     settings: dict[str, str] = {}
@@ -173,7 +175,11 @@ def cmd_link_set(args: argparse.Namespace) -> int:
         driver = f", driver {result['driver_us']} us" if result.get("driver_us") else ""
         print(f"vf {vf}: {state} acknowledged in {result['mailbox_ms']} ms{driver}")
         return 0
-    control_call(args.dir, {"op": "vf-set", "vf": vf, "settings": settings})
+    mode = settings.pop("migration", None)
+    if mode is not None:  # vfnic's own knob: how this VF's state is migrated
+        control_call(args.dir, {"op": "vf-migration", "vf": vf, "mode": mode})
+    if settings:
+        control_call(args.dir, {"op": "vf-set", "vf": vf, "settings": settings})
     return 0
 
 

@@ -35,6 +35,7 @@ from vfnic.bench.common import (
     wait_console,
     worker_argv,
 )
+from vfnic.migrate.lab import VIRTIO_NETSETUP
 
 PAYLOADS = (18, 1472)
 CTL_PORT = 5009
@@ -241,14 +242,6 @@ __NETSETUP__
 echo "guest interfaces: $(ls /sys/class/net | tr '\n' ' ')"
 python3 /run/bench-server.py
 """
-
-VIRTIO_NETSETUP = """
-IF=$(for d in /sys/class/net/*; do [ -e "$d/device" ] && basename "$d"; done | head -n1)
-echo "virtio-net interface: $IF"
-ip addr add 10.77.0.2/24 dev "$IF"
-ip link set "$IF" up
-"""
-
 
 def guest_command(kind: str) -> str:
     net = VIRTIO_NETSETUP if kind == "virtio" else ""

@@ -1,10 +1,13 @@
 """Section 4 of BENCHMARKS.md: `virsh migrate` between the lab's two libvirtds.
 
 One guest, defined in libvirt on host a, moved a -> b -> a ... with `virsh migrate
---live`; the peer pings it every 10 ms. Per run: the wall time of the virsh command,
-libvirt's own elapsed time and QEMU's downtime (`virsh domjobinfo --completed` on
-the destination), the network downtime, and what the source NIC's follower recorded
-(when it suspended the VF driver, the mailbox round trip).
+--live`; the peer pings it every 10 ms. The VF guest's runs alternate between the
+VF's transparent and cooperative modes (`vfnic link set ... migration`), both
+carrying the VF in QEMU's stream (dbus-vmstate); then a virtio-net guest. Per run:
+the wall time of the virsh command, libvirt's own elapsed time and QEMU's downtime
+(`virsh domjobinfo --completed` on the destination), the network downtime, and what
+the two NICs recorded (Save and Load inside QEMU's pause, bytes and DMA pages
+carried, whether the guest ran before its VF's config was back, the mailbox).
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ from typing import Any
 from vfnic.bench.common import Section, log, short_tmpdir, stat_text, table
 from vfnic.bench.migration import Config, Run
 
-CONFIG = Config("virsh", "VF, virsh migrate (cooperative, libvirt)", "vf", "cooperative")
+CONFIG = Config("virsh", "VF transparent, virsh migrate", "vf", "transparent")
+COOP = Config("virsh-coop", "VF cooperative, virsh migrate", "vf", "cooperative")
 VIRTIO = Config("virsh-virtio", "virtio-net, virsh migrate (libvirt)", "virtio")
-NAMES = {CONFIG.key: "vfnic-bench", VIRTIO.key: "virtio-bench"}
+NAMES = {CONFIG.key: "vfnic-bench", COOP.key: "vfnic-bench", VIRTIO.key: "virtio-bench"}
 _ports = itertools.count(49152)
 
 
@@ -39,6 +43,11 @@ def migrate_once(lab: Any, src: Any, dst: Any, run: Run, window: float) -> None:
     from vfnic.migrate.lab import LabError, Pinger
 
     name = NAMES[run.config]
+    vf = run.config in (CONFIG.key, COOP.key)
+    if vf:
+        mode = COOP.mode if run.config == COOP.key else CONFIG.mode
+        control_call(lab.nic_dir(src.host), {"op": "vf-migration", "vf": 0, "mode": mode})
+        seen = {h: len(control_call(lab.nic_dir(h), {"op": "migrations"})) for h in "ab"}
     pinger = Pinger(lab)
     pinger.start()
     try:
@@ -59,38 +68,45 @@ def migrate_once(lab: Any, src: Any, dst: Any, run: Run, window: float) -> None:
     finally:
         pinger.stop()
     info = jobinfo(dst.virsh("domjobinfo", name, "--completed", check=False).stdout)
-    rec: dict[str, Any] = {"result": "completed"}  # virtio-net: no VF, no follower
-    takeover = None
-    if run.config == CONFIG.key:
-        records = control_call(lab.nic_dir(src.host), {"op": "migrations", "settle": 10})
-        rec = records[-1] if records else {}
+    rec: dict[str, Any] = {"result": "completed"}  # virtio-net: no VF
+    drec: dict[str, Any] = {}
+    takeovers = 0
+    if vf:
+        srecs = control_call(lab.nic_dir(src.host), {"op": "migrations", "settle": 10})
+        drecs = control_call(lab.nic_dir(dst.host), {"op": "migrations", "settle": 10})
+        rec = ([r for r in srecs[seen[src.host]:] if r["role"] == "source"] or [{}])[-1]
+        drec = ([r for r in drecs[seen[dst.host]:] if r["role"] == "destination"] or [{}])[-1]
         console = (lab.nic_dir(dst.host) / "console.log").read_text(errors="replace")
-        found = re.findall(r"taken over in ([0-9.]+) ms", console)
-        takeover = float(found[-1]) if found else None
+        # The driver's own fallback (a VF found at reset, taken over): counted apart.
+        takeovers = len(re.findall(r"taken over in ([0-9.]+) ms", console))
     run.total_ms = wall * 1000
     run.vm_downtime_ms = info.get("Total downtime")
     run.net_downtime_ms = pinger.downtime_ms() if run.recovered else None
     run.ping = pinger.loss()
     run.summary = {"libvirt_elapsed_ms": info.get("Time elapsed"),
+                   "save_ms": rec.get("save_ms"), "load_ms": drec.get("load_ms"),
+                   "bytes": rec.get("bytes"), "pages": rec.get("pages"),
+                   "replay_ms": drec.get("replay_ms"),
+                   "early_access": drec.get("early_access"),
+                   "driver_takeovers": takeovers,
                    "suspended_at_ms": rec.get("suspended_at_ms"),
                    "suspend_mailbox_ms": rec.get("suspend_mailbox_ms"),
-                   "suspend_driver_us": rec.get("suspend_driver_us"),
-                   "takeover_ms": takeover,
-                   "follower": rec.get("result"), "follower_error": rec.get("error")}
-    run.ok = bool(run.recovered) and rec.get("result") == "completed"
+                   "resume_mailbox_ms": drec.get("resume_mailbox_ms"),
+                   "source": rec.get("result"), "error": rec.get("error") or drec.get("error")}
+    run.ok = bool(run.recovered) and rec.get("result") == "completed" and (
+        not vf or drec.get("result") == "completed")
     if not run.ok:
-        run.error = f"follower {rec.get('result')} {rec.get('error', '')}".strip()
+        run.error = f"source {rec.get('result')} {run.summary['error'] or ''}".strip()
 
 
 def run(quick: bool = False, runs: int | None = None, plot_path: Path | None = None) -> Section:
-    from vfnic.bench.datapath import VIRTIO_NETSETUP
     from vfnic.libvirt.lab import LibvirtHost, lab_domain
-    from vfnic.migrate.lab import Lab, require_root
+    from vfnic.migrate.lab import VIRTIO_NETSETUP, Lab, require_root
 
     sec = Section("virsh", "virsh migrate")
     nruns = runs or (2 if quick else 10)
     window = 10.0
-    results: dict[str, list[Run]] = {CONFIG.key: [], VIRTIO.key: []}
+    results: dict[str, list[Run]] = {CONFIG.key: [], COOP.key: [], VIRTIO.key: []}
     with short_tmpdir("vfv-") as tmp:
         require_root()
         lab = Lab(tmp)
@@ -110,21 +126,22 @@ def run(quick: bool = False, runs: int | None = None, plot_path: Path | None = N
             with LibvirtHost(lab, "a") as a, LibvirtHost(lab, "b") as b:
                 # One guest at a time (both answer at GUEST_IP): the VF guest's runs, then
                 # the virtio-net guest's, each starting on a.
-                for cfg in (CONFIG, VIRTIO):
+                for cfg, plan in ((CONFIG, [CONFIG, COOP] * nruns), (VIRTIO, [VIRTIO] * nruns)):
                     name = NAMES[cfg.key]
                     a.virsh("define", str(xmls[cfg.key]))
                     a.virsh("start", name)
                     lab.wait_reachable(180, f"the {cfg.label} guest")
                     src, dst = a, b
-                    for i in range(nruns):
-                        r = Run(cfg.key, i, direction=f"{src.host}→{dst.host}",
+                    for j, this in enumerate(plan):  # VF: the two modes interleaved
+                        i = j // (len(plan) // nruns)
+                        r = Run(this.key, i, direction=f"{src.host}→{dst.host}",
                                 window_s=window)
-                        log(f"virsh: {cfg.label}, run {i + 1}/{nruns} {r.direction}")
+                        log(f"virsh: {this.label}, run {i + 1}/{nruns} {r.direction}")
                         try:
                             migrate_once(lab, src, dst, r, window)
                         except Exception as exc:  # recorded; the next run goes on
                             r.error = f"{type(exc).__name__}: {exc}"
-                        results[cfg.key].append(r)
+                        results[this.key].append(r)
                         log(f"virsh: {r.direction}: " + (
                             f"{r.total_ms:.0f} ms, VM downtime {r.vm_downtime_ms} ms, "
                             f"network downtime {r.net_downtime_ms} ms" if r.ok
@@ -142,7 +159,7 @@ def run(quick: bool = False, runs: int | None = None, plot_path: Path | None = N
 
 def report(sec: Section, results: dict[str, list[Run]], plot_path: Path | None,
            window: float) -> None:
-    configs = (CONFIG, VIRTIO)
+    configs = (CONFIG, COOP, VIRTIO)
     for cfg in configs:
         sec.failures += [f"{cfg.label} run {r.index} ({r.direction}): {r.error}"
                          for r in results[cfg.key] if not r.ok]
@@ -154,49 +171,64 @@ def report(sec: Section, results: dict[str, list[Run]], plot_path: Path | None,
             "back and forth with `virsh -c <host> migrate --live <guest> <other host> "
             "--migrateuri tcp://<other host>:<port>` between the two lab libvirtds (libvirt "
             "12.8 from the sid root, one per host: vfnic/libvirt/lab.py); the peer pings the "
-            "guest every 10 ms. Two guests, one after the other, both at 10.77.0.2: the VF "
-            "guest (vfnic VF, its driver suspended by the source NIC through the mailbox), "
-            "and a virtio-net guest whose NIC is a libvirt TAP on a bridge in each host, "
-            "cabled to the same LAN (QEMU announces it after the move). Median (min–max). "
-            "*virsh migrate*: wall time of the command. *libvirt elapsed* and *VM downtime*: "
-            "`virsh domjobinfo --completed` on the destination. *Network downtime*: longest "
-            "gap between two ping replies minus the interval. *Suspended at*: when the source "
-            "NIC (following the QEMU through vf0.qmp) had the VF driver suspended, counted "
-            "from the moment it saw the migration start; *SUSPEND mailbox*: its round trip; "
-            "*driver takeover*: the destination driver's own time from noticing the fresh VF "
-            "to its gratuitous ARP (PCI config restore, reset, mailbox, rings), from its log "
-            "on the destination's console.")
+            "guest every 10 ms. The VF guest's VF state rides QEMU's own migration stream "
+            "(the domain's dbus-vmstate object; each host's `vfnic serve` offers the VF's "
+            "VMState1 helper); its runs alternate between the VF's transparent and "
+            "cooperative modes. Then a virtio-net guest whose NIC is a libvirt TAP on a bridge "
+            "in each host, cabled to the same LAN (QEMU announces it after the move). Median "
+            "(min–max). *virsh migrate*: wall time of the command. *VM downtime*: `virsh "
+            "domjobinfo --completed` on the destination. *Network downtime*: longest gap "
+            "between two ping replies minus the interval. *Save*/*Load*: the helpers' "
+            "own time inside QEMU's pause (source Save, destination Load). *State*: bytes "
+            "QEMU carried for the VF, and the guest pages the VF wrote by DMA among them. "
+            "*Early*: migrations where the destination guest ran before its VF's PCI config "
+            "was back in QEMU (goal 0). *Takeovers*: migrations where the guest driver fell "
+            "back to taking over a VF found at reset.")
     rows = []
     for cfg in configs:
         k = cfg.key
+        vf = k != VIRTIO.key
+        both = [float(r.summary["save_ms"]) + float(r.summary["load_ms"])
+                for r in results[k] if r.ok and r.summary.get("save_ms") is not None
+                and r.summary.get("load_ms") is not None]
+        early = sum(1 for r in results[k] if r.summary.get("early_access"))
+        takeovers = sum(1 for r in results[k] if r.summary.get("driver_takeovers"))
         rows.append([cfg.label, f"{len(vals(k, lambda r: r.total_ms))}/{len(results[k])}",
                      stat_text(vals(k, lambda r: r.total_ms), "{:.0f}"),
-                     stat_text(vals(k, lambda r: r.summary.get("libvirt_elapsed_ms")), "{:.0f}"),
                      stat_text(vals(k, lambda r: r.vm_downtime_ms), "{:.0f}"),
                      stat_text(vals(k, lambda r: r.net_downtime_ms), "{:.0f}"),
-                     stat_text(vals(k, lambda r: r.summary.get("suspended_at_ms")), "{:.0f}")
-                     if k == CONFIG.key else "–",
-                     stat_text(vals(k, lambda r: r.summary.get("suspend_mailbox_ms")), "{:.1f}")
-                     if k == CONFIG.key else "–",
-                     stat_text(vals(k, lambda r: r.summary.get("takeover_ms")), "{:.0f}")
-                     if k == CONFIG.key else "–"])
-    sec.add(table(["configuration", "runs ok", "virsh migrate ms", "libvirt elapsed ms",
-                   "VM downtime ms", "network downtime ms", "suspended at ms",
-                   "SUSPEND mailbox ms", "driver takeover on B ms"], rows))
-    vf_net = vals(CONFIG.key, lambda r: r.net_downtime_ms)
+                     stat_text(vals(k, lambda r: r.summary.get("save_ms")), "{:.2f}")
+                     if vf else "–",
+                     stat_text(vals(k, lambda r: r.summary.get("load_ms")), "{:.2f}")
+                     if vf else "–",
+                     stat_text(both, "{:.2f}") if vf else "–",
+                     stat_text(vals(k, lambda r: r.summary.get("bytes")), "{:.0f}")
+                     if vf else "–",
+                     stat_text(vals(k, lambda r: r.summary.get("pages")), "{:.0f}")
+                     if vf else "–",
+                     f"{early}/{len(results[k])}" if vf else "–",
+                     f"{takeovers}/{len(results[k])}" if vf else "–"])
+    sec.add(table(["configuration", "runs ok", "virsh migrate ms", "VM downtime ms",
+                   "network downtime ms", "Save ms", "Load ms", "Save+Load ms",
+                   "state bytes", "DMA pages", "early", "takeovers"], rows))
     vio_net = vals(VIRTIO.key, lambda r: r.net_downtime_ms)
-    if vf_net and vio_net:
+    vio_vm = vals(VIRTIO.key, lambda r: r.vm_downtime_ms)
+    if vio_net and vio_vm:
         import statistics
 
-        a, b = statistics.median(vf_net), statistics.median(vio_net)
-        sec.add(f"Network downtime, VF vs virtio-net under virsh: {a:.0f} ms vs {b:.0f} ms "
-                f"(medians), {a / b:.1f}×. In cooperative mode the VF's network is down from "
-                "the driver's suspend (before the final RAM pass) until the driver, on the "
-                "destination, has found the fresh VF (its 5 ms watchdog), restored its PCI "
-                "config, reset it, asked the PF for its MAC and restarted its rings: a Python "
-                "driver under TCG. virtio-net is down only for QEMU's pause and libvirt's "
-                "switch to the destination. Section 3 has the same comparison with "
-                "`vfnic migrate` (no libvirt).")
+        lines = []
+        for cfg in (CONFIG, COOP):
+            net = vals(cfg.key, lambda r: r.net_downtime_ms)
+            vm = vals(cfg.key, lambda r: r.vm_downtime_ms)
+            if net and vm:
+                lines.append(
+                    f"{cfg.label}: network downtime {statistics.median(net):.0f} ms vs "
+                    f"virtio-net's {statistics.median(vio_net):.0f} ms "
+                    f"({statistics.median(net) / statistics.median(vio_net):.2f}×, target "
+                    f"≤ 1.0× for transparent); VM downtime {statistics.median(vm):.0f} ms vs "
+                    f"{statistics.median(vio_vm):.0f} ms "
+                    f"({statistics.median(vm) / statistics.median(vio_vm):.2f}×, target ≤ 1.1×).")
+        sec.add(" ".join(lines))
     sec.add(table(["configuration", "run", "hosts", "virsh migrate ms", "VM downtime ms",
                    "network downtime ms", "ping replies/sent", "result"],
                   [[cfg.label, r.index, r.direction,

@@ -25,6 +25,7 @@ from vfnic.device.pci import (
 )
 from vfnic.device.policy import (
     LINK_AUTO,
+    MIGRATION_TRANSPARENT,
     VfPolicy,
 )
 from vfnic.dma.controller import PAGE_SIZE as DMA_PAGE_SIZE
@@ -60,6 +61,8 @@ BAR_SIZES = {0: BAR0_SIZE, MSIX_BAR: MSIX_BAR_SIZE}
 
 
 
+
+
 class PciFunction:
     """A PF or VF: everything the vfio-user dispatcher needs (``server.Device``)."""
 
@@ -74,6 +77,9 @@ class PciFunction:
         self.total_vfs = total_vfs
         self.num_vfs = num_vfs
         self.link_state = LINK_AUTO
+        # Host-side VF setting (`vfnic link set DIR vf N migration ...`): whether the VF
+        # driver is told of a migration (the 2015 protocol) or not. Travels in snapshots.
+        self.migration_mode = MIGRATION_TRANSPARENT
         self.nic: Nic | None = None
         self.running = True  # False in the migration STOP states: no DMA, no interrupts
         self.stopped_drops = 0  # frames that arrived while stopped (host-side counter)

@@ -7,7 +7,6 @@ DIR/pf.sock, DIR/vf0.sock ... and DIR/control.sock (management, JSON lines).
 
 from __future__ import annotations
 
-import base64
 import fcntl
 import functools
 import grp
@@ -19,12 +18,19 @@ import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from vfnic.device import pci
 from vfnic.device.function import CAP_MSIX, PciFunction
 from vfnic.device.pfagent import PfAgent
-from vfnic.device.policy import LINK_DISABLE, LINK_STATE_NAMES, MAX_QOS, MAX_RATE, MAX_VLAN
+from vfnic.device.policy import (
+    LINK_DISABLE,
+    LINK_STATE_NAMES,
+    MAX_QOS,
+    MAX_RATE,
+    MAX_VLAN,
+    MIGRATION_MODES,
+)
 from vfnic.device.switch import Switch
 from vfnic.errors import (
     FolderError,
@@ -210,6 +216,14 @@ class Nic:
             return
         fn.rx_mac = mac
 
+    def set_migration_mode(self, vf: int, mode: str) -> None:
+        """`vfnic link set DIR vf N migration transparent|cooperative`."""
+        if mode not in MIGRATION_MODES:
+            raise UsageError(f"migration mode must be one of {', '.join(MIGRATION_MODES)}")
+        fn = self.vf(vf)
+        with self.lock:
+            fn.migration_mode = mode
+
     @staticmethod
     def parse_mac(mac_text: str) -> bytes:
         try:
@@ -342,6 +356,7 @@ class Nic:
                 "state": LINK_STATE_NAMES.get(fn.link_state, f"unknown({fn.link_state})"),
                 "attached": bool(srv and srv.attached),
                 "migration": fn.migration.state.name,
+                "migration_mode": fn.migration_mode,
                 "dropped_while_stopped": fn.stopped_drops,
             }
             if not fn.is_pf:
@@ -449,6 +464,13 @@ def group_id(group: str | None) -> int | None:
         raise UsageError(f"no group {group!r}") from None
 
 
+class Service(Protocol):
+    """Something an upper layer runs alongside a NicServer."""
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+
 class NicServer:
     """A Nic with its sockets in a runtime folder.
 
@@ -487,8 +509,10 @@ class NicServer:
         self.control_path = str(self.dir / "control.sock")
         self.control = listen_unix(self.control_path, 16, mode, gid)
         self._stopped = threading.Event()
-        # Management operations added by the layers above (`vfnic serve` adds
-        # "migrations", the migration follower's records): op -> handler(request).
+        # Management operations added by the layers above (`vfnic serve` wires the
+        # migration layer in): op -> handler(request); services started and stopped
+        # with the server.
+        self.services: list[Service] = []
         self.control_ops: dict[str, Callable[[dict[str, Any]], Any]] = {}
         self._control_conns = 0
         self._control_lock = threading.Lock()
@@ -499,9 +523,13 @@ class NicServer:
         if self.nic.switch.uplink is not None:
             self.nic.switch.uplink.start(self.nic.switch)
         threading.Thread(target=self._control_loop, name="vfnic-control", daemon=True).start()
+        for service in self.services:
+            service.start()
 
     def stop(self) -> None:
         self._stopped.set()
+        for service in self.services:
+            service.stop()
         for srv in self.servers.values():
             srv.stop()
         if self.nic.switch.uplink is not None:
@@ -600,30 +628,6 @@ class NicServer:
             "driver_us": pending.reply[1] if len(pending.reply) > 1 else None,
         }
 
-    def migration_call(self, vf: int, req: dict[str, Any]) -> Any:
-        """The host's migration control of a VF (vfnic migrate): the vfio migration
-        feature, MIG_DATA and a look at the registers, through control.sock now that
-        a second vfio-user session on the VF's socket is read-only."""
-        fn = self.nic.vf(vf)
-        call = req.get("call")
-        with self.nic.lock:
-            if call == "feature":
-                data = base64.b64decode(str(req.get("data", "")))
-                out = fn.feature(int(req["flags"]), data, int(req["argsz"]))
-            elif call == "read":
-                out = fn.mig_data_read(min(int(req["size"]), 1 << 20))
-            elif call == "write":
-                fn.mig_data_write(base64.b64decode(str(req["data"])))
-                out = b""
-            elif call == "region_read":
-                region, offset, count = int(req["region"]), int(req["offset"]), int(req["count"])
-                if not 0 < count <= 1 << 16:
-                    raise UsageError(f"region_read of {count} bytes")
-                out = fn.region_read(region, offset, count)
-            else:
-                raise UsageError(f"unknown migration call {call!r}")
-        return base64.b64encode(out).decode()
-
     def control_request(self, req: dict[str, Any]) -> Any:
         op = req.get("op")
         if op == "link-show":
@@ -644,6 +648,9 @@ class NicServer:
         if op == "announce":
             fn = self.nic.vf(int(req.get("vf", -1)))
             return self.nic.switch.announce(fn, int(req.get("count", 1)))
+        if op == "vf-migration":
+            self.nic.set_migration_mode(int(req.get("vf", -1)), str(req.get("mode")))
+            return None
         if isinstance(op, str) and op in self.control_ops:
             return self.control_ops[op](req)
         if op == "vf-mac":
@@ -655,8 +662,6 @@ class NicServer:
                 raise UsageError("vf-set needs a settings object")
             self.nic.set_vf(int(req.get("vf", -1)), settings)
             return None
-        if op == "vf-migration":
-            return self.migration_call(int(req.get("vf", -1)), req)
         raise UsageError(f"unknown management operation {op!r}")
 
 

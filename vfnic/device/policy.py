@@ -14,6 +14,11 @@ from dataclasses import dataclass, field
 LINK_AUTO, LINK_ENABLE, LINK_DISABLE = 0, 1, 2
 LINK_STATE_NAMES = {LINK_AUTO: "auto", LINK_ENABLE: "enable", LINK_DISABLE: "disable"}
 
+# How the VF's state is migrated (`vfnic link set DIR vf N migration ...`): the guest
+# is told nothing (transparent) or the 2015 mailbox protocol runs (cooperative).
+MIGRATION_TRANSPARENT, MIGRATION_COOPERATIVE = "transparent", "cooperative"
+MIGRATION_MODES = (MIGRATION_TRANSPARENT, MIGRATION_COOPERATIVE)
+
 MAX_VLAN = 4094
 MAX_QOS = 7
 MAX_RATE = 100_000  # Mbit/s

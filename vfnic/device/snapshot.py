@@ -6,7 +6,7 @@ carries it as opaque bytes through PciFunction.save_state/load_state.
 Layout (little endian), declared once with construct:
   magic "VFNS", format version, kind (PF/VF), VF index, hash of the register
   table layout, then config space, the register values in table order, the MSI-X
-  BAR, the permanent MAC and the host-side VF link state; a CRC32 of everything
+  BAR, the permanent MAC and the host-side VF link state and migration mode; a CRC32 of everything
   before it closes the record. A restore checks all of it before touching the
   device, so a refused snapshot changes nothing.
 """
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from construct import Bytes, Const, Int8ul, Int16ul, Int32ul, Struct
 
 from vfnic.device.pci import CONFIG_SIZE, MSIX_BAR_SIZE, MSIX_ENTRY, MSIX_VECTORS
-from vfnic.device.policy import LINK_STATE_NAMES
+from vfnic.device.policy import LINK_STATE_NAMES, MIGRATION_COOPERATIVE, MIGRATION_TRANSPARENT
 from vfnic.errors import SnapshotError
 from vfnic.regs.table import Access, Register
 
@@ -40,8 +40,9 @@ Head = Struct(
     "layout" / Bytes(8),
     "nregs" / Int16ul,
     "link_state" / Int8ul,
-    "reserved" / Int8ul,
+    "flags" / Int8ul,  # FLAG_COOPERATIVE: the VF's host-side migration mode
 )
+FLAG_COOPERATIVE = 1 << 0
 HEAD_SIZE = Head.sizeof()
 
 
@@ -64,7 +65,7 @@ def save(fn: PciFunction) -> bytes:
             "layout": layout_hash(table),
             "nregs": len(table),
             "link_state": fn.link_state,
-            "reserved": 0,
+            "flags": FLAG_COOPERATIVE if fn.migration_mode == MIGRATION_COOPERATIVE else 0,
         }
     )
     body = bytes(fn.config.data) + fn.bank.save() + bytes(fn.msix) + fn.perm_mac
@@ -100,6 +101,8 @@ def check_fields(fn: PciFunction, data: bytes) -> None:
     MSI-X PBA and write-only registers zero, a
     unicast MAC and a known link state (SnapshotError naming the first bad field)."""
     head = Head.parse(data[:HEAD_SIZE])
+    if head.flags & ~FLAG_COOPERATIVE:
+        raise SnapshotError(f"snapshot flags {head.flags:#x} are unknown")
     if head.link_state not in LINK_STATE_NAMES:
         raise SnapshotError(f"snapshot link state {head.link_state} is out of range")
     pos = HEAD_SIZE
@@ -143,3 +146,5 @@ def restore(fn: PciFunction, data: bytes) -> None:
     pos += len(fn.msix)
     fn.perm_mac = bytes(data[pos : pos + 6])
     fn.link_state = head.link_state
+    coop = head.flags & FLAG_COOPERATIVE
+    fn.migration_mode = MIGRATION_COOPERATIVE if coop else MIGRATION_TRANSPARENT

@@ -103,6 +103,9 @@ def _vm_run(args: argparse.Namespace) -> int:
         print(f"console log:    {vm.console_log}")
         print(f"console socket: {vm.console_socket}  (a shell: socat -,raw,echo=0 UNIX:PATH)")
         print(f"QMP socket:     {vm.qmp_socket}")
+        if vm.vmstate:
+            print(f"D-Bus bus:      {vm.bus_socket}  (QEMU's dbus-vmstate: the VFs' "
+                  "state migrates with the VM)")
         print(f"QEMU pid:       {vm.pid}  (Ctrl-C stops it)", flush=True)
         try:
             rc = vm.wait()

@@ -38,6 +38,7 @@ from qemu.qmp import QMPClient
 
 from vfnic.errors import OperatorError, UsageError
 from vfnic.host import image, runtime
+from vfnic.host.vmbus import VmBus, vmstate_object
 
 # qemu.qmp logs connection teardown at warning level; errors reach us as exceptions.
 logging.getLogger("qemu.qmp").addHandler(logging.NullHandler())
@@ -226,8 +227,13 @@ class VM:
         verbose: bool = False,
         die_with_parent: bool = True,
         netns: str | None = None,
+        vmstate: bool | None = None,
     ) -> None:
         self.netns = netns  # run QEMU inside this network namespace (a lab host)
+        # QEMU's dbus-vmstate object on a bus of this VM's own, so that a migration
+        # carries the VFs' state (vfnic.migrate.vmstate); default: when VFs are attached.
+        self.vmstate = bool(functions) if vmstate is None else vmstate
+        self.bus: VmBus | None = None
         self.functions = list(functions)
         self.command = command
         self.mem = mem
@@ -267,6 +273,15 @@ class VM:
     @property
     def console_log(self) -> Path:
         return self.run_dir / "console.log"
+
+    @property
+    def bus_socket(self) -> Path:
+        """The VM's D-Bus bus (QEMU's dbus-vmstate object and the VF helpers)."""
+        return self.run_dir / "vmstate.bus"
+
+    def function_monitor(self, function: VfioUserFunction) -> Path:
+        """The QMP monitor of its own a function's NIC server follows: <id>.qmp."""
+        return self.run_dir / f"{function.id}.qmp"
 
     @property
     def qemu_log(self) -> Path:
@@ -314,8 +329,11 @@ class VM:
             script = run / "exec.sh"
             script.write_text(self.command)
             argv += ["-fw_cfg", f"name=opt/vfnic/exec,file={script}"]
+        if self.vmstate:
+            argv += ["-object", vmstate_object(self.bus_socket)]
         for fn in self.functions:
-            argv += ["-device", fn.device_arg()]
+            argv += ["-device", fn.device_arg(),
+                     "-qmp", f"unix:{self.function_monitor(fn)},server=on,wait=off"]
         return argv + self.extra_args
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -353,6 +371,9 @@ class VM:
         if len(str(self.console_socket)) > 107:  # sun_path holds 108 bytes
             raise UsageError(f"run dir path too long for unix sockets: {self.run_dir}")
         argv = self.argv()
+        if self.vmstate:
+            self.bus = VmBus(self.bus_socket)
+            self.bus.start()
         if self.netns:
             argv = ["ip", "netns", "exec", self.netns, *argv]
         self._log_fd = os.open(self.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -486,6 +507,9 @@ class VM:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if self.bus is not None:
+            self.bus.stop()
+            self.bus = None
         if self._log_fd is not None:
             os.close(self._log_fd)
             self._log_fd = None

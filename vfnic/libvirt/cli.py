@@ -20,7 +20,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         description="Print the XML of a libvirt domain that boots the vfnic guest with these "
         "functions attached through -device vfio-user-pci (in <qemu:commandline>), each with "
         "a QMP monitor next to its socket (DIR/vfN.qmp) through which `vfnic serve` follows "
-        "the migrations libvirt drives.")
+        "the migrations libvirt drives, and QEMU's dbus-vmstate object on the domain's own "
+        "D-Bus bus (the VFs' state rides QEMU's migration stream; `vfnic libvirt hook` "
+        "starts the bus before libvirt starts QEMU).")
     x.add_argument("name", help="domain name")
     x.add_argument("--vf", action="append", default=[], metavar="SOCKET", help="a VF's socket")
     x.add_argument("--pf", metavar="SOCKET", help="the PF's socket")
@@ -30,7 +32,24 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     x.add_argument("--exec", metavar="CMD", help="bash command the guest runs at boot")
     x.add_argument("--console", metavar="FILE", required=True,
                    help="file the serial console is written to")
+    x.add_argument("--bus", metavar="PATH",
+                   help="the domain's D-Bus bus socket (default: NAME.bus next to the first "
+                   "function's socket); must be the same path on both hosts")
     x.set_defaults(handler=_xml)
+    h = lsub.add_parser(
+        "hook", help="print the libvirt QEMU hook that starts a domain's bus",
+        description="Print a hook script for SYSCONFDIR/libvirt/hooks/qemu.d/ (libvirt >= "
+        "6.5; make it executable, restart libvirtd) on every host: it starts a dbus-daemon "
+        "for a domain's dbus-vmstate object before libvirt starts its QEMU (also on the "
+        "destination of a migration) and stops it when the domain ends.")
+    h.set_defaults(handler=_hook)
+
+
+def _hook(args: argparse.Namespace) -> int:
+    from vfnic.libvirt.domain import HOOK
+
+    print(HOOK, end="")
+    return 0
 
 
 def _xml(args: argparse.Namespace) -> int:
@@ -54,6 +73,9 @@ def _xml(args: argparse.Namespace) -> int:
         kargs.append(f"vfnic.ip={args.ip}")
     if args.exec:
         kargs.append(guest_exec_arg(args.exec))
+    bus = Path(args.bus).absolute() if args.bus else None
+    if bus is not None and len(str(bus)) > 107:
+        raise UsageError(f"bus path too long for a unix socket: {bus}")
     print(domain_xml(args.name, fns, mem=args.mem, kernel_args=kargs,
-                     console_log=Path(args.console).absolute()), end="")
+                     console_log=Path(args.console).absolute(), bus=bus), end="")
     return 0

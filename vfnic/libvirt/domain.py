@@ -24,6 +24,7 @@ from pathlib import Path
 from vfnic.errors import UsageError
 from vfnic.host import image, runtime
 from vfnic.host.vm import _KERNEL_ARGS, VfioUserFunction, exec_kernel_arg
+from vfnic.host.vmbus import vmstate_object
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 ET.register_namespace("qemu", QEMU_NS)
@@ -82,6 +83,7 @@ def domain_xml(
     console_log: Path,
     qmp_dir: Path | None = None,
     bridges: Sequence[tuple[str, str]] = (),
+    bus: Path | None = None,
 ) -> str:
     """The domain XML of a vfnic guest with ``functions`` attached over vfio-user.
 
@@ -90,8 +92,12 @@ def domain_xml(
     ``vfnic.ip=ADDR/LEN`` starts the guest driver at boot). The serial console is
     written to ``console_log``. Each function gets its QMP monitor at
     ``qmp_dir/<id>.qmp`` (default: next to the function's socket). ``bridges`` adds
-    a virtio-net NIC (libvirt's TAP) per (host bridge, MAC). Every path is
-    used as given, so the same XML serves two hosts that have the same paths.
+    a virtio-net NIC (libvirt's TAP) per (host bridge, MAC). With functions, QEMU
+    gets a dbus-vmstate object on the VM's own bus ``bus`` (default: ``<name>.bus``
+    next to the first function's socket), so a migration carries the VFs' state; the
+    bus must exist before libvirt starts QEMU, on both hosts (:data:`HOOK` starts
+    it). Every path is used as given, so the same XML serves two hosts that have the
+    same paths.
     """
     dom = ET.Element("domain", type="qemu")
     _sub(dom, "name", name)
@@ -129,9 +135,35 @@ def domain_xml(
 
     if functions:
         cmdline = _sub(dom, f"{{{QEMU_NS}}}commandline")
+        bus = bus or functions[0].socket.parent / f"{name}.bus"
+        for arg in ("-object", vmstate_object(bus)):
+            _sub(cmdline, f"{{{QEMU_NS}}}arg", value=arg)
         for fn in functions:
             qmp = f"unix:{qmp_socket(fn, qmp_dir)},server=on,wait=off"
             for arg in ("-device", fn.device_arg(), "-qmp", qmp):
                 _sub(cmdline, f"{{{QEMU_NS}}}arg", value=arg)
     ET.indent(dom)
     return ET.tostring(dom, encoding="unicode") + "\n"
+
+
+# A libvirt QEMU hook (SYSCONFDIR/libvirt/hooks/qemu.d/vfnic, libvirt >= 6.5): starts
+# the domain's D-Bus bus for its dbus-vmstate object before libvirt starts QEMU
+# ("prepare begin": a plain start and the destination of a migration alike), stops it
+# once the domain is gone ("release end"). libvirt passes the domain XML on stdin.
+# Domains without a dbus-vmstate object in <qemu:commandline> are left alone.
+HOOK = r"""#!/bin/sh
+# vfnic: one dbus-daemon per domain for QEMU's dbus-vmstate object.
+[ "$2" = prepare ] && [ "$3" = begin ] || { [ "$2" = release ] && [ "$3" = end ]; } || exit 0
+bus=$(grep -o "dbus-vmstate,[^\"'<>]*" | sed -n 's/.*addr=unix:path=\([^,]*\).*/\1/p' | head -n 1)
+[ -n "$bus" ] || exit 0
+if [ -f "$bus.pid" ]; then
+    kill "$(cat "$bus.pid")" 2>/dev/null
+    rm -f "$bus.pid" "$bus"
+fi
+[ "$2" = prepare ] || exit 0
+dbus-daemon --session --fork --nopidfile --print-pid=3 --address="unix:path=$bus" \
+    3>"$bus.pid" </dev/null >/dev/null 2>&1 || { echo "vfnic: no bus at $bus" >&2; exit 1; }
+i=0
+while [ ! -S "$bus" ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i + 1)); done
+[ -S "$bus" ]
+"""

@@ -162,6 +162,13 @@ class LibvirtHost:
         # Distinct host UUIDs: libvirt refuses a migration to "the same host".
         host_uuid = uuid.uuid5(uuid.NAMESPACE_URL, f"vfnic-lab:{self.lab.ident}:{self.host}")
         (etc / "libvirtd.conf").write_text(LIBVIRTD_CONF.format(uuid=host_uuid))
+        # The domain's dbus-vmstate bus, started before QEMU on either host.
+        from vfnic.libvirt.domain import HOOK
+
+        hook = etc / "hooks/qemu.d/vfnic"
+        hook.parent.mkdir(parents=True, exist_ok=True)
+        hook.write_text(HOOK)
+        hook.chmod(0o755)
         script = self._script()
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(

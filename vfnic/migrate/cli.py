@@ -1,4 +1,5 @@
-"""`vfnic migrate`: move a running VM and its VF to another host."""
+"""`vfnic migrate`: move a running VM and its VF to another host (QMP migration; the VF
+rides QEMU's own stream through each host's `vfnic serve`)."""
 
 from __future__ import annotations
 
@@ -26,10 +27,9 @@ def register(sub: Any) -> None:
     p.add_argument("--qmp-to", required=True, metavar="SOCKET",
                    help="destination QEMU's QMP (started with -S -incoming URI)")
     p.add_argument("--uri", required=True, help="where the destination listens, tcp:HOST:PORT")
-    p.add_argument("--mode", choices=("transparent", "cooperative"), default="transparent",
-                   help="transparent: device dirty log and state only; cooperative: the VF "
-                        "driver is told (migrate/suspend/resume) as in the 2015 prototype")
-    p.add_argument("--device-id", help="QEMU id of the VF device (default: found by PCI IDs)")
+    p.add_argument("--mode", choices=("transparent", "cooperative"),
+                   help="set the source VF's migration mode first (default: as set by "
+                        "`vfnic link set DIR vf N migration ...`, transparent unless changed)")
     p.add_argument("--downtime-limit", type=int, default=300, metavar="MS")
     p.add_argument("--keep-source", action="store_true", help="do not quit the source QEMU")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -52,8 +52,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if not args.uri.startswith(("tcp:", "unix:")):
         raise UsageError("--uri must be tcp:HOST:PORT or unix:PATH")
     summary = migrate(
-        Host(args.qmp_from, src_dir, src_vf, args.device_id),
-        Host(args.qmp_to, dst_dir, dst_vf, args.device_id),
+        Host(args.qmp_from, src_dir, src_vf),
+        Host(args.qmp_to, dst_dir, dst_vf),
         Options(args.uri, args.mode, args.downtime_limit, quit_source=not args.keep_source),
     )
     print(summary_json(summary) if args.json else summary.text())

@@ -29,6 +29,15 @@ MIG_PREFIX = "192.168.77"
 PEER_IP = f"{LAN_PREFIX}.1"
 GUEST_IP = f"{LAN_PREFIX}.2"
 
+# Guest shell lines that give a virtio-net guest the lab address (the baseline the
+# VF is compared with in the demo and the benchmarks).
+VIRTIO_NETSETUP = f"""
+IF=$(for d in /sys/class/net/*; do [ -e "$d/device" ] && basename "$d"; done | head -n1)
+echo "virtio-net interface: $IF"
+ip addr add {GUEST_IP}/24 dev "$IF"
+ip link set "$IF" up
+"""
+
 
 class LabError(OperatorError):
     """The namespaces could not be set up."""

@@ -1,20 +1,19 @@
-"""`vfnic migrate`: live migration of a VM together with its vfnic VF.
+"""`vfnic migrate`: a QMP live migration that carries the VF in QEMU's own stream.
 
-QEMU moves the RAM and vCPUs (QMP `migrate` with pause-before-switchover);
-vfnic moves what QEMU does not carry for a vfio-user device:
+QEMU moves RAM, vCPUs and, through its dbus-vmstate object, the VF: each host's
+`vfnic serve` offers the VF's org.qemu.VMState1 helper (vfnic.migrate.vmstate),
+which saves it on the source and restores it on the destination, and follows the
+QEMU through the VF's monitor (dirty log, the cooperative protocol, the PCI config
+replay, the announce). So this is plain QMP, as `virsh migrate` does it:
 
-  setup       DMA dirty logging on the source VF (transparent mode), or the VF
-              driver told `migrate` through the PF mailbox (cooperative mode)
-  precopy     source VF in PRE_COPY: its state is read while the guest runs;
-              cooperative mode suspends the VF driver before switchover
-  switchover  source stopped (pre-switchover): VF to STOP_COPY, final state and
-              the pages the device wrote by DMA are read; QEMU completes
-  restore     destination VF: RESUMING, state written, STOP (registers restored,
-              DMA'd pages written into the destination's guest memory), the PCI
-              config QEMU does not migrate for vfio-user replayed into the
-              destination QEMU, VF to RUNNING, `cont`; cooperative: `resume`
-Any failure before the destination runs rolls back: migration cancelled, the
-source VF back to RUNNING, the source VM continued, the destination VM quit.
+  setup       both QEMUs: capabilities "return-path" (a failure on the destination
+              resumes the source) and "events"; the VF's migration mode if asked
+  migrate     `migrate` on the source; wait for "completed"
+  restore     the destination loaded (paused, -S); its NIC reports the VF restored
+              and its config back in QEMU; `cont`; the source quits
+Then both NICs' records give the measurements (Save, Load, bytes, DMA pages, early
+guest accesses). With return-path, any failure leaves the guest on the source with
+its VF running: the source NIC puts the VF back when QEMU resumes it.
 """
 
 from __future__ import annotations
@@ -22,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -31,21 +32,12 @@ from typing import Any
 
 from qemu.qmp import EventListener, QMPClient
 
-from vfnic.errors import OperatorError, VfnicError
-from vfnic.host.qmp import MigrationInfo, query_migrate, query_pci, query_status
-from vfnic.migrate.devicelink import DeviceLink
-from vfnic.regs.ids import VENDOR_ID, VF_DEVICE_ID
-from vfnic.vfiouser.features import State
+from vfnic.errors import VfnicError
+from vfnic.migrate import control
+from vfnic.migrate.control import MigrationCancelled, MigrationError
 
-PHASES = ("setup", "precopy", "switchover", "restore")
-
-
-class MigrationError(OperatorError):
-    """The migration failed (the source VM keeps running)."""
-
-
-class MigrationCancelled(MigrationError):
-    """The migration was cancelled on request."""
+__all__ = ["Host", "MigrationCancelled", "MigrationError", "Options", "Summary", "migrate"]
+PHASES = ("setup", "migrate", "active", "restore")  # "active": a fault-injection point
 
 
 @dataclass
@@ -55,7 +47,6 @@ class Host:
     qmp: str
     nic_dir: str
     vf: int = 0
-    device_id: str | None = None  # QEMU id of the vfio-user-pci device, found if None
 
     @property
     def vf_socket(self) -> str:
@@ -65,39 +56,37 @@ class Host:
 @dataclass
 class Options:
     uri: str  # where the destination QEMU listens, e.g. tcp:192.168.100.2:4444
-    mode: str = "transparent"  # or "cooperative"
+    mode: str | None = None  # set the source VF's mode first: transparent | cooperative
     downtime_limit_ms: int = 300
-    mailbox_timeout: float = 5.0
     timeout: float = 600.0
     quit_source: bool = True
     cancel_at: str | None = None  # fault injection: cancel when this phase starts
-    corrupt_stream: bool = False  # fault injection: flip a byte of the device state
+    save_fault: str | None = None  # fault injection: "corrupt" | "oversize" (source Save)
     kill_destination_at: str | None = None  # fault injection: kill the destination QEMU
     destination_pid: int | None = None
-    announce: bool = True  # transparent: the destination NIC announces the VF's MAC
-    garp: bool = True  # cooperative: the VF driver sends a gratuitous ARP on resume
 
 
 @dataclass
 class Summary:
-    mode: str
+    mode: str = "transparent"
     status: str = "failed"
     total_ms: float = 0.0
     vm_downtime_ms: float | None = None  # QEMU's own figure
     device_state_bytes: int = 0
-    precopy_bytes: int = 0
-    stopcopy_bytes: int = 0
-    save_ms: float = 0.0
-    restore_ms: float = 0.0
-    device_pages: int = 0  # pages the device wrote by DMA, carried by vfnic
+    save_ms: float | None = None  # the helper's Save, inside the source's pause
+    load_ms: float | None = None  # the helper's Load, on the destination
+    replay_ms: float | None = None  # PCI config back into the destination QEMU
+    device_pages: int = 0  # guest pages the VF wrote by DMA, carried in the state
     ram_transferred: int = 0
+    early_access: bool | None = None  # the guest ran before its VF's config was back
     suspend_us: int | None = None
     resume_us: int | None = None
     suspend_ms: float | None = None  # mailbox round trip incl. the driver
     resume_ms: float | None = None
-    regs_equal: bool | None = None  # destination VF registers == source at switchover
+    regs_equal: bool | None = None  # destination VF registers == source at the stop
     error: str | None = None
-    phases_ms: dict[str, float] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)  # the NICs' records
+    destination: dict[str, Any] = field(default_factory=dict)
     timeline_ms: dict[str, float] = field(default_factory=dict)  # events since the start
 
     def text(self) -> str:
@@ -107,9 +96,10 @@ class Summary:
         lines += [
             f"  total time        {self.total_ms:9.1f} ms",
             f"  VM downtime       {self.vm_downtime_ms or 0:9.1f} ms (QEMU)",
-            f"  device state      {self.device_state_bytes:9d} bytes "
-            f"(pre-copy {self.precopy_bytes}, stop-copy {self.stopcopy_bytes})",
-            f"  save / restore    {self.save_ms:9.2f} ms / {self.restore_ms:.2f} ms",
+            f"  device state      {self.device_state_bytes:9d} bytes in QEMU's stream",
+            f"  Save / Load       {self.save_ms or 0:9.2f} ms / {self.load_ms or 0:.2f} ms",
+            f"  config replay     {self.replay_ms or 0:9.1f} ms"
+            f"{' (guest ran first!)' if self.early_access else ''}",
             f"  DMA pages (device){self.device_pages:9d}",
             f"  RAM transferred   {self.ram_transferred / 2**20:9.1f} MiB",
         ]
@@ -126,128 +116,41 @@ def _stderr_progress(line: str) -> None:
     sys.stderr.flush()
 
 
-class Orchestrator:
-    """One migration of a VM with a vfnic VF from ``src`` to ``dst``."""
+async def _nic(host: Host, req: dict[str, Any], timeout: float = 30.0) -> Any:
+    from vfnic.device.nic import control_call
 
+    return await asyncio.to_thread(control_call, host.nic_dir, req, timeout)
+
+
+class Orchestrator:
     def __init__(self, src: Host, dst: Host, opts: Options,
                  progress: Progress | None = None) -> None:
         self.src, self.dst, self.opts = src, dst, opts
         self.progress = progress or _stderr_progress
-        self.summary = Summary(opts.mode)
+        self.summary = Summary(opts.mode or "transparent")
         self.qa = QMPClient("source")
-        self.events = EventListener("MIGRATION")
         self.qb = QMPClient("destination")
-        self.da: DeviceLink | None = None
-        self.db: DeviceLink | None = None
+        self.events = EventListener("MIGRATION")
+        self.stops = EventListener("STOP")
         self.phase = "setup"
-        self.suspended = False
-        self.migrating_driver = False
-        self.dest_running = False
         self.t0 = time.perf_counter()
+        self.t0_wall = time.time()
+        self.seen_src = 0  # NIC records that existed before this migration
+        self.seen_dst = 0
 
     def _mark(self, event: str) -> None:
         self.summary.timeline_ms[event] = round((time.perf_counter() - self.t0) * 1000, 1)
 
-    # -- helpers ------------------------------------------------------------------------
-
     def _enter(self, phase: str) -> None:
         self.phase = phase
-        self.progress(f"{phase}")
+        self.progress(phase)
         if self.opts.cancel_at == phase:
             raise MigrationCancelled(f"cancelled at {phase}")
         if self.opts.kill_destination_at == phase and self.opts.destination_pid:
-            import os
-            import signal
-
             os.kill(self.opts.destination_pid, signal.SIGKILL)
 
-    async def _control(self, host: Host, state: str, args: list[int] | None = None
-                       ) -> dict[str, Any]:
-        from vfnic.device.nic import control_call
-
-        req = {"op": "vf-state", "vf": host.vf, "state": state,
-               "timeout": self.opts.mailbox_timeout, "args": args or []}
-        result = await asyncio.to_thread(control_call, host.nic_dir, req,
-                                         self.opts.mailbox_timeout + 5)
-        return dict(result)
-
-    async def _wait_migration(self, want: set[str], timeout: float) -> MigrationInfo:
-        """Wait for QEMU's migration status to reach one of ``want``: woken at once by
-        its MIGRATION events (capability "events"), polled for progress meanwhile."""
-        deadline = time.monotonic() + timeout
-        last = 0.0
-        while True:
-            info = await query_migrate(self.qa)
-            status = info.get("status", "none")
-            if status in want:
-                return info
-            if status in ("failed", "cancelled"):
-                raise MigrationError(f"QEMU migration {status}: {info.get('error-desc', '')}")
-            if time.monotonic() - last > 1.0 and "ram" in info:
-                ram = info["ram"]
-                self.progress(f"  RAM {ram.get('transferred', 0) / 2**20:.0f} MiB sent, "
-                              f"{ram.get('remaining', 0) / 2**20:.0f} MiB left, "
-                              f"pass {ram.get('dirty-sync-count', 0)}")
-                last = time.monotonic()
-            if time.monotonic() > deadline:
-                raise MigrationError(f"migration did not reach {sorted(want)} in {timeout:g} s")
-            try:
-                while True:  # sleep until a status event (or 100 ms for progress)
-                    event: dict[str, Any] = dict(await asyncio.wait_for(self.events.get(), 0.1))
-                    if event.get("data", {}).get("status") in want | {"failed", "cancelled"}:
-                        break
-            except TimeoutError:
-                pass
-
-    async def _find_device(self, qmp: QMPClient, host: Host) -> tuple[int, int, int]:
-        """(bus, slot, function) of the VF in that QEMU (by id, else by IDs)."""
-        buses = await query_pci(qmp)
-        found = []
-        for bus in buses:
-            for dev in bus.get("devices", []):
-                ident = dev.get("id", {})
-                if host.device_id is not None:
-                    if dev.get("qdev_id") == host.device_id:
-                        found.append(dev)
-                elif ident.get("vendor") == VENDOR_ID and ident.get("device") == VF_DEVICE_ID:
-                    found.append(dev)
-        if len(found) != 1:
-            what = host.device_id or "vfnic VF"
-            raise MigrationError(f"{len(found)} devices match {what} in {host.qmp}; "
-                                 "name it with --device-id")
-        dev = found[0]
-        return int(dev["bus"]), int(dev["slot"]), int(dev["function"])
-
-    async def _replay_config(self, config: bytes) -> None:
-        """Give the destination QEMU the PCI config the guest programmed (BARs,
-        command, interrupt line): vfio-user-pci has no vfio_save_config, so QEMU
-        does not migrate it. Written through the legacy config ports (0xcf8/0xcfc)."""
-        bus, slot, func = await self._find_device(self.qb, self.dst)
-
-        async def write(offset: int, value: int) -> None:
-            addr = 0x80000000 | bus << 16 | slot << 11 | func << 8 | offset
-            await self.qb.execute("human-monitor-command",
-                                  {"command-line": f"o /w 0xcf8 {addr:#x}"})
-            await self.qb.execute("human-monitor-command",
-                                  {"command-line": f"o /w 0xcfc {value:#x}"})
-
-        def dword(off: int) -> int:
-            return int.from_bytes(config[off : off + 4], "little")
-
-        for off in (0x10, 0x14, 0x18, 0x1C, 0x20, 0x24, 0x3C):
-            if dword(off):  # unimplemented BARs stay 0 after the destination's reset
-                await write(off, dword(off))
-        await write(0x04, dword(0x04) & 0xFFFF)  # command last: enables decoding
-
-    # -- the migration --------------------------------------------------------------------
-
     async def run(self) -> Summary:
-        """Migrate; the Summary says how it went. A migration that fails (MigrationError,
-        any VfnicError or OSError on the way: QMP, the device links, the NIC servers) or is
-        cancelled does not raise: it is rolled back, the source keeps running, and
-        ``summary.status`` is "failed" or "cancelled" with ``summary.error``. Anything else
-        (a bug) is re-raised after the rollback."""
-        t0 = self.t0 = time.perf_counter()
+        self.t0, self.t0_wall = time.perf_counter(), time.time()
         try:
             await self._run()
             self.summary.status = "completed"
@@ -259,10 +162,9 @@ class Orchestrator:
             if not isinstance(exc, (VfnicError, OSError, asyncio.CancelledError)):
                 raise
         finally:
-            self.summary.total_ms = (time.perf_counter() - t0) * 1000
-            for link in (self.da, self.db):
-                if link is not None:
-                    link.close()
+            self.summary.total_ms = (time.perf_counter() - self.t0) * 1000
+            with contextlib.suppress(Exception):
+                await self._collect()
             for q in (self.qa, self.qb):
                 with contextlib.suppress(Exception):
                     await q.disconnect()
@@ -270,200 +172,139 @@ class Orchestrator:
 
     async def _run(self) -> None:
         s, opts = self.summary, self.opts
-        tp = time.perf_counter()
         self._enter("setup")
         await self.qa.connect(self.src.qmp)
         self.qa.register_listener(self.events)
+        self.qa.register_listener(self.stops)
         await self.qb.connect(self.dst.qmp)
-        dst_status = await query_status(self.qb)
-        if dst_status.get("status") != "inmigrate":
+        st: dict[str, Any] = await self.qb.execute("query-status")  # type: ignore[assignment]
+        if st.get("status") != "inmigrate":
             raise MigrationError("the destination QEMU is not waiting for a migration "
-                                 "(start it with -incoming)")
-        self.da = DeviceLink(self.src.vf_socket)
-        self.db = DeviceLink(self.dst.vf_socket)
-        if self.da.state() != State.RUNNING:
-            raise MigrationError(f"source VF is in state {self.da.state().name}, not RUNNING")
-        await self.qa.execute("migrate-set-capabilities", {"capabilities": [
-            {"capability": "pause-before-switchover", "state": True},
-            {"capability": "events", "state": True}]})
-        if opts.mode == "transparent":
-            self.da.logging_start()
-        else:
-            await self._control(self.src, "migrate")
-            self.migrating_driver = True
-            # Hold off convergence until the VF driver has suspended (see precopy).
-            await self.qa.execute("migrate-set-parameters", {"downtime-limit": 0})
-        s.phases_ms["setup"] = (time.perf_counter() - tp) * 1000
+                                 "(start it with -S -incoming URI)")
+        if opts.mode is not None:
+            await _nic(self.src, {"op": "vf-migration", "vf": self.src.vf, "mode": opts.mode})
+        links = await _nic(self.src, {"op": "link-show"})
+        s.mode = links["vfs"][self.src.vf]["migration_mode"]
+        if opts.save_fault:
+            await _nic(self.src, {"op": "vmstate-fault", "vf": self.src.vf,
+                                  "fault": opts.save_fault})
+        self.seen_src = len(await _nic(self.src, {"op": "migrations"}))
+        self.seen_dst = len(await _nic(self.dst, {"op": "migrations"}))
+        caps = {"capabilities": [{"capability": "return-path", "state": True},
+                                 {"capability": "events", "state": True}]}
+        await self.qa.execute("migrate-set-capabilities", caps)
+        await self.qb.execute("migrate-set-capabilities", caps)
+        await self.qa.execute("migrate-set-parameters",
+                              {"downtime-limit": opts.downtime_limit_ms})
 
-        tp = time.perf_counter()
-        self._enter("precopy")
-        self.da.set_state(State.PRE_COPY)
-        precopy = self.da.read_all()
-        s.precopy_bytes = len(precopy)
+        self._enter("migrate")
         await self.qa.execute("migrate", {"uri": opts.uri})
-        if opts.mode == "cooperative":
-            if await wait_suspend_point(self.qa, self.opts.timeout):
-                # Set first: a driver that acknowledges too late has still suspended,
-                # and a rollback must resume it.
-                self.suspended = True
-                result = await self._control(self.src, "suspend")
-                s.suspend_us, s.suspend_ms = result.get("driver_us"), result.get("mailbox_ms")
-            else:
-                self.progress("  the guest was stopped before the VF driver could suspend")
-            await self.qa.execute("migrate-set-parameters",
-                                  {"downtime-limit": opts.downtime_limit_ms})
-        await self._wait_migration({"pre-switchover"}, opts.timeout)
-        self._mark("source-stopped")
-        s.phases_ms["precopy"] = (time.perf_counter() - tp) * 1000
-
-        tp = time.perf_counter()
-        self._enter("switchover")
-        ts = time.perf_counter()
-        self.da.set_state(State.STOP_COPY)
-        final = self.da.read_all()
-        s.save_ms = (time.perf_counter() - ts) * 1000
-        s.stopcopy_bytes = len(final)
-        s.device_state_bytes = s.precopy_bytes + s.stopcopy_bytes
-        self._mark("device-saved")
-        await self.qa.execute("migrate-continue", {"state": "pre-switchover"})
-        # The source VF is stopped: what it shows now is its state at switchover.
-        source_regs = self.da.regs()
-        source_config = self.da.config()
-        if opts.mode == "transparent":
-            s.device_pages = _count_pages(final)
-            self.da.logging_stop()
-        info = await self._wait_migration({"completed"}, opts.timeout)
+        self._mark("migrate")
+        if "active" in (opts.cancel_at, opts.kill_destination_at):
+            await control.wait_status(self.qa, self.events, {"active"}, opts.timeout)
+            self._enter("active")  # a fault while RAM is being sent: before any Save
+        info = await control.wait_status(self.qa, self.events, {"completed"}, opts.timeout,
+                                         self._ram_progress)
         self._mark("source-completed")
+        if not self.stops.empty():  # the vCPUs' stop, by QEMU's own clock
+            stop: dict[str, Any] = dict(await self.stops.get())
+            ts = stop.get("timestamp", {})
+            stopped = ts.get("seconds", 0) + ts.get("microseconds", 0) / 1e6
+            s.timeline_ms["source-stopped"] = round((stopped - self.t0_wall) * 1000, 1)
         s.vm_downtime_ms = info.get("downtime")
         s.ram_transferred = info.get("ram", {}).get("transferred", 0)
-        await self._wait_destination_loaded()
-        self._mark("destination-loaded")
-        s.phases_ms["switchover"] = (time.perf_counter() - tp) * 1000
 
-        tp = time.perf_counter()
         self._enter("restore")
-        stream = precopy + final
-        if opts.corrupt_stream:
-            mid = len(stream) // 2
-            stream = stream[:mid] + bytes([stream[mid] ^ 0xFF]) + stream[mid + 1 :]
-        tr = time.perf_counter()
-        self.db.set_state(State.RESUMING)
-        self.db.write_all(stream)
-        self.db.set_state(State.STOP)  # the stream is checked and restored here
-        s.restore_ms = (time.perf_counter() - tr) * 1000
-        self._mark("device-restored")
-        s.regs_equal = self.db.regs() == source_regs
-        await self._replay_config(source_config)
-        self._mark("config-replayed")
-        self.db.set_state(State.RUNNING)
+        rec = await self._destination_record("restored_at", 30.0)
+        if "error" in rec:
+            raise MigrationError(f"destination: {rec['error']}")
+        self._mark("vf-restored")
+        src_regs = await _nic(self.src, {"op": "regs", "function": f"vf{self.src.vf}"})
+        dst_regs = await _nic(self.dst, {"op": "regs", "function": f"vf{self.dst.vf}"})
+        s.regs_equal = [r["value"] for r in src_regs] == [r["value"] for r in dst_regs]
+        await self._wait_destination_paused()
         await self.qb.execute("cont")
         self._mark("destination-running")
-        self.dest_running = True
-        if opts.mode == "transparent" and opts.announce:
-            await asyncio.to_thread(self._announce)
-            self._mark("announced")
-        if opts.mode == "cooperative":
-            from vfnic.regs.mailbox import RESUME_NO_GARP
-
-            result = await self._control(self.dst, "resume",
-                                         [0 if opts.garp else RESUME_NO_GARP])
-            s.resume_us, s.resume_ms = result.get("driver_us"), result.get("mailbox_ms")
-            self._mark("driver-resumed")
-        s.phases_ms["restore"] = (time.perf_counter() - tp) * 1000
+        await self._destination_record("result", 15.0)
+        self._mark("vf-resumed")
         if opts.quit_source:
             with contextlib.suppress(Exception):
                 await self.qa.execute("quit")
 
-    def _announce(self) -> None:
-        from vfnic.device.nic import control_call
+    def _ram_progress(self, info: dict[str, Any]) -> None:
+        ram = info.get("ram")
+        now = time.perf_counter()
+        if ram and now - getattr(self, "_last_progress", 0.0) > 1.0:
+            self._last_progress = now
+            self.progress(f"  RAM {ram.get('transferred', 0) / 2**20:.0f} MiB sent, "
+                          f"{ram.get('remaining', 0) / 2**20:.0f} MiB left, "
+                          f"pass {ram.get('dirty-sync-count', 0)}")
 
-        control_call(self.dst.nic_dir, {"op": "announce", "vf": self.dst.vf, "count": 3})
+    async def _destination_record(self, key: str, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            recs = (await _nic(self.dst, {"op": "migrations"}))[self.seen_dst:]
+            mine = [r for r in recs if r.get("role") == "destination"]
+            if mine and (key in mine[-1] or "error" in mine[-1]):
+                return dict(mine[-1])
+            if time.monotonic() > deadline:
+                raise MigrationError(f"the destination NIC did not report the VF {key}"
+                                     " (is its QEMU started with the dbus-vmstate object?)")
+            await asyncio.sleep(0.005)
 
-    async def _wait_destination_loaded(self) -> None:
+    async def _wait_destination_paused(self) -> None:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            st = await query_status(self.qb)
+            st: dict[str, Any] = await self.qb.execute("query-status")  # type: ignore[assignment]
             if st.get("status") in ("paused", "postmigrate", "prelaunch"):
                 return
-            if st.get("status") in ("running",):
-                raise MigrationError("the destination started running before the VF was restored"
-                                     " (start it with -S)")
+            if st.get("running"):
+                raise MigrationError("the destination runs already (start it with -S)")
             await asyncio.sleep(0.005)
         raise MigrationError("the destination did not finish loading the migration")
 
+    async def _collect(self) -> None:
+        """The NICs' records of this migration into the summary."""
+        s = self.summary
+        src = [r for r in (await _nic(self.src, {"op": "migrations", "settle": 5}))
+               [self.seen_src:] if r.get("role") == "source"]
+        dst = [r for r in (await _nic(self.dst, {"op": "migrations"}))[self.seen_dst:]
+               if r.get("role") == "destination"]
+        if src:
+            s.source = src[-1]
+            s.save_ms = s.source.get("save_ms")
+            s.device_state_bytes = s.source.get("bytes", 0)
+            s.device_pages = s.source.get("pages", 0)
+            s.suspend_us = s.source.get("suspend_driver_us")
+            s.suspend_ms = s.source.get("suspend_mailbox_ms")
+        if dst:
+            s.destination = dst[-1]
+            s.load_ms = s.destination.get("load_ms")
+            s.replay_ms = s.destination.get("replay_ms")
+            s.early_access = s.destination.get("early_access")
+            s.resume_us = s.destination.get("resume_driver_us")
+            s.resume_ms = s.destination.get("resume_mailbox_ms")
+
     async def _rollback(self) -> None:
-        """Leave the guest running on the source with its VF intact."""
-        if self.dest_running:
-            return  # the guest already runs on the destination: nothing to undo
+        """Leave the guest running on the source (QEMU resumes it itself with
+        return-path; a migration cancelled here is cancelled first)."""
         with contextlib.suppress(Exception):
-            info = await query_migrate(self.qa)
-            if info.get("status") in ("active", "pre-switchover", "setup", "device"):
+            info = await control.status(self.qa)
+            if info.get("status") in ("active", "setup", "device", "pre-switchover"):
                 await self.qa.execute("migrate_cancel")
-                for _ in range(200):
-                    info = await query_migrate(self.qa)
-                    if info.get("status") not in ("active", "pre-switchover", "cancelling"):
-                        break
-                    await asyncio.sleep(0.05)
-        if self.da is not None:
-            with contextlib.suppress(Exception):
-                if self.da.state() != State.RUNNING:
-                    self.da.set_state(State.RUNNING)
-            with contextlib.suppress(Exception):
-                self.da.logging_stop()
-        with contextlib.suppress(Exception):
-            st = await query_status(self.qa)
-            if not st.get("running"):
-                await self.qa.execute("cont")
-        if self.suspended:
-            with contextlib.suppress(Exception):
-                await self._control(self.src, "resume")
-        elif self.migrating_driver:
-            with contextlib.suppress(Exception):
-                await self._control(self.src, "cancelmigration")
-        with contextlib.suppress(Exception):
-            await self.qa.execute("migrate-set-parameters",
-                                  {"downtime-limit": self.opts.downtime_limit_ms})
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                st: dict[str, Any] = await self.qa.execute("query-status")  # type: ignore[assignment]
+                if st.get("running"):
+                    break
+                if st.get("status") == "postmigrate":  # no return-path: resume it ourselves
+                    await self.qa.execute("cont")
+                await asyncio.sleep(0.05)
         with contextlib.suppress(Exception):
             await self.qb.execute("quit")
 
 
-async def wait_suspend_point(qmp: QMPClient, timeout: float) -> bool:
-    """Wait until most of the first RAM pass is sent (1/4 of RAM left, or pass 2
-    begun), the moment to suspend the VF driver. With downtime-limit 0, QEMU cannot
-    switch over while pass 1 still has pages left, so the guest is still running here.
-    Not later: with a 1/32 threshold about 1 migration in 40 had its SUSPEND
-    acknowledged only after 5 s (the driver had suspended; the ack was late), most
-    likely because once pass 1 is over QEMU, unable to converge, syncs its dirty bitmap
-    pass after pass under the BQL, and the guest's MMIO crawls. False if QEMU reached
-    switchover anyway (an idle guest with nothing left to send)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        info = await query_migrate(qmp)
-        status = info.get("status")
-        if status in ("failed", "cancelled"):
-            raise MigrationError(f"QEMU migration {status}: {info.get('error-desc', '')}")
-        if status in ("pre-switchover", "device", "completed"):
-            return False
-        ram = info.get("ram", {})
-        total = ram.get("total", 0) or 1
-        if ram.get("dirty-sync-count", 0) >= 2 or ram.get("remaining", total) <= total // 4:
-            return True
-        await asyncio.sleep(0.01)
-    raise MigrationError("RAM pre-copy did not progress")
-
-
-def _count_pages(stream_bytes: bytes) -> int:
-    from vfnic.savevm import stream
-
-    try:
-        recs = stream.records(stream_bytes)
-    except VfnicError:
-        return 0
-    return sum(len(p) // (8 + stream.PAGE_SIZE) for k, p in recs if k == stream.KIND_PAGES)
-
-
 def migrate(src: Host, dst: Host, opts: Options, progress: Progress | None = None) -> Summary:
-    """Run one migration (Orchestrator.run, which says what it raises and what it reports)."""
     return asyncio.run(Orchestrator(src, dst, opts, progress).run())
 
 
