@@ -18,11 +18,17 @@ CHUNK = 1 << 16
 
 
 class DeviceLink:
-    def __init__(self, socket_path: str) -> None:
-        self.client = VfioUserClient(socket_path)
+    """Drives the VF's migration through ``session``: a VF socket's path (a session of
+    its own, the owner only if nobody else is attached) or the owner's client (a
+    second session on a VF socket is read-only: it may not change device state)."""
+
+    def __init__(self, session: str | VfioUserClient) -> None:
+        self.owned = isinstance(session, str)
+        self.client = VfioUserClient(session) if isinstance(session, str) else session
 
     def close(self) -> None:
-        self.client.close()
+        if self.owned:
+            self.client.close()
 
     def flags(self) -> int:
         return int(struct.unpack("<Q", self.client.feature(GET | Feature.MIGRATION)[:8])[0])

@@ -32,7 +32,7 @@ def setup() -> Iterator[tuple[NicServer, VfioUserClient, DeviceLink]]:
     qemu.dma_map(BASE, SIZE, 3, fd, 0)
     os.close(fd)
     qemu.config_write(4, 2, 0x6)  # memory space + bus master
-    link = DeviceLink(str(srv.dir / "vf0.sock"))
+    link = DeviceLink(qemu)  # the owner session: a second one is read-only
     yield srv, qemu, link
     link.close()
     qemu.close()

@@ -101,7 +101,7 @@ def drive(link: DeviceLink, target: State) -> None:
 @pytest.mark.parametrize("new", list(State), ids=lambda s: s.name)
 def test_every_arc_matches_the_kernel(server: NicServer, cur: State, new: State) -> None:
     primary = primary_client(server)
-    link = DeviceLink(str(server.dir / "vf0.sock"))  # a secondary session, like vfnic migrate
+    link = DeviceLink(primary)  # the owner drives it: a second session is read-only
     fn = server.nic.vfs[0]
     try:
         primary.reset()
@@ -192,7 +192,7 @@ class FailingDevice:
 def test_error_only_after_a_failed_arc_and_reset_recovers(server: NicServer, fail: str,
                                                           target: State) -> None:
     primary = primary_client(server)
-    link = DeviceLink(str(server.dir / "vf0.sock"))
+    link = DeviceLink(primary)
     fn = server.nic.vfs[0]
     real = fn.migration.device
     try:
@@ -244,7 +244,7 @@ def test_migration_feature_reports_stop_copy_p2p_and_pre_copy(server: NicServer)
 
 def test_mig_data_streams_with_a_short_read_at_the_end(server: NicServer) -> None:
     primary = primary_client(server)
-    link = DeviceLink(str(server.dir / "vf0.sock"))
+    link = DeviceLink(primary)
     try:
         primary.reset()
         with pytest.raises(RemoteError):  # not in a saving state
