@@ -33,6 +33,11 @@ class Register:
     def end(self) -> int:
         return self.offset + self.width
 
+    def __index__(self) -> int:
+        """Where an integer offset is wanted (client.read32(0, T.RDT(q)), struct, slices),
+        a register stands for its BAR0 offset."""
+        return self.offset
+
 
 # Geometry shared by the PF and VF banks.
 BAR0_SIZE = 0x4000
