@@ -112,9 +112,9 @@ class RegisterArray:
         object.__setattr__(self, "registers", regs)
 
     def __call__(self, n: int) -> Register:
-        if not 0 <= n < self.count:
+        if n < 0:
             raise IndexError(f"{self.name}({n}): there are {self.count}")
-        return self.registers[n]
+        return self.registers[n]  # IndexError past the last one
 
 
 def _queue(name: str, off: int, access: Access, reset: int = 0, mask: int = 0xFFFFFFFF,
