@@ -50,7 +50,8 @@ bench: setup
 
 # Build products and tool caches; the QEMU runtime and guest root stay cached.
 clean:
-	rm -rf build .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info
+	rm -rf build .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info \
+		.import_linter_cache .grimp_cache
 	rm -f $(CACHE)/guest.img $(CACHE)/guest.img.stamp $(CACHE)/guest.img.tmp
 	find vfnic tests scripts -name __pycache__ -type d -prune -exec rm -rf {} +
 

@@ -70,3 +70,13 @@ def test_the_nic_server_imports_no_qmp() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.skipif(not Path("/usr/bin/python3").exists(), reason="no system python3")
+@pytest.mark.parametrize("module", ["vfnic.bench.guest_regs", "vfnic.bench.guest_server"])
+def test_the_bench_guest_programs_need_only_the_stdlib(module: str) -> None:
+    # -S: no site-packages, as on the guest's bare python3 (PYTHONPATH=/opt there).
+    out = subprocess.run(["/usr/bin/python3", "-S", "-m", module, "--help"],
+                         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0 and f"python3 -m {module}" in out.stdout, out.stderr

@@ -120,3 +120,49 @@ def test_stopped_device_does_no_dma_and_counts_arrivals_outside_its_state() -> N
     assert vf.stopped_drops == 1
     assert snapshot.save(vf) == before
     assert not vf.signal(2, 0)  # no interrupts while stopped
+
+
+class RecordingDevice:
+    """A device seen only through savevm.migration.Device: the FSM needs nothing else."""
+
+    def __init__(self, state: bytes) -> None:
+        self.state = state
+        self.running = True
+        self.calls: list[str] = []
+
+    def save_state(self) -> bytes:
+        self.calls.append("save_state")
+        return self.state
+
+    def load_state(self, image: bytes, pages: list[tuple[int, bytes]]) -> None:
+        self.calls.append("load_state")
+        self.state = image
+
+    def set_running(self, running: bool) -> None:
+        self.calls.append(f"set_running({running})")
+        self.running = running
+
+    def dirty_pages(self) -> list[tuple[int, bytes]]:
+        self.calls.append("dirty_pages")
+        return []
+
+
+def test_the_state_machine_drives_any_device_through_the_protocol() -> None:
+    from vfnic.savevm.migration import Migration
+
+    src = Migration(RecordingDevice(b"device state " * 100))
+    src.set_state(State.PRE_COPY)
+    data = src.read(1 << 20)
+    src.set_state(State.STOP_COPY)
+    data += src.read(1 << 20)
+    assert src.device.calls == ["save_state", "set_running(False)", "save_state",  # type: ignore[attr-defined]
+                                "dirty_pages"]
+    dst_dev = RecordingDevice(b"")
+    dst = Migration(dst_dev)
+    dst.set_state(State.STOP)
+    dst.set_state(State.RESUMING)
+    dst.write(data)
+    dst.set_state(State.STOP)
+    assert dst_dev.state == b"device state " * 100 and not dst_dev.running
+    dst.set_state(State.RUNNING)
+    assert dst_dev.running

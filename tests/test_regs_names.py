@@ -42,6 +42,15 @@ def test_queue_registers_follow_the_queue_stride() -> None:
     assert T.PFMAILBOX(T.MAX_VFS - 1).offset == 0x0500 + 4 * (T.MAX_VFS - 1)
 
 
+def test_a_register_stands_for_its_offset_where_an_integer_is_wanted() -> None:
+    import operator
+    import struct
+
+    assert operator.index(T.RDT(1)) == T.RDT(1).offset
+    assert struct.pack("<I", T.TDT(0)) == struct.pack("<I", T.TDT(0).offset)
+    assert hex(T.CTRL) == "0x0"
+
+
 def test_bits_are_named() -> None:
     assert T.EICR_LSC == 1 << 31 and T.EICR_MAILBOX == 1 << 30
     assert T.EICR_RTXQ(1) == 1 << 1 and T.EICR_RTXQ_MASK == 0b11

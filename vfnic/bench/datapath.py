@@ -152,95 +152,10 @@ def host_rows(results: dict[str, dict[str, Any]]) -> list[list[object]]:
 
 # -- inside the guest ---------------------------------------------------------------------
 
-GUEST_SERVER = r"""
-cat > /run/bench-server.py <<'PY'
-import json, os, socket, sys, time
-
-def counters():
-    # where frames get lost inside the guest: interface queues and UDP sockets
-    out = {}
-    for ifn in os.listdir("/sys/class/net"):
-        if ifn != "lo":
-            d = "/sys/class/net/%s/statistics/" % ifn
-            for k in ("tx_packets", "tx_dropped", "rx_packets", "rx_dropped"):
-                out[ifn + "." + k] = int(open(d + k).read())
-    rows = [l.split() for l in open("/proc/net/snmp") if l.startswith("Udp:")]
-    for k, v in zip(rows[0][1:], rows[1][1:]):
-        out["udp." + k] = int(v)
-    return out
-
-def delta(before):
-    after = counters()
-    return {k: after[k] - before.get(k, 0) for k in after}
-
-def send(req):
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
-    s.connect((req["dst"], req["port"]))
-    payload = bytes(req["size"])
-    sent = errors = 0
-    t0 = time.perf_counter()
-    end = t0 + req["dur"]
-    while True:
-        for _ in range(32):
-            try:
-                s.send(payload)
-                sent += 1
-            except OSError:
-                errors += 1
-        if time.perf_counter() >= end:
-            break
-    s.close()
-    return {"sent": sent, "errors": errors, "elapsed": time.perf_counter() - t0}
-
-def recv(req, f):
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-    s.bind(("0.0.0.0", req["port"]))
-    s.settimeout(0.2)
-    f.write(b'{"listening": true}\n')
-    f.flush()
-    count = nbytes = 0
-    first = last = 0.0
-    deadline = time.monotonic() + req["max"]
-    buf = bytearray(65536)
-    while time.monotonic() < deadline:
-        try:
-            n = s.recv_into(buf)
-        except socket.timeout:
-            if count and time.perf_counter() - last > req["idle"]:
-                break
-            continue
-        last = time.perf_counter()
-        if not count:
-            first = last
-        count += 1
-        nbytes += n
-    s.close()
-    return {"count": count, "bytes": nbytes, "span": last - first}
-
-srv = socket.socket()
-srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("0.0.0.0", __PORT__))
-srv.listen(1)
-print("@@bench-server-ready", flush=True)
-while True:
-    conn, _ = srv.accept()
-    f = conn.makefile("rwb")
-    for line in f:
-        req = json.loads(line)
-        if req["op"] == "quit":
-            sys.exit(0)
-        before = counters()
-        out = send(req) if req["op"] == "send" else recv(req, f)
-        out["counters"] = delta(before)
-        f.write(json.dumps(out).encode() + b"\n")
-        f.flush()
-    conn.close()
-PY
+GUEST_SERVER = """
 __NETSETUP__
-echo "guest interfaces: $(ls /sys/class/net | tr '\n' ' ')"
-python3 /run/bench-server.py
+echo "guest interfaces: $(ls /sys/class/net | tr '\\n' ' ')"
+python3 -m vfnic.bench.guest_server --port __PORT__
 """
 
 def guest_command(kind: str) -> str:

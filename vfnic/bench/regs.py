@@ -35,7 +35,6 @@ from vfnic.bench.common import (
     table,
     worker_argv,
 )
-from vfnic.regs.ids import VENDOR_ID, VF_DEVICE_ID
 
 STATUS, MTA = 0x0008, 0x0028
 READ_TARGET_US = 50.0
@@ -178,83 +177,13 @@ def device_model_floor(n: int) -> float:
 
 # -- inside the guest ---------------------------------------------------------------------
 
-GUEST_SCRIPT = r"""
-python3 - <<'PY'
-import glob, json, mmap, os, struct, time
-
-def find(vendor, devices):
-    for d in sorted(glob.glob("/sys/bus/pci/devices/*")):
-        v = open(d + "/vendor").read().strip()
-        if v == vendor and open(d + "/device").read().strip() in devices:
-            return d
-    return None
-
-def bar(d, index, size):
-    fd = os.open(d + "/config", os.O_RDWR)
-    cmd = struct.unpack("<H", os.pread(fd, 2, 4))[0]
-    if not cmd & 2:
-        os.pwrite(fd, struct.pack("<H", cmd | 2), 4)  # memory space enable
-    os.close(fd)
-    fd = os.open("%s/resource%d" % (d, index), os.O_RDWR | os.O_SYNC)
-    m = mmap.mmap(fd, size)
-    os.close(fd)
-    return memoryview(m).cast("I")
-
-def rate(op, secs):
-    n = 0
-    t0 = time.perf_counter()
-    end = t0 + secs
-    while True:
-        op(CHUNK)
-        n += CHUNK
-        t = time.perf_counter()
-        if t >= end:
-            return n / (t - t0)
-
-CHUNK, SECS, RUNS = 500, __SECS__, __RUNS__
-out = {}
-vf = find(__VENDOR__, (__VF_DEVICE__,))
-regs = bar(vf, 0, 0x4000)
-
-def reads(k, r=regs):
-    for _ in range(k):
-        r[2]  # STATUS
-
-def writes(k, r=regs):
-    for i in range(k):
-        r[10] = i  # MTA, a posted write
-    r[2]  # one read: the writes have reached the device
-
-ram = memoryview(bytearray(0x4000)).cast("I")
-def loop(k, r=ram):
-    for _ in range(k):
-        r[2]
-
-out["loop"] = [rate(loop, SECS / 4) for _ in range(RUNS)]
-out["reads"] = [rate(reads, SECS) for _ in range(RUNS)]
-out["writes"] = [rate(writes, SECS) for _ in range(RUNS)]
-try:
-    edu = find(__VENDOR__, ("0x11e8",))  # QEMU's edu device shares the vendor ID
-    ve = bar(edu, 0, 0x1000)
-    def emu(k, r=ve):
-        for _ in range(k):
-            r[0]  # the edu device's identification register, emulated by QEMU itself
-    out["emulated"] = [rate(emu, SECS) for _ in range(RUNS)]
-except Exception as exc:
-    out["emulated_error"] = "%s: %s" % (type(exc).__name__, exc)
-print("@@REGS " + json.dumps(out), flush=True)
-PY
-"""
-
-
 def guest_regs(runs: int, secs: float, busy_poll_us: int = 0) -> dict[str, Any]:
     from vfnic.host.vm import VM, VfioUserFunction
 
     with short_tmpdir("vfb-") as tmp, serve(tmp / "nic", vfs=2,
                                             busy_poll_us=busy_poll_us) as nic:
-        script = (GUEST_SCRIPT.replace("__SECS__", repr(secs)).replace("__RUNS__", str(runs))
-                  .replace("__VENDOR__", repr(f"{VENDOR_ID:#06x}"))
-                  .replace("__VF_DEVICE__", repr(f"{VF_DEVICE_ID:#06x}")))
+        # vfnic/bench/guest_regs.py, a module of the image's /opt/vfnic
+        script = f"python3 -m vfnic.bench.guest_regs --secs {secs!r} --runs {runs}"
         # QEMU's "edu" device: a register QEMU emulates itself, for comparison.
         vm = VM([VfioUserFunction(nic / "vf0.sock", "vf0")], command=script,
                 extra_args=["-device", "edu"])

@@ -8,7 +8,6 @@ DIR/pf.sock, DIR/vf0.sock ... and DIR/control.sock (management, JSON lines).
 from __future__ import annotations
 
 import fcntl
-import functools
 import grp
 import json
 import logging
@@ -41,6 +40,7 @@ from vfnic.errors import (
     VfnicError,
 )
 from vfnic.regs import table as T
+from vfnic.regs.bank import WriteHook
 from vfnic.regs.table import Register
 from vfnic.vfiouser import wire
 from vfnic.vfiouser.server import FunctionServer, accept_retry, listen_unix
@@ -59,34 +59,38 @@ def default_mac(nic_id: int, fn: int) -> bytes:
 
 
 # What a guest write does beyond storing the value, by register (keys are the
-# table's identifiers, so a misspelt register fails at import): hook(nic, fn, value).
-Hook = Callable[["Nic", PciFunction, int], None]
+# table's identifiers, so a misspelt register fails at import). Each entry makes the
+# function's hook: make(nic, fn) -> hook(register name, value).
+HookMaker = Callable[["Nic", PciFunction], WriteHook]
 
 
-def _ctl_hook(ring: T.Ring, q: int) -> Hook:
-    return lambda _nic, fn, _v: fn.datapath.on_ctl_write(ring, q)
+def _ctl_hook(ring: T.Ring, q: int) -> HookMaker:
+    def make(_nic: Nic, fn: PciFunction) -> WriteHook:
+        dp = fn.datapath
+        return lambda _n, _v: dp.on_ctl_write(ring, q)
+    return make
 
 
-def _tail_hook(ring: T.Ring, q: int) -> Hook:
-    return lambda _nic, fn, _v: fn.datapath.on_tail_write(ring, q)
+def _tail_hook(ring: T.Ring, q: int) -> HookMaker:
+    def make(_nic: Nic, fn: PciFunction) -> WriteHook:
+        dp = fn.datapath
+        return lambda _n, _v: dp.on_tail_write(ring, q)
+    return make
 
 
-WRITE_HOOKS: dict[Register, Hook] = {
-    T.CTRL: lambda nic, fn, v: nic._on_ctrl(fn, v),
-    T.EICS: lambda nic, fn, v: nic.raise_cause(fn, v),  # software-set causes
-    T.EIMS: lambda nic, fn, _v: nic._deliver(fn),  # an unmasked pending cause fires
+WRITE_HOOKS: dict[Register, HookMaker] = {
+    T.CTRL: lambda nic, fn: lambda _n, v: nic._on_ctrl(fn, v),
+    T.EICS: lambda nic, fn: lambda _n, v: nic.raise_cause(fn, v),  # software-set causes
+    T.EIMS: lambda nic, fn: lambda _n, _v: nic._deliver(fn),  # unmasked pending causes fire
     **{ring.XDCTL(q): _ctl_hook(ring, q) for ring in (T.RX, T.TX) for q in range(T.NUM_QUEUES)},
     **{ring.DT(q): _tail_hook(ring, q) for ring in (T.RX, T.TX) for q in range(T.NUM_QUEUES)},
 }
-VF_WRITE_HOOKS: dict[Register, Hook] = {
-    T.VFMBDOORBELL: lambda nic, fn, v: nic.pf_agent.on_vf_doorbell(fn, v),
-    T.RAL: lambda nic, fn, _v: nic._on_mac_register(fn),  # admin MAC / spoofchk policy
-    T.RAH: lambda nic, fn, _v: nic._on_mac_register(fn),
+VF_WRITE_HOOKS: dict[Register, HookMaker] = {
+    T.VFMBDOORBELL: lambda nic, fn: lambda _n, v: nic.pf_agent.on_vf_doorbell(fn, v),
+    # admin MAC / spoofchk policy: the switch filters on the address the PF approved
+    T.RAL: lambda nic, fn: lambda _n, _v: nic._on_mac_register(fn),
+    T.RAH: lambda nic, fn: lambda _n, _v: nic._on_mac_register(fn),
 }
-
-
-def _call_hook(hook: Hook, nic: Nic, fn: PciFunction, _name: str, value: int) -> None:
-    hook(nic, fn, value)
 
 
 class Nic:
@@ -130,8 +134,8 @@ class Nic:
     def _wire(self, fn: PciFunction) -> None:
         fn.nic = self
         hooks = {**WRITE_HOOKS, **({} if fn.is_pf else VF_WRITE_HOOKS)}
-        for reg, hook in hooks.items():
-            fn.bank.on_write(reg, functools.partial(_call_hook, hook, self, fn))
+        for reg, make in hooks.items():
+            fn.bank.on_write(reg, make(self, fn))
 
     def _on_ctrl(self, fn: PciFunction, value: int) -> None:
         if value & T.CTRL_RST:  # self-clearing software reset of the function's registers

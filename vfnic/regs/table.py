@@ -33,6 +33,11 @@ class Register:
     def end(self) -> int:
         return self.offset + self.width
 
+    def __index__(self) -> int:
+        """Where an integer offset is wanted (client.read32(0, T.RDT(q)), struct, slices),
+        a register stands for its BAR0 offset."""
+        return self.offset
+
 
 # Geometry shared by the PF and VF banks.
 BAR0_SIZE = 0x4000
@@ -107,9 +112,9 @@ class RegisterArray:
         object.__setattr__(self, "registers", regs)
 
     def __call__(self, n: int) -> Register:
-        if not 0 <= n < self.count:
+        if n < 0:
             raise IndexError(f"{self.name}({n}): there are {self.count}")
-        return self.registers[n]
+        return self.registers[n]  # IndexError past the last one
 
 
 def _queue(name: str, off: int, access: Access, reset: int = 0, mask: int = 0xFFFFFFFF,

@@ -128,9 +128,11 @@ class Migration:
     """Migration state of one device: the FSM, the data stream and the device
     features (VFIO_USER_DEVICE_FEATURE) of the function that owns it."""
 
-    def __init__(self, device: Device, dma: DmaController) -> None:
+    def __init__(self, device: Device, dma: DmaController | None = None) -> None:
         self.device = device
-        self.dma = dma
+        # The function's DMA controller, which does the DMA_LOGGING_* features (a device
+        # without one gets an empty controller: logging on, nothing ever written).
+        self.dma = dma if dma is not None else DmaController()
         self.state = S.RUNNING
         self.out = b""  # bytes still to be read by MIG_DATA_READ
         self.precopy_base: bytes | None = None  # snapshot sent during PRE_COPY
