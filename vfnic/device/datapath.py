@@ -9,6 +9,7 @@ bad one disables the queue and sets its QERR cause, and the server goes on.
 from __future__ import annotations
 
 import collections
+import logging
 import struct
 import threading
 from typing import TYPE_CHECKING
@@ -19,6 +20,8 @@ from vfnic.regs import table as T
 
 if TYPE_CHECKING:
     from vfnic.device.function import PciFunction
+
+log = logging.getLogger(__name__)
 
 RX_BACKLOG = 256  # frames waiting for the serving thread (fd-less DMA only)
 RX_WRITEBACK = struct.Struct("<HHBBH")  # length, csum, status, errors, vlan
@@ -55,8 +58,10 @@ class DataPath:
     def enabled(self, kind: str, q: int) -> bool:
         return bool(self._reg(f"{kind}XDCTL", q) & D.QCTL_ENABLE)
 
-    def queue_error(self, kind: str, q: int, cause: int) -> None:
+    def queue_error(self, kind: str, q: int, cause: int, why: object = None) -> None:
         """Disable the queue and report why (QERRn, EICR queue bit)."""
+        if why is not None:  # a DMA fault: this function's queue stops, the NIC goes on
+            log.warning("%s: %sX queue %d disabled: %s", self.fn.name, kind, q, why)
         self._set(f"{kind}XDCTL", q, self._reg(f"{kind}XDCTL", q) & ~D.QCTL_ENABLE)
         self.fn.bank.set_bits(f"QERR{q}", cause)
         self._count("RXERRC" if kind == "R" else "TXERRC")
@@ -70,8 +75,8 @@ class DataPath:
             return False
         try:
             self.fn.dma.find(base, count * D.DESC_SIZE)
-        except DmaError:
-            self.queue_error(kind, q, D.QERR_DMA)
+        except DmaError as exc:
+            self.queue_error(kind, q, D.QERR_DMA, exc)
             return False
         return True
 
@@ -126,9 +131,9 @@ class DataPath:
                 frame = fn.dma_read(addr, length)
                 if cmd & D.CMD_RS:
                     fn.dma_write(slot + 12, bytes([D.STAT_DD]))
-            except DmaError:
+            except DmaError as exc:
                 self._set("TDH", q, head)
-                self.queue_error("T", q, D.QERR_DMA)
+                self.queue_error("T", q, D.QERR_DMA, exc)
                 return sent
             head = (head + 1) % count
             sent += 1
@@ -211,8 +216,8 @@ class DataPath:
             wb = RX_WRITEBACK.pack(0 if errors else len(frame), 0, D.STAT_DD | D.STAT_EOP,
                                    errors, 0)
             fn.dma_write(slot + 8, wb)
-        except DmaError:
-            self.queue_error("R", q, D.QERR_DMA)
+        except DmaError as exc:
+            self.queue_error("R", q, D.QERR_DMA, exc)
             return False
         self._set("RDH", q, (head + 1) % count)
         if not errors:

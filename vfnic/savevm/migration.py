@@ -18,6 +18,7 @@ from __future__ import annotations
 import bisect
 import enum
 import errno
+import logging
 import struct
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,9 @@ from vfnic.vfiouser import wire
 
 if TYPE_CHECKING:
     from vfnic.device.function import PciFunction
+
+
+log = logging.getLogger(__name__)
 
 
 class State(enum.IntEnum):
@@ -180,8 +184,9 @@ class Migration:
         for step in path(self.state, new):
             try:
                 self._arc(self.state, step)
-            except SnapshotError:
+            except SnapshotError as exc:
                 self.incoming = bytearray()  # refused: device unchanged, still RESUMING
+                log.warning("%s: migration state refused: %s", self.fn.name, exc)
                 raise
             except VfnicError as exc:
                 self.state = S.ERROR
@@ -314,8 +319,8 @@ class Migration:
         self.fn.dma.dirty_log = None
 
     def logging_report(self, data: bytes, argsz: int) -> bytes:
-        log = self.fn.dma.dirty_log
-        if log is None:
+        dirty_log = self.fn.dma.dirty_log
+        if dirty_log is None:
             raise ProtocolError("DMA logging is not started")
         if len(data) < LogReport.size:
             raise ProtocolError("DMA_LOGGING_REPORT: short data")
@@ -327,6 +332,8 @@ class Migration:
         npages = length // page_size
         words = (npages + 63) // 64
         if 8 * words > MAX_BITMAP:
+            log.warning("%s: DMA_LOGGING_REPORT of a %d-byte bitmap refused", self.fn.name,
+                        8 * words)
             raise ProtocolError(f"DMA_LOGGING_REPORT: bitmap of {8 * words} bytes exceeds the "
                                 f"advertised max_bitmap_size {MAX_BITMAP}", errno.E2BIG)
         if argsz < 8 + LogReport.size + 8 * words:
@@ -335,7 +342,7 @@ class Migration:
         # itself bounded by MAX_BITMAP.
         bitmap = bytearray(8 * words)
         lps = stream.PAGE_SIZE
-        dirty = sorted(log)
+        dirty = sorted(dirty_log)
         lo = bisect.bisect_left(dirty, iova // lps)
         hi = bisect.bisect_left(dirty, (iova + length + lps - 1) // lps)
         reported = []
@@ -348,5 +355,5 @@ class Migration:
             if iova <= addr and addr + lps <= iova + length:
                 reported.append(page)
         # Reported pages are cleared (the kernel's semantics for REPORT).
-        log.difference_update(reported)
+        dirty_log.difference_update(reported)
         return LogReport.pack(iova, length, page_size) + bytes(bitmap)
