@@ -29,6 +29,7 @@ from conftest_proto import (  # noqa: E402
     open_fds,
     sock_path,
     wait_detached,
+    wait_until,
 )
 
 MAP = wire.Command.DMA_MAP
@@ -319,7 +320,8 @@ def test_dma_mappings_are_dropped_when_the_client_disconnects(nic_server: Any,
     c.close()
     wait_detached(nic_server)
     assert regions(vf0) == []
-    assert open_fds() == before  # the server's mmap of the memfd is gone too
+    # the server's copy of the memfd is gone too (its threads finish closing)
+    wait_until(lambda: open_fds() == before, what="fds released")
     with VfioUserClient(sock_path(nic_server)) as again:
         again.dma_map(0x10000, PAGE)
         again.dma_map(0x20000, PAGE)

@@ -36,6 +36,7 @@ from conftest_proto import (  # noqa: E402
     sock_path,
     u32,
     wait_detached,
+    wait_until,
 )
 
 SET_IRQS = wire.Command.DEVICE_SET_IRQS
@@ -195,7 +196,7 @@ def test_eventfds_are_dropped_when_the_client_disconnects(nic_server: Any, vf0: 
     c.close()
     wait_detached(nic_server)
     assert irq_state(vf0)[0] == []
-    assert open_fds() == before
+    wait_until(lambda: open_fds() == before, what="fds released")
 
 
 def test_pf_intx_signalled_when_msix_disabled(pf_client: VfioUserClient, pf: PciFunction,

@@ -250,3 +250,19 @@ def test_interleaved_sessions_never_change_the_owners_state_through_the_second(
         intruder.close()
         owner.reset()
         owner.close()
+
+
+def test_a_client_reconnecting_at_once_becomes_the_owner(nic_server: NicServer) -> None:
+    """A restarted QEMU connects right after the old one hung up: it owns the VF
+    (the server waits for the hung-up owner's session to end), it is not read-only."""
+    for _ in range(5):
+        first = VfioUserClient(sock_path(nic_server))
+        first.reset()
+        first.close()
+        again = VfioUserClient(sock_path(nic_server))  # no wait for the server to notice
+        try:
+            again.reset()
+            again.dma_map(0x10000, 0x1000)
+        finally:
+            again.close()
+        wait_until(lambda: not nic_server.servers["vf0"].attached, what="vf0 to detach")

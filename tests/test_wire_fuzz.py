@@ -48,6 +48,7 @@ from conftest_proto import (  # noqa: E402
     u32,
     version_payload,
     wait_detached,
+    wait_until,
     write_multi_payload,
 )
 
@@ -392,5 +393,5 @@ def test_fuzzed_connection_leaves_nothing_behind(nic_server: Any) -> None:
     finally:
         close_all([*efds, fd])
     wait_detached(nic_server)
-    assert open_fds() == before
+    wait_until(lambda: open_fds() == before, what="fds released")
     assert os.path.exists(sock_path(nic_server))

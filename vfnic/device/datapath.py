@@ -9,6 +9,7 @@ bad one disables the queue and sets its QERR cause, and the server goes on.
 from __future__ import annotations
 
 import collections
+import logging
 import struct
 import threading
 from typing import TYPE_CHECKING
@@ -20,6 +21,8 @@ from vfnic.regs.bank import Reg
 
 if TYPE_CHECKING:
     from vfnic.device.function import PciFunction
+
+log = logging.getLogger(__name__)
 
 RX_BACKLOG = 256  # frames waiting for the serving thread (fd-less DMA only)
 RX_WRITEBACK = struct.Struct("<HHBBH")  # length, csum, status, errors, vlan
@@ -56,8 +59,10 @@ class DataPath:
     def enabled(self, ring: T.Ring, q: int) -> bool:
         return bool(self._reg(ring.XDCTL(q)) & T.QCTL_ENABLE)
 
-    def queue_error(self, ring: T.Ring, q: int, cause: int) -> None:
+    def queue_error(self, ring: T.Ring, q: int, cause: int, why: object = None) -> None:
         """Disable the queue and report why (QERRn, EICR queue bit)."""
+        if why is not None:  # a DMA fault: this function's queue stops, the NIC goes on
+            log.warning("%s: %s queue %d disabled: %s", self.fn.name, ring.name, q, why)
         self._set(ring.XDCTL(q), self._reg(ring.XDCTL(q)) & ~T.QCTL_ENABLE)
         self.fn.bank.set_bits(T.QERR(q), cause)
         self._count(T.RXERRC if ring is T.RX else T.TXERRC)
@@ -71,8 +76,8 @@ class DataPath:
             return False
         try:
             self.fn.dma.find(base, count * D.DESC_SIZE)
-        except DmaError:
-            self.queue_error(ring, q, T.QERR_DMA)
+        except DmaError as exc:
+            self.queue_error(ring, q, T.QERR_DMA, exc)
             return False
         return True
 
@@ -127,9 +132,9 @@ class DataPath:
                 frame = fn.dma_read(addr, length)
                 if cmd & D.CMD_RS:
                     fn.dma_write(slot + 12, bytes([D.STAT_DD]))
-            except DmaError:
+            except DmaError as exc:
                 self._set(T.TDH(q), head)
-                self.queue_error(T.TX, q, T.QERR_DMA)
+                self.queue_error(T.TX, q, T.QERR_DMA, exc)
                 return sent
             head = (head + 1) % count
             sent += 1
@@ -212,8 +217,8 @@ class DataPath:
             wb = RX_WRITEBACK.pack(0 if errors else len(frame), 0, D.STAT_DD | D.STAT_EOP,
                                    errors, 0)
             fn.dma_write(slot + 8, wb)
-        except DmaError:
-            self.queue_error(T.RX, q, T.QERR_DMA)
+        except DmaError as exc:
+            self.queue_error(T.RX, q, T.QERR_DMA, exc)
             return False
         self._set(T.RDH(q), (head + 1) % count)
         if not errors:

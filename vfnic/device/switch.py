@@ -135,17 +135,22 @@ class Switch:
         tagged = self._tagged(frame)
         if pol.vlan:
             if tagged:  # the port VLAN is the VF's only VLAN
-                pol.vlan_dropped += 1
-                src.count_drop(T.TXERRC)
+                self._vlan_drop(src, "a tagged frame from a VF with a port VLAN")
                 return None
             return frame[:12] + TPID + pol.tci().to_bytes(2, "big") + frame[12:], pol.vlan
         if tagged:
             if not pol.trust:
-                pol.vlan_dropped += 1
-                src.count_drop(T.TXERRC)
+                self._vlan_drop(src, "a tagged frame from an untrusted VF")
                 return None
             return frame, int.from_bytes(frame[14:16], "big") & 0xFFF
         return frame, None
+
+    @staticmethod
+    def _vlan_drop(src: PciFunction, why: str) -> None:
+        src.policy.vlan_dropped += 1
+        src.count_drop(T.TXERRC)
+        if src.policy.vlan_dropped == 1:
+            log.warning("%s: dropped %s (counting further drops)", src.name, why)
 
     @staticmethod
     def _egress(fn: PciFunction, frame: bytes, vid: int | None) -> bytes | None:

@@ -21,6 +21,7 @@ snapshot layout is the device's own (vfnic.device.snapshot).
 from __future__ import annotations
 
 import errno
+import logging
 import struct
 from typing import Protocol
 
@@ -43,6 +44,9 @@ from vfnic.vfiouser.features import (
 )
 
 __all__ = ["Device", "Feature", "Migration", "State", "path"]
+
+
+log = logging.getLogger(__name__)
 
 SUPPORTED = MIGRATION_STOP_COPY | MIGRATION_P2P | MIGRATION_PRE_COPY
 
@@ -192,8 +196,9 @@ class Migration:
         for step in path(self.state, new):
             try:
                 self._arc(self.state, step)
-            except SnapshotError:
+            except SnapshotError as exc:
                 self.incoming = bytearray()  # refused: device unchanged, still RESUMING
+                log.warning("migration state refused: %s", exc)
                 raise
             except VfnicError as exc:
                 self.state = S.ERROR
@@ -275,6 +280,7 @@ class Migration:
         if valid and not length % page_size and not iova % page_size:  # else report() refuses
             words = (length // page_size + 63) // 64
             if 8 * words > MAX_BITMAP:
+                log.warning("DMA_LOGGING_REPORT of a %d-byte bitmap refused", 8 * words)
                 raise ProtocolError(f"DMA_LOGGING_REPORT: bitmap of {8 * words} bytes exceeds "
                                     f"the advertised max_bitmap_size {MAX_BITMAP}", errno.E2BIG)
             if argsz < 8 + LogReport.size + 8 * words:

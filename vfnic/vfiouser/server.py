@@ -11,6 +11,7 @@ import errno
 import json
 import logging
 import os
+import select
 import socket
 import threading
 import time
@@ -43,6 +44,7 @@ SERVER_MAX_BITMAP = MAX_BITMAP
 # functions are never stalled by it; this function's work waits at most this long.
 DMA_REPLY_TIMEOUT = 2.0
 MAX_READONLY_SESSIONS = 4  # concurrent non-owner sessions per function
+OWNER_HANDOVER = 2.0  # seconds a new client waits for a hung-up owner's session to end
 ACCEPT_BACKOFF = 0.1  # seconds to wait after EMFILE/ENFILE before accepting again
 
 
@@ -535,7 +537,25 @@ class FunctionServer:
                 log.warning("%s: dropped a connection: %s", self.name, exc)
                 conn.close()
 
+    def _owner_gone(self) -> bool:
+        """The owner's peer hung up but its serving thread has not noticed yet."""
+        session = self.session
+        if session is None:
+            return True
+        try:
+            p = select.poll()
+            p.register(session.endpoint.sock, select.POLLRDHUP)
+            events = p.poll(0)
+        except (OSError, ValueError):
+            return True
+        return any(ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR) for _, ev in events)
+
     def _take(self, conn: socket.socket) -> None:
+        # A client reconnecting right after closing (a rebooted or restarted QEMU) is
+        # the next owner: wait for the old owner's session to wind down first.
+        deadline = time.monotonic() + OWNER_HANDOVER
+        while self.session is not None and self._owner_gone() and time.monotonic() < deadline:
+            time.sleep(0.01)
         with self._lock:
             owner = self.session is None
             if not owner and len(self.readonly) >= MAX_READONLY_SESSIONS:
