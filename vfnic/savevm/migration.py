@@ -20,7 +20,7 @@ import errno
 import struct
 from typing import TYPE_CHECKING
 
-from vfnic.errors import NotTtyError, ProtocolError, SnapshotError, VfnicError
+from vfnic.errors import DmaError, NotTtyError, ProtocolError, SnapshotError, VfnicError
 from vfnic.savevm import snapshot, stream
 from vfnic.vfiouser import wire
 
@@ -214,6 +214,12 @@ class Migration:
             self.incoming = bytearray()
         elif cur == S.RESUMING and new == S.STOP:
             image, pages = stream.assemble(bytes(self.incoming))
+            for iova, data in pages:  # every page must land, or nothing is applied
+                try:
+                    if not fn.dma.find(iova, len(data)).writable:
+                        raise SnapshotError(f"page {iova:#x} is in a read-only DMA region")
+                except DmaError as exc:
+                    raise SnapshotError(f"migration stream: {exc}") from exc
             snapshot.restore(fn, image)  # checks everything before touching the device
             for iova, data in pages:  # DMA-written pages QEMU could not have seen
                 fn.dma.write(iova, data)
