@@ -26,7 +26,8 @@ else
 fi
 echo sid > "$CACHE/qemu-kind"
 
-# libvirt for `virsh migrate` (vfnic/libvirt/lab.py runs this libvirtd inside the root):
+# libvirt for `virsh migrate` (vfnic/libvirt/lab.py runs this libvirtd inside the root),
+# and dbus-daemon for the libvirt hook that starts a domain's dbus-vmstate bus there:
 # Debian 12's libvirt 9.0 cannot migrate QEMU 11.1 (its `migrate` passes `detach`).
 # The registry's sid index may be past its Valid-Until date: apt is told to accept it.
 if [ ! -f "$ROOT/.libvirt" ]; then
@@ -41,8 +42,13 @@ if [ ! -f "$ROOT/.libvirt" ]; then
             exit 1; }
     }
     apt_sid update
-    apt_sid install -y --no-install-recommends libvirt-daemon libvirt-daemon-driver-qemu
+    apt_sid install -y --no-install-recommends libvirt-daemon libvirt-daemon-driver-qemu \
+        dbus-daemon
     umount "$ROOT/proc"
     trap - EXIT
     touch "$ROOT/.libvirt"
+fi
+if [ ! -x "$ROOT/usr/bin/dbus-daemon" ]; then
+    echo "vfnic: libvirt's hook needs dbus-daemon in the sid root: $ROOT/usr/bin/dbus-daemon" >&2
+    exit 1
 fi

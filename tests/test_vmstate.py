@@ -150,3 +150,19 @@ def test_qemu_option_syntax_is_read_like_qemu_reads_it() -> None:
     assert dev["id"] == "nic0" and dev["socket"]["path"] == "/n/vf0.sock"
     dev = _object_or_device("vfio-user-pci,id=nic1,socket.type=unix,socket.path=/n/vf1.sock")
     assert dev["driver"] == "vfio-user-pci" and dev["socket"]["path"] == "/n/vf1.sock"
+
+
+def test_pages_outside_the_destinations_ram_are_refused_before_anything_is_applied() -> None:
+    src = with_ram(Nic(1, nic_id=1).vfs[0])
+    src.region_write(0, 0x28, struct.pack("<I", 0xCAFE0001))
+    vmstate.start_dirty_log(src)
+    src.dma.write(RAM - stream.PAGE_SIZE, b"last page")
+    blob = vmstate.save(src)
+    dst = Nic(1, nic_id=2).vfs[0]
+    fd = os.memfd_create("small-ram")
+    os.ftruncate(fd, RAM // 2)
+    dst.dma.map(0, RAM // 2, 3, 0, fd)  # a destination whose RAM ends below that page
+    before = device_state(dst)
+    with pytest.raises(SnapshotError, match="outside the client's mappings"):
+        vmstate.load(dst, blob)
+    assert device_state(dst) == before and dst.migration.state == State.RUNNING

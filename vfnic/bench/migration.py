@@ -8,7 +8,7 @@ NIC needs; every one repeated):
   virtio-net                    plain QEMU migration, QEMU's own announce
   no NIC                        plain QEMU migration (VM downtime baseline)
 The guest is booted once per kind (VF, virtio-net, none) and migrated back and
-forth (a -> b -> a ...), the four VF configurations interleaved round-robin on
+forth (a -> b -> a ...), the VF configurations interleaved round-robin on
 the same guest. The peer pings the guest every 10 ms; network downtime is the
 longest gap between two replies (minus the interval).
 
@@ -588,7 +588,7 @@ def run(quick: bool = False, runs: int | None = None, plot_path: Path | None = N
                      stat_text([v / 2**20 for v in _sum_vals(rs, "ram_transferred")], "{:.0f}")])
     sec.add(f"One guest per kind (512 MiB, 1 vCPU, TCG), migrated back and forth between the "
             f"lab's hosts a and b over their migration network (veth + bridge); {nruns} runs "
-            f"per configuration, the four VF configurations interleaved on the same guest. "
+            f"per configuration, the VF configurations interleaved on the same guest. "
             f"Median (min–max) over the runs that completed. *Migration time*: `migrate` to "
             f"the destination running (the orchestrator's total for the VF). *VM downtime*: "
             f"QEMU's `downtime` from `query-migrate`. *Guest pause*: source stopped → "

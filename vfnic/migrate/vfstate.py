@@ -101,14 +101,11 @@ def load(fn: PciFunction, data: bytes) -> None:
         if mig.state not in (State.RUNNING, State.STOP):
             raise VfnicError(f"{fn.name} is in migration state {mig.state.name}")
         try:
-            _image, pages = stream.assemble(data)
-            for iova, page in pages:
-                region = fn.dma.find(iova, len(page))
-                if region.mm is None:
-                    raise VfnicError(
-                        f"{fn.name}: guest page {iova:#x} is in a DMA region without fd "
-                        f"({region.address:#x}+{region.size:#x}): QEMU cannot take DMA "
-                        "messages during Load; start it with a share=on memory backend")
+            # Pages are written through vfnic's own mapping of guest RAM: QEMU cannot
+            # answer a DMA_WRITE message while Load blocks its main loop.
+            if any(r.writable and r.mm is None for r in fn.dma.regions):
+                raise VfnicError(f"{fn.name}: guest RAM is not shared with vfnic (DMA_MAP "
+                                 "without fd): start QEMU with a share=on memory backend")
             mig.set_state(State.RESUMING)
             mig.write(data)
             # The whole stream is checked (records, CRCs, END, snapshot) before the

@@ -240,6 +240,11 @@ class VfLink:
         t0 = time.perf_counter()
         record = self.record if self.record and self.record["role"] == "source" else \
             self._new_record("source")
+        if self.fn.dma.dirty_log is None:
+            # No monitor told us the migration started: pages the VF wrote by DMA after
+            # QEMU sent them are not in this state (the guest may see stale buffers).
+            record["warning"] = "DMA dirty log was not running: DMA-written pages not carried"
+            log.warning("%s: %s", self.id, record["warning"])
         fault = self.service.faults.pop(self.fn.index, None)
         limit = 64 if fault == "oversize" else vfstate.LIMIT
         try:
@@ -290,6 +295,9 @@ class VfLink:
             if self.att.monitor is not None:
                 await self._follow(self.att.monitor)
             else:
+                log.warning("%s: QEMU %d has no monitor %s.qmp: its migrations cannot be "
+                            "followed (no DMA dirty log, no config replay, no rollback)",
+                            self.id, self.att.pid, self.att.device_id)
                 await asyncio.Event().wait()
         finally:
             if bus is not None:
