@@ -678,6 +678,7 @@ static void vfnic_check_function(struct vfnic_adapter *adapter, bool lost)
 	struct net_device *netdev = adapter->netdev;
 	struct pci_dev *pdev = adapter->pdev;
 	ktime_t t0 = ktime_get();
+	s64 us;
 
 	if (lost) {
 		/*
@@ -693,10 +694,11 @@ static void vfnic_check_function(struct vfnic_adapter *adapter, bool lost)
 			netdev_err(netdev, "taking over the new VF failed\n");
 			return;
 		}
+		us = ktime_us_delta(ktime_get(), t0);
 		adapter->stats.moves++;
-		netdev_info(netdev, "migrated onto a new VF, mac %pM, link %s, taken over in %lld us\n",
+		netdev_info(netdev, "migrated onto a new VF, mac %pM, link %s, taken over in %lld.%03lld ms\n",
 			    netdev->dev_addr, adapter->link_up ? "up" : "down",
-			    ktime_us_delta(ktime_get(), t0));
+			    us / 1000, us % 1000);
 		return;
 	}
 	if (lost) {

@@ -178,3 +178,46 @@ def test_image_carries_the_module() -> None:
     assert module.exists()
     alias = (module.parents[1] / "modules.alias").read_text()
     assert "pci:v00001234d00005FE1" in alias and "vfnic_vf" in alias
+
+
+CYCLE_SCRIPT = rf"""
+set -u
+bdf=$(basename "$(readlink /sys/class/net/vfnic0/device)")
+up_vf() {{
+    for n in /sys/bus/pci/devices/$bdf/net/*; do
+        [ "${{n##*/}}" = vfnic0 ] || ip link set "${{n##*/}}" name vfnic0
+    done
+    ip addr add {GUEST_IP}/24 dev vfnic0
+    ip link set vfnic0 up
+    for i in $(seq 100); do
+        [ "$(cat /sys/class/net/vfnic0/carrier)" = 1 ] && break; sleep 0.05
+    done
+    ping -c 2 -i 0.2 -W 5 {PEER_IP} > /dev/null && echo "$1: ping ok"
+}}
+up_vf boot
+for i in 1 2 3; do
+    rmmod vfnic_vf && echo "rmmod $i: $(grep -c vfnic_vf /proc/interrupts) vectors left," \
+        "$(ls /sys/bus/pci/devices/$bdf/net 2>/dev/null | wc -l) netdevs left"
+    modprobe "$(cat /sys/bus/pci/devices/$bdf/modalias)"
+    up_vf "modprobe $i"
+done
+echo 1 > /sys/bus/pci/devices/$bdf/reset && echo "flr done"
+for i in $(seq 100); do [ "$(cat /sys/class/net/vfnic0/carrier)" = 1 ] && break; sleep 0.05; done
+ping -c 3 -i 0.2 -W 5 {PEER_IP} > /dev/null && echo "flr: ping ok"
+ethtool -S vfnic0 | grep -E ' (GPRC|suspends|resumes|moves):'
+dmesg | grep -E 'BUG|WARNING|Oops|leak' || echo "no kernel warnings"
+"""
+
+
+@pytest.mark.qemu
+def test_rmmod_modprobe_cycles_and_flr_keep_the_vf_working(
+        nic: NicServer, peer: tuple[VfDriver, subprocess.Popen[str]]) -> None:
+    output = _guest(nic, CYCLE_SCRIPT)
+    assert "boot: ping ok" in output
+    for i in (1, 2, 3):
+        assert f"rmmod {i}: 0 vectors left, 0 netdevs left" in output
+        assert f"modprobe {i}: ping ok" in output
+    assert "flr done" in output and "flr: ping ok" in output
+    stats = dict(re.findall(r"^\s+(\w+): (\d+)$", output, re.M))
+    assert int(stats["resumes"]) == 1 and int(stats["moves"]) == 0  # the FLR's reinit
+    assert "no kernel warnings" in output
