@@ -143,7 +143,8 @@ grep vfnic_vf /proc/interrupts | wc -l | sed 's/^/msix-vectors=/'
 ping -c 3 -i 0.2 -W 5 {PEER_IP}; rc=$?
 python3 /run/udp.py {PEER_IP} {UDP_PORT}
 ethtool -S vfnic0
-ethtool -d vfnic0 | head -5
+ethtool -d vfnic0 | head -3
+ethtool -d vfnic0 raw on | python3 -m vfnic.regs.ethtool
 ethtool -g vfnic0
 ethtool -l vfnic0
 exit $rc
@@ -166,6 +167,11 @@ def test_guest_kernel_driver_pings_and_udp_both_ways(
     assert int(stats["GPRC"]) >= 51 and int(stats["GPTC"]) >= 51
     assert int(stats["rx_packets"]) >= 51 and int(stats["tx_packets"]) >= 51
     assert "config_restores" in stats and "last_resume_us" in stats
+    # ethtool -d, named by the register table (vfnic.regs.ethtool decodes the raw dump)
+    assert re.search(r"^RAL\s+0x0020 RW\s+0x00465602$", output, re.M), output
+    assert re.search(r"^RAH\s+0x0024 RW\s+0x80000100$", output, re.M)
+    assert re.search(r"^STATUS\s+0x0008 RO\s+0x00000002$", output, re.M)
+    assert re.search(r"^RXDCTL0\s+0x1014 RW\s+0x02000000$", output, re.M)
     assert nic.nic.vfs[0].bank.get("GPRC") >= 51
     drv, _echo = peer
     assert drv.counters.rx_frames >= 53
@@ -221,3 +227,18 @@ def test_rmmod_modprobe_cycles_and_flr_keep_the_vf_working(
     stats = dict(re.findall(r"^\s+(\w+): (\d+)$", output, re.M))
     assert int(stats["resumes"]) == 1 and int(stats["moves"]) == 0  # the FLR's reinit
     assert "no kernel warnings" in output
+
+
+def test_register_dump_is_named_by_the_table() -> None:
+    """`ethtool -d vfnic0 raw on | python3 -m vfnic.regs.ethtool`: one line per register."""
+    from vfnic.regs import ethtool
+
+    values = [0x1000 + i for i in range(len(T.VF_TABLE))]
+    raw = b"".join(v.to_bytes(4, "little") for v in values)
+    text = ethtool.render(ethtool.decode(raw))
+    lines = text.splitlines()
+    assert len(lines) == len(T.VF_TABLE)
+    assert lines[0] == "CTRL           0x0000 RW  0x00001000"
+    assert "VFMBDOORBELL   0x0104 WO  0x0000100c (write-only: reads 0)" in lines
+    with pytest.raises(ethtool.DumpError, match="not a vfnic_vf register dump"):
+        ethtool.decode(raw[:-4])

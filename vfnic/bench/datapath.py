@@ -22,6 +22,7 @@ import json
 import re
 import sys
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -266,8 +267,9 @@ def virtio_args(tap: str, mac: str = "52:54:00:12:34:56") -> list[str]:
 
 
 def guest_datapath(lab: Any, kind: str, nic_dir: Path | None, dur: float,
-                   ping: int) -> dict[str, Any]:
-    """Boot one guest (a GUEST_KINDS kind) in host a and run the peer's side."""
+                   ping: int, after: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """Boot one guest (a GUEST_KINDS kind) in host a and run the peer's side; then
+    ``after`` (its result in "after") while the guest still runs."""
     from vfnic.host.vm import VM, VfioUserFunction, guest_net_args
     from vfnic.migrate.lab import GUEST_IP, PEER_IP, sh
 
@@ -298,6 +300,8 @@ def guest_datapath(lab: Any, kind: str, nic_dir: Path | None, dur: float,
             res = w.result(stop=False, timeout=600)
         finally:
             w.kill()
+        if after is not None:
+            res["after"] = after()
         console = vm.console_log.read_text(errors="replace")
         m = re.search(r"virtio-net interface: (\S+)", console)
         if m:
