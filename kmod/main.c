@@ -744,7 +744,6 @@ static void vfnic_watchdog_task(struct work_struct *work)
 						     struct vfnic_adapter,
 						     watchdog_task);
 	struct pci_dev *pdev = adapter->pdev;
-	static unsigned int ticks;
 	u16 flags = 0;
 	bool lost;
 
@@ -754,7 +753,7 @@ static void vfnic_watchdog_task(struct work_struct *work)
 	pci_read_config_word(pdev, pdev->msix_cap + PCI_MSIX_FLAGS, &flags);
 	lost = flags == 0xffff || !(flags & PCI_MSIX_FLAGS_ENABLE);
 	if (lost || test_bit(__VFNIC_SUSPENDED, &adapter->state) ||
-	    ++ticks % QERR_CHECK_TICKS == 0) {
+	    ++adapter->watchdog_ticks % QERR_CHECK_TICKS == 0) {
 		rtnl_lock();
 		if (lost || test_bit(__VFNIC_SUSPENDED, &adapter->state))
 			vfnic_check_function(adapter, lost);

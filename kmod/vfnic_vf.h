@@ -90,6 +90,7 @@ struct vfnic_adapter {
 	u32 mc_hash;
 	struct work_struct mc_task;
 	struct delayed_work watchdog_task;
+	unsigned int watchdog_ticks;
 
 	struct u64_stats_sync syncp;
 	struct vfnic_sw_stats stats;
