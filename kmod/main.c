@@ -80,6 +80,7 @@ static int vfnic_alloc_ring(struct vfnic_adapter *adapter,
 	}
 	ring->next_to_use = 0;
 	ring->next_to_clean = 0;
+	ring->rs_every = clamp(count / 4, 1, VFNIC_TX_RS_EVERY);
 	return 0;
 }
 
@@ -263,26 +264,39 @@ static void vfnic_unmap_tx(struct vfnic_adapter *adapter,
 	buf->skb = NULL;
 }
 
-/* Free what the device reported done (DD, asked for with RS). */
-static bool vfnic_clean_tx(struct vfnic_adapter *adapter, int budget)
+/*
+ * Free what the device has sent. It writes DD only into descriptors with RS
+ * (one in VFNIC_TX_RS_EVERY), and sends in order: a done RS descriptor means
+ * every one before it is done too. The tail after the last RS descriptor is
+ * freed up to TDH when the watchdog finds it idle (upto_tdh).
+ */
+static bool vfnic_clean_tx(struct vfnic_adapter *adapter, int budget,
+			   bool upto_tdh)
 {
 	struct vfnic_ring *ring = &adapter->tx_ring;
+	u16 ntc = ring->next_to_clean, ntu = ring->next_to_use;
 	u64 packets = 0, bytes = 0;
-	u16 i = ring->next_to_clean;
+	u16 i, done = ntc;
 
-	while (i != ring->next_to_use) {
+	for (i = ntc; i != ntu; i = (i + 1) % ring->count) {
 		struct vfnic_tx_desc *desc = (struct vfnic_tx_desc *)ring->desc + i;
 
+		if (!(desc->cmd & VFNIC_CMD_RS))
+			continue;
 		if (!(READ_ONCE(desc->status) & VFNIC_STAT_DD))
 			break;
 		/* the device wrote DD: clearing it is the dummy write */
 		WRITE_ONCE(desc->status, 0);
+		done = (i + 1) % ring->count;
+	}
+	if (upto_tdh && done == ntc && ntc != ntu)
+		done = vfnic_rd32(adapter, VFNIC_TDH(VFNIC_QUEUE)) % ring->count;
+	for (i = ntc; i != done; i = (i + 1) % ring->count) {
 		packets++;
 		bytes += ring->buf[i].len;
 		vfnic_unmap_tx(adapter, &ring->buf[i], budget);
-		i = (i + 1) % ring->count;
 	}
-	smp_store_release(&ring->next_to_clean, i);
+	smp_store_release(&ring->next_to_clean, done);
 	u64_stats_update_begin(&adapter->syncp);
 	adapter->stats.tx_packets += packets;
 	adapter->stats.tx_bytes += bytes;
@@ -293,7 +307,7 @@ static bool vfnic_clean_tx(struct vfnic_adapter *adapter, int budget)
 	    !test_bit(__VFNIC_DOWN, &adapter->state) &&
 	    !test_bit(__VFNIC_SUSPENDED, &adapter->state))
 		netif_wake_queue(adapter->netdev);
-	return i != ring->next_to_use;
+	return done != ntu;
 }
 
 /* Drop everything still queued (the queue is stopped). */
@@ -301,7 +315,7 @@ static void vfnic_drop_tx(struct vfnic_adapter *adapter)
 {
 	struct vfnic_ring *ring = &adapter->tx_ring;
 
-	vfnic_clean_tx(adapter, 0);
+	vfnic_clean_tx(adapter, 0, true);
 	while (ring->next_to_clean != ring->next_to_use) {
 		vfnic_unmap_tx(adapter, &ring->buf[ring->next_to_clean], 0);
 		adapter->stats.tx_dropped++;
@@ -342,7 +356,10 @@ static netdev_tx_t vfnic_xmit_frame(struct sk_buff *skb,
 	desc->css = 0;
 	desc->vlan = 0;
 	desc->status = 0;
-	desc->cmd = VFNIC_CMD_EOP | VFNIC_CMD_RS;
+	/* RS (a write-back and an interrupt) once per VFNIC_TX_RS_EVERY frames */
+	desc->cmd = VFNIC_CMD_EOP;
+	if ((i + 1) % ring->rs_every == 0)
+		desc->cmd |= VFNIC_CMD_RS;
 	ring->next_to_use = (i + 1) % ring->count;
 	skb_tx_timestamp(skb);
 
@@ -368,15 +385,15 @@ static int vfnic_poll(struct napi_struct *napi, int budget)
 {
 	struct vfnic_adapter *adapter = container_of(napi, struct vfnic_adapter,
 						     napi);
-	bool tx_pending = vfnic_clean_tx(adapter, budget);
-	int done = vfnic_clean_rx(adapter, budget, true);
+	bool upto_tdh = test_and_clear_bit(__VFNIC_TX_IDLE, &adapter->state);
+	int done;
 
-	if (done < budget && napi_complete_done(napi, done)) {
-		/* the device raises no cause for work we saw half of */
-		if (vfnic_rx_pending(adapter) ||
-		    (tx_pending && vfnic_clean_tx(adapter, 0)))
-			napi_schedule(napi);
-	}
+	vfnic_clean_tx(adapter, budget, upto_tdh);
+	done = vfnic_clean_rx(adapter, budget, true);
+	/* the device raises no cause for a frame we saw half of */
+	if (done < budget && napi_complete_done(napi, done) &&
+	    vfnic_rx_pending(adapter))
+		napi_schedule(napi);
 	return min(done, budget);
 }
 
@@ -618,8 +635,10 @@ static u32 __vfnic_resume(struct vfnic_adapter *adapter, bool notify,
 	if (test_and_clear_bit(__VFNIC_SUSPENDED, &adapter->state)) {
 		if (!test_bit(__VFNIC_DOWN, &adapter->state))
 			vfnic_start_queues(adapter, program);
-		adapter->link_up = vfnic_rd32(adapter, VFNIC_STATUS) &
-				   VFNIC_STATUS_LU;
+		/* a VF we reset tells its link; ours kept it (LSC, LINK_CHANGE) */
+		if (program)
+			adapter->link_up = vfnic_rd32(adapter, VFNIC_STATUS) &
+					   VFNIC_STATUS_LU;
 		vfnic_update_carrier(adapter);
 		/* gratuitous ARP and unsolicited NA: peers find us here */
 		if (notify && netif_carrier_ok(adapter->netdev))
@@ -738,6 +757,27 @@ static void vfnic_check_queue(struct vfnic_adapter *adapter)
 	adapter->stats.queue_resets++;
 }
 
+/* Frames after the last RS descriptor report nothing: free them once idle. */
+static void vfnic_check_tx_tail(struct vfnic_adapter *adapter)
+{
+	struct vfnic_ring *ring = &adapter->tx_ring;
+	u16 ntc = READ_ONCE(ring->next_to_clean);
+
+	if (test_bit(__VFNIC_DOWN, &adapter->state) ||
+	    test_bit(__VFNIC_SUSPENDED, &adapter->state) ||
+	    ntc == READ_ONCE(ring->next_to_use)) {
+		adapter->tx_idle_ntc = -1;
+		return;
+	}
+	if (adapter->tx_idle_ntc == ntc) {
+		set_bit(__VFNIC_TX_IDLE, &adapter->state);
+		local_bh_disable();
+		napi_schedule(&adapter->napi);
+		local_bh_enable();
+	}
+	adapter->tx_idle_ntc = ntc;
+}
+
 static void vfnic_watchdog_task(struct work_struct *work)
 {
 	struct vfnic_adapter *adapter = container_of(to_delayed_work(work),
@@ -749,6 +789,7 @@ static void vfnic_watchdog_task(struct work_struct *work)
 
 	if (test_bit(__VFNIC_REMOVING, &adapter->state))
 		return;
+	vfnic_check_tx_tail(adapter);
 	/* One config read: MSI-X off means our function lost its config. */
 	pci_read_config_word(pdev, pdev->msix_cap + PCI_MSIX_FLAGS, &flags);
 	lost = flags == 0xffff || !(flags & PCI_MSIX_FLAGS_ENABLE);
@@ -880,6 +921,7 @@ static int vfnic_probe(struct pci_dev *pdev, const struct pci_device_id *ent)
 	adapter->hw_addr = pcim_iomap_table(pdev)[0];
 	adapter->rx_ring_count = VFNIC_DEFAULT_RING;
 	adapter->tx_ring_count = VFNIC_DEFAULT_RING;
+	adapter->tx_idle_ntc = -1;
 	set_bit(__VFNIC_DOWN, &adapter->state);
 	mutex_init(&adapter->mbx_lock);
 	u64_stats_init(&adapter->syncp);

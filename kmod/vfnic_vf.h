@@ -23,6 +23,7 @@
 #define VFNIC_MBX_TIMEOUT_US	1000000
 #define VFNIC_RST_TIMEOUT_US	1000000
 #define VFNIC_WATCHDOG_MS	10	/* lost PCI config, moves, missed mailbox */
+#define VFNIC_TX_RS_EVERY	32	/* TX descriptors per report (RS) */
 
 /* The interrupt causes the driver enables (EIMS) */
 #define VFNIC_EIMS_ENABLED	(BIT(VFNIC_QUEUE) | VFNIC_EICR_MAILBOX | VFNIC_EICR_LSC)
@@ -41,6 +42,7 @@ struct vfnic_ring {
 	u16 count;
 	u16 next_to_use;		/* TX: next free descriptor (our TDT) */
 	u16 next_to_clean;		/* RX: next to receive; TX: oldest in flight */
+	u16 rs_every;			/* TX: RS on every rs_every-th descriptor */
 };
 
 /* The driver's own counters (ethtool -S, after the device's registers). */
@@ -70,6 +72,7 @@ enum vfnic_state_bits {
 	__VFNIC_SUSPENDED,	/* SUSPEND from the PF: queues quiesced */
 	__VFNIC_DIRTYING,	/* between MIGRATE and CANCEL_MIGRATION */
 	__VFNIC_REMOVING,
+	__VFNIC_TX_IDLE,	/* the watchdog found unreported frames: use TDH */
 };
 
 struct vfnic_adapter {
@@ -91,6 +94,7 @@ struct vfnic_adapter {
 	struct work_struct mc_task;
 	struct delayed_work watchdog_task;
 	unsigned int watchdog_ticks;
+	int tx_idle_ntc;		/* next_to_clean at the last watchdog tick */
 
 	struct u64_stats_sync syncp;
 	struct vfnic_sw_stats stats;

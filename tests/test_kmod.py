@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +26,8 @@ from vfnic.guestdriver.bus import HostBus
 from vfnic.guestdriver.driver import VfDriver
 from vfnic.guestdriver.tapbridge import TapBridge
 from vfnic.host import image, kmod
-from vfnic.host.vm import VfioUserFunction, run_command
+from vfnic.host.vm import VM, VfioUserFunction, guest_net_args, run_command
+from vfnic.regs import descriptors as D
 from vfnic.regs import table as T
 
 PEER_IP, GUEST_IP = "10.7.1.1", "10.7.1.2"
@@ -85,6 +87,10 @@ pytestmark_qemu = [
 ]
 
 
+def _ns() -> str:
+    return f"vfnk{os.getpid() % 100000}"
+
+
 @pytest.fixture
 def nic() -> Iterator[NicServer]:
     folder = tempfile.mkdtemp(prefix="vfn-k-")
@@ -98,7 +104,7 @@ def nic() -> Iterator[NicServer]:
 @pytest.fixture
 def peer(nic: NicServer) -> Iterator[tuple[VfDriver, subprocess.Popen[str]]]:
     """vf1 on the host: VfDriver + TAP PEER_IP/24 in its own namespace, a UDP echo."""
-    ns = f"vfnk{os.getpid() % 100000}"
+    ns = _ns()
     subprocess.run(["ip", "netns", "add", ns], check=True)
     drv = VfDriver(HostBus(str(nic.dir / "vf1.sock")))
     drv.init()
@@ -147,6 +153,12 @@ ethtool -d vfnic0 | head -3
 ethtool -d vfnic0 raw on | python3 -m vfnic.regs.ethtool
 ethtool -g vfnic0
 ethtool -l vfnic0
+# MAC and multicast through the PF mailbox (SET_MAC, SET_MULTICAST)
+ip maddr add 01:00:5e:01:02:03 dev vfnic0
+ip link set vfnic0 address 02:56:46:00:00:77 && echo "mac set"
+sleep 0.5
+ethtool -d vfnic0 raw on | python3 -m vfnic.regs.ethtool | grep -E '^(RAL|RAH|MTA) ' |
+    sed 's/^/after: /'
 exit $rc
 """
 
@@ -154,8 +166,8 @@ exit $rc
 @pytest.mark.qemu
 def test_guest_kernel_driver_pings_and_udp_both_ways(
         nic: NicServer, peer: tuple[VfDriver, subprocess.Popen[str]]) -> None:
+    mac = nic.nic.vfs[0].mac.hex(":")  # the PF's, before the guest sets another
     output = _guest(nic, GUEST_SCRIPT)
-    mac = nic.nic.vfs[0].mac.hex(":")
     assert "vfnic_vf" in output.splitlines()[0]
     assert re.search(r"vfnic0\s+DOWN\s+" + mac, output), output
     assert "driver: vfnic_vf" in output and "bus-info: 0000:" in output
@@ -172,6 +184,13 @@ def test_guest_kernel_driver_pings_and_udp_both_ways(
     assert re.search(r"^RAH\s+0x0024 RW\s+0x80000100$", output, re.M)
     assert re.search(r"^STATUS\s+0x0008 RO\s+0x00000002$", output, re.M)
     assert re.search(r"^RXDCTL0\s+0x1014 RW\s+0x02000000$", output, re.M)
+    # the new MAC went through the PF (its record of the VF's MAC) into RAL/RAH
+    assert "mac set" in output
+    assert re.search(r"^after: RAL\s+0x0020 RW\s+0x00465602$", output, re.M)
+    assert re.search(r"^after: RAH\s+0x0024 RW\s+0x80007700$", output, re.M)
+    assert nic.nic.vfs[0].perm_mac == bytes.fromhex("025646000077")
+    mta = re.search(r"^after: MTA\s+0x0028 RW\s+(0x[0-9a-f]+)$", output, re.M)
+    assert mta and int(mta.group(1), 16) != 0  # multicast groups joined: hash bits set
     assert nic.nic.vfs[0].bank.get("GPRC") >= 51
     drv, _echo = peer
     assert drv.counters.rx_frames >= 53
@@ -242,3 +261,75 @@ def test_register_dump_is_named_by_the_table() -> None:
     assert "VFMBDOORBELL   0x0104 WO  0x0000100c (write-only: reads 0)" in lines
     with pytest.raises(ethtool.DumpError, match="not a vfnic_vf register dump"):
         ethtool.decode(raw[:-4])
+
+
+# The guest waits for the peer's "done" datagram, then reports the driver's counters.
+HOOKS_GUEST = r"""
+python3 - <<'PY'
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 9100))
+print("@@waiting", flush=True)
+s.settimeout(300)
+s.recvfrom(64)
+PY
+ethtool -S vfnic0 2>/dev/null | grep -E ' (suspends|resumes|pages_touched|pf_messages):'
+if [ -f /run/vfnic-driver.pid ]; then
+    kill -USR1 "$(cat /run/vfnic-driver.pid)"; sleep 1; grep pages_touched /run/vfnic-driver.log
+fi
+"""
+
+
+def _ping(count: int, wait: float = 2.0) -> str:
+    return subprocess.run(["ip", "netns", "exec", _ns(), "ping", "-c", str(count), "-i", "0.1",
+                           "-W", str(wait), GUEST_IP], capture_output=True, text=True).stdout
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("driver", ["kernel", "python"])
+def test_pf_mailbox_migration_hooks(nic: NicServer, peer: tuple[VfDriver, subprocess.Popen[str]],
+                                    driver: str) -> None:
+    """The 2015 hooks, the same scenario for both drivers in the guest: migrate (DMA'd
+    pages dirtied by the driver), cancelmigration, suspend (queues stopped, acknowledged
+    with its time), resume (queues back, a gratuitous ARP / NA sent, acknowledged)."""
+    fn = nic.nic.vfs[0]
+    vm = VM([VfioUserFunction(Path(nic.dir / "vf0.sock"), "vf0")], command=HOOKS_GUEST,
+            kernel_args=guest_net_args(f"{GUEST_IP}/24", driver))
+    acks: dict[str, dict[str, object]] = {}
+    with vm:
+        deadline = time.monotonic() + 240
+        while "@@waiting" not in vm.console_log.read_text(errors="replace"):
+            assert time.monotonic() < deadline, "the guest did not come up"
+            time.sleep(0.2)
+        assert "5 received" in _ping(5, 5)
+        acks["migrate"] = nic.migration_command(0, "migrate", 5.0)
+        assert "5 received" in _ping(5)  # received while dirtying
+        acks["cancelmigration"] = nic.migration_command(0, "cancelmigration", 5.0)
+        acks["suspend"] = nic.migration_command(0, "suspend", 5.0)
+        suspended_ctl = (fn.bank.get("RXDCTL0"), fn.bank.get("TXDCTL0"))
+        assert " 0 received" in _ping(2, 1)  # queues quiesced
+        gptc = fn.bank.get("GPTC")
+        acks["resume"] = nic.migration_command(0, "resume", 5.0)
+        time.sleep(1.0)
+        announced = fn.bank.get("GPTC") - gptc  # gratuitous ARP (and NA) sent on resume
+        resumed_ctl = (fn.bank.get("RXDCTL0"), fn.bank.get("TXDCTL0"))
+        after = _ping(5)
+        subprocess.run(["ip", "netns", "exec", _ns(), sys.executable, "-c",
+                        "import socket; socket.socket(2, 2).sendto(b'done', "
+                        f"('{GUEST_IP}', 9100))"], check=True)
+        assert vm.wait_exec(120) == 0, vm.output
+    assert all(a["acked"] for a in acks.values()), acks
+    for state in ("suspend", "resume"):
+        us = acks[state]["driver_us"]
+        assert isinstance(us, int) and 0 <= us < 1_000_000, acks[state]
+    assert not suspended_ctl[0] & D.QCTL_ENABLE and not suspended_ctl[1] & D.QCTL_ENABLE
+    assert resumed_ctl[0] & D.QCTL_ENABLE and resumed_ctl[1] & D.QCTL_ENABLE
+    assert announced >= 1
+    assert "5 received" in after, after
+    if driver == "kernel":
+        stats = dict(re.findall(r"^\s+(\w+): (\d+)$", vm.output, re.M))
+        assert stats["suspends"] == "1" and stats["resumes"] == "1", vm.output
+        assert int(stats["pages_touched"]) >= 5 and int(stats["pf_messages"]) >= 4
+    else:
+        m = re.search(r'"pages_touched": (\d+)', vm.output)
+        assert m and int(m.group(1)) >= 5, vm.output

@@ -76,6 +76,7 @@ def test_nic_follows_a_migration_it_does_not_drive(lab: Lab) -> None:
                    GUEST_IP, check=False).stdout
         records = control_call(da, {"op": "migrations", "settle": 10})
         links = control_call(db, {"op": "link-show"})
+        console_a = va.console_log.read_text(errors="replace")
         console_b = vb.console_log.read_text(errors="replace")
     finally:
         va.stop()
@@ -89,6 +90,7 @@ def test_nic_follows_a_migration_it_does_not_drive(lab: Lab) -> None:
     # The guest kept its address on B: its driver asked B's PF for it (SET_MAC).
     assert "02:56:46:01:00:01" in str(links), links
     assert "DUP" not in pinger.output
+    assert "ready vfnic0 driver=vfnic_vf" in console_a  # the kernel driver, by default
     assert "migrated onto a new VF" in console_b, console_b[-2000:]
 
 

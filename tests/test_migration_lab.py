@@ -63,6 +63,8 @@ def test_pinging_guest_keeps_connectivity_across_migration(lab: Lab, mode: str) 
         while "listening" not in va.console_log.read_text(errors="replace"):
             assert time.monotonic() < deadline, "the guest's UDP receiver did not start"
             time.sleep(0.2)
+        # the VF is the guest's kernel interface, driven by vfnic_vf (the default)
+        assert "ready vfnic0 driver=vfnic_vf" in va.console_log.read_text(errors="replace")
         vb.start()
         pinger = Pinger(lab)
         pinger.start()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from vfnic.device.nic import NicServer
-from vfnic.host.vm import VM, VfioUserFunction
+from vfnic.host.vm import VM, VfioUserFunction, guest_net_args
 from vfnic.migrate.orchestrator import Host, Options, migrate
 from vfnic.savevm import snapshot
 
@@ -59,9 +59,12 @@ def pair(short_dir: Path) -> Iterator[tuple[NicServer, NicServer, VM, VM, str]]:
     a.start()
     b.start()
     uri = f"tcp:127.0.0.1:{next(PORT)}"
-    va = VM([VfioUserFunction(a.dir / "vf0.sock", "vf0")], command=TICKER, token="ticker")
+    # The ticker uses the VF's registers from userspace: no kernel driver on it.
+    raw = guest_net_args(driver="python")
+    va = VM([VfioUserFunction(a.dir / "vf0.sock", "vf0")], command=TICKER, token="ticker",
+            kernel_args=raw)
     vb = VM([VfioUserFunction(b.dir / "vf0.sock", "vf0")], command=TICKER, token="ticker",
-            extra_args=["-S", "-incoming", uri])
+            extra_args=["-S", "-incoming", uri], kernel_args=raw)
     try:
         va.start()
         wait_ticks(va, 2)

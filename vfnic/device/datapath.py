@@ -99,13 +99,19 @@ class DataPath:
     # -- transmit -------------------------------------------------------------------------
 
     def transmit(self, q: int) -> int:
-        """Send every descriptor in [TDH, TDT); returns the number of frames sent."""
+        """Send every descriptor in [TDH, TDT); returns the number of frames sent.
+        Per batch, not per frame: TDH and the statistics are written once, and the
+        queue's interrupt is raised once, only if a descriptor asked for a report
+        (RS, 82599 7.2.3: a driver may ask for one every few frames)."""
         fn = self.fn
         if not fn.running or not self.enabled("T", q):
             return 0
         base, count = self.ring("T", q)
         head, tail = self._reg("TDH", q), self._reg("TDT", q)
-        sent = 0
+        sent = octets = 0
+        report = False
+        error = 0
+        frames: list[bytes] = []
         while head != tail:
             slot = base + head * D.DESC_SIZE
             try:
@@ -113,24 +119,28 @@ class DataPath:
                     fn.dma_read(slot, D.DESC_SIZE)
                 )
                 if not D.MIN_FRAME <= length <= D.MAX_FRAME:
-                    self._set("TDH", q, head)
-                    self.queue_error("T", q, D.QERR_LEN)
-                    return sent
-                frame = fn.dma_read(addr, length)
+                    error = D.QERR_LEN
+                    break
+                frames.append(fn.dma_read(addr, length))
                 if cmd & D.CMD_RS:
                     fn.dma_write(slot + 12, bytes([D.STAT_DD]))
+                    report = True
             except DmaError:
-                self._set("TDH", q, head)
-                self.queue_error("T", q, D.QERR_DMA)
-                return sent
+                error = D.QERR_DMA
+                break
             head = (head + 1) % count
             sent += 1
-            self._count("GPTC")
-            self._count64("GOTCL", "GOTCH", len(frame))
-            self._set("TDH", q, head)
-            if fn.nic is not None:
+            octets += length
+        self._set("TDH", q, head)
+        if sent:
+            self._count("GPTC", sent)
+            self._count64("GOTCL", "GOTCH", octets)
+        if fn.nic is not None:
+            for frame in frames:
                 fn.nic.switch.forward(fn, frame)
-        if sent and fn.nic is not None:
+        if error:
+            self.queue_error("T", q, error)
+        elif report and fn.nic is not None:
             fn.nic.raise_cause(fn, 1 << q)
         return sent
 
