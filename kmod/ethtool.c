@@ -44,6 +44,7 @@ static const struct {
 	VFNIC_SW_STAT(tx_busy),
 	VFNIC_SW_STAT(queue_resets),
 	VFNIC_SW_STAT(pf_messages),
+	VFNIC_SW_STAT(mbx_polled),
 	VFNIC_SW_STAT(pages_touched),
 	VFNIC_SW_STAT(config_restores),
 	VFNIC_SW_STAT(moves),

@@ -784,8 +784,8 @@ static void vfnic_watchdog_task(struct work_struct *work)
 						     struct vfnic_adapter,
 						     watchdog_task);
 	struct pci_dev *pdev = adapter->pdev;
+	bool lost, pending;
 	u16 flags = 0;
-	bool lost;
 
 	if (test_bit(__VFNIC_REMOVING, &adapter->state))
 		return;
@@ -793,13 +793,21 @@ static void vfnic_watchdog_task(struct work_struct *work)
 	/* One config read: MSI-X off means our function lost its config. */
 	pci_read_config_word(pdev, pdev->msix_cap + PCI_MSIX_FLAGS, &flags);
 	lost = flags == 0xffff || !(flags & PCI_MSIX_FLAGS_ENABLE);
-	if (lost || test_bit(__VFNIC_SUSPENDED, &adapter->state) ||
+	/* and a PF message whose interrupt has not been handled */
+	pending = !lost &&
+		  vfnic_rd32(adapter, VFNIC_VFMAILBOX) & VFNIC_MBX_PFSTS;
+	if (lost || pending || test_bit(__VFNIC_SUSPENDED, &adapter->state) ||
 	    ++adapter->watchdog_ticks % QERR_CHECK_TICKS == 0) {
 		rtnl_lock();
 		if (lost || test_bit(__VFNIC_SUSPENDED, &adapter->state))
 			vfnic_check_function(adapter, lost);
 		else
 			vfnic_check_queue(adapter);
+		if (pending && vfnic_mbx_check_pf(adapter)) {
+			adapter->stats.mbx_polled++;
+			while (vfnic_mbx_check_pf(adapter))
+				;
+		}
 		rtnl_unlock();
 	}
 	schedule_delayed_work(&adapter->watchdog_task,

@@ -57,6 +57,7 @@ struct vfnic_sw_stats {
 	u64 tx_busy;
 	u64 queue_resets;
 	u64 pf_messages;
+	u64 mbx_polled;		/* PF messages found pending by the watchdog */
 	u64 pages_touched;	/* dummy writes while the PF migrates us */
 	u64 config_restores;	/* PCI config found lost and restored */
 	u64 moves;		/* taken over a fresh VF after a migration */
