@@ -267,9 +267,9 @@ def virtio_args(tap: str, mac: str = "52:54:00:12:34:56") -> list[str]:
 
 
 def guest_datapath(lab: Any, kind: str, nic_dir: Path | None, dur: float,
-                   ping: int, after: Callable[[], Any] | None = None) -> dict[str, Any]:
-    """Boot one guest (a GUEST_KINDS kind) in host a and run the peer's side; then
-    ``after`` (its result in "after") while the guest still runs."""
+                   ping: int, before: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """Boot one guest (a GUEST_KINDS kind) in host a, run ``before`` once it is up (its
+    result in "before"), then the peer's side (which ends the guest's server)."""
     from vfnic.host.vm import VM, VfioUserFunction, guest_net_args
     from vfnic.migrate.lab import GUEST_IP, PEER_IP, sh
 
@@ -290,6 +290,7 @@ def guest_datapath(lab: Any, kind: str, nic_dir: Path | None, dur: float,
             lab.plug_into_lan("a", tap)
         wait_console(vm, r"@@bench-server-ready", 240, "the guest's benchmark server")
         log(f"datapath: {kind} guest up after {time.monotonic() - t0:.1f} s")
+        early = before() if before is not None else None
         w = Worker(worker_argv("peer-guest", "--guest", GUEST_IP, "--me", PEER_IP,
                                "--ctl", str(CTL_PORT), "--dur", str(dur), "--ping", str(ping),
                                "--sizes", ",".join(str(p) for p in PAYLOADS),
@@ -300,8 +301,8 @@ def guest_datapath(lab: Any, kind: str, nic_dir: Path | None, dur: float,
             res = w.result(stop=False, timeout=600)
         finally:
             w.kill()
-        if after is not None:
-            res["after"] = after()
+        if before is not None:
+            res["before"] = early
         console = vm.console_log.read_text(errors="replace")
         m = re.search(r"virtio-net interface: (\S+)", console)
         if m:
