@@ -19,7 +19,7 @@ from vfnic.device.nic import NicServer
 from vfnic.guestdriver.bus import HostBus
 from vfnic.guestdriver.driver import VfDriver
 from vfnic.guestdriver.tapbridge import TapBridge
-from vfnic.host.vm import VfioUserFunction, run_command
+from vfnic.host.vm import VfioUserFunction, guest_net_args, run_command
 
 pytestmark = [
     pytest.mark.qemu,
@@ -76,7 +76,8 @@ def peer(nic: NicServer) -> Iterator[VfDriver]:
 def test_guest_driver_pings_through_the_nic(nic: NicServer, peer: VfDriver) -> None:
     out = io.StringIO()
     fn = VfioUserFunction(Path(nic.dir / "vf0.sock"), "vf0")
-    status, output = run_command(GUEST_SCRIPT, [fn], timeout=240, out=out)
+    status, output = run_command(GUEST_SCRIPT, [fn], timeout=240, out=out,
+                                 kernel_args=guest_net_args(driver="python"))
     assert status == 0, output
     assert "ready vfnic0 bdf=" in output and f"mac={nic.nic.vfs[0].mac.hex(':')}" in output
     assert "3 received" in output

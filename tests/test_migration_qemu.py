@@ -14,7 +14,7 @@ import pytest
 
 from vfnic.device import snapshot
 from vfnic.device.nic import NicServer, control_call
-from vfnic.host.vm import VM, VfioUserFunction
+from vfnic.host.vm import VM, VfioUserFunction, guest_net_args
 from vfnic.migrate.orchestrator import Host, Options, migrate
 from vfnic.migrate.vmstate import attach
 from vfnic.regs.ids import VF_DEVICE_ID
@@ -65,9 +65,12 @@ def pair(short_dir: Path) -> Iterator[tuple[NicServer, NicServer, VM, VM, str]]:
     b.start()
     uri = f"tcp:127.0.0.1:{next(PORT)}"
     # B's VF 1 holds the guest: the Id names the VF inside the VM, not a host's VF index.
-    va = VM([VfioUserFunction(a.dir / "vf0.sock", "nic0")], command=TICKER, token="ticker")
+    # The ticker uses the VF's registers from userspace: no kernel driver on it.
+    raw = guest_net_args(driver="python")
+    va = VM([VfioUserFunction(a.dir / "vf0.sock", "nic0")], command=TICKER, token="ticker",
+            kernel_args=raw)
     vb = VM([VfioUserFunction(b.dir / "vf1.sock", "nic0")], command=TICKER, token="ticker",
-            extra_args=["-S", "-incoming", uri])
+            extra_args=["-S", "-incoming", uri], kernel_args=raw)
     try:
         va.start()
         wait_ticks(va, 2)

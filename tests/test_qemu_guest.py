@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from vfnic.device.nic import NicServer
-from vfnic.host.vm import VM, VfioUserFunction
+from vfnic.host.vm import VM, VfioUserFunction, guest_net_args
 
 GUEST = r"""
 set -e
@@ -40,7 +40,8 @@ PY
 def test_guest_lists_pf_and_vf_and_reads_back_a_register(nic: NicServer) -> None:
     fns = [VfioUserFunction(nic.dir / "pf.sock", "pf0"),
            VfioUserFunction(nic.dir / "vf0.sock", "vf0")]
-    with VM(fns, command=GUEST) as vm:
+    # Raw register access from userspace: the VF's kernel driver must not own it.
+    with VM(fns, command=GUEST, kernel_args=guest_net_args(driver="python")) as vm:
         status = vm.wait_exec(timeout=180)
         out = vm.output
         # The host sees what the guest wrote, while the guest is still attached.

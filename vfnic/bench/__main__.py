@@ -26,10 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="python -m vfnic.bench", description=__doc__)
     p.add_argument("--only", default=",".join(report.ORDER),
-                   help="comma-separated sections: regs, datapath, migration, virsh, isolation "
-                   "(default: all)")
+                   help="comma-separated sections: regs, datapath, migration, virsh, isolation, "
+                   "kmod (default: all)")
     p.add_argument("--runs", type=int, default=None,
-                   help="migration runs per configuration (default 15, virsh 10; 2 with --quick)")
+                   help="migration runs per configuration (default 15, virsh 10; 2 with --quick); "
+                        "kmod: rounds (default 3)")
     p.add_argument("--quick", action="store_true",
                    help="shorter runs, for trying the bench out (numbers still written)")
     p.add_argument("--output", type=Path, default=REPO / "BENCHMARKS.md")
@@ -73,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
 
                 plot = None if args.no_write else args.plot
                 sec = migration.run(args.quick, args.runs, plot)
+            elif key == "kmod":
+                from vfnic.bench import kmod
+
+                sec = kmod.run(args.quick, args.runs)
             else:
                 from vfnic.bench import virsh
 

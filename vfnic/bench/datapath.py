@@ -5,10 +5,11 @@ memfd shared with the server) in worker processes against `vfnic serve`:
   vf0 -> vf1           through the NIC's internal switch
   vf0 -> uplink        out of the uplink TAP, over the lab's LAN bridge to the peer
   uplink -> vf0        the peer sends, the VF driver counts
-Inside a TCG guest: the guest (booted with vfnic.ip: the guest driver bridges
-the VF to the TAP vfnic0) and the peer exchange UDP, and the peer pings the
-guest; the same guest with QEMU's virtio-net on a TAP on the same LAN bridge,
-in the same run, one after the other.
+Inside a TCG guest: the guest (booted with vfnic.ip: the VF is vfnic0, driven
+by the kernel driver vfnic_vf.ko, or by the Python driver model bridging the VF
+to a TAP) and the peer exchange UDP, and the peer pings the guest; the same
+guest with QEMU's virtio-net on a TAP on the same LAN bridge, in the same run,
+one after the other.
 
 Frame sizes: UDP payload 18 B (60 B frames, 64 B on the wire with the FCS) and
 1472 B (1514 B frames: full 1500 B IP packets).
@@ -21,6 +22,7 @@ import json
 import re
 import sys
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,10 @@ from vfnic.migrate.lab import VIRTIO_NETSETUP
 
 PAYLOADS = (18, 1472)
 CTL_PORT = 5009
+# Guest kinds: the VF with the kernel driver, the VF with the Python driver model, virtio-net.
+GUEST_KINDS = ("kvf", "vf", "virtio")
+GUEST_NAMES = {"kvf": "vfnic VF (kernel driver vfnic_vf)",
+               "vf": "vfnic VF (Python driver + TAP)", "virtio": "virtio-net (TAP)"}
 _ids = itertools.count()
 
 
@@ -169,16 +175,18 @@ def virtio_args(tap: str, mac: str = "52:54:00:12:34:56") -> list[str]:
 
 
 def guest_datapath(lab: Any, kind: str, nic_dir: Path | None, dur: float,
-                   ping: int) -> dict[str, Any]:
-    """Boot one guest (kind 'vf' or 'virtio') in host a and run the peer's side."""
-    from vfnic.host.vm import VM, VfioUserFunction
+                   ping: int, before: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """Boot one guest (a GUEST_KINDS kind) in host a, run ``before`` once it is up (its
+    result in "before"), then the peer's side (which ends the guest's server)."""
+    from vfnic.host.vm import VM, VfioUserFunction, guest_net_args
     from vfnic.migrate.lab import GUEST_IP, PEER_IP, sh
 
     sh("ip", "-n", lab.ns("peer"), "neigh", "flush", "all", check=False)
-    if kind == "vf":
+    if kind != "virtio":
         assert nic_dir is not None
+        driver = "kernel" if kind == "kvf" else "python"
         vm = VM([VfioUserFunction(nic_dir / "vf0.sock", "vf0")], command=guest_command(kind),
-                kernel_args=[f"vfnic.ip={GUEST_IP}/24"], netns=lab.ns("a"))
+                kernel_args=guest_net_args(f"{GUEST_IP}/24", driver), netns=lab.ns("a"))
     else:
         tap = f"{lab.ident}d{next(_ids)}"
         vm = VM([], command=guest_command(kind), extra_args=virtio_args(tap),
@@ -190,16 +198,19 @@ def guest_datapath(lab: Any, kind: str, nic_dir: Path | None, dur: float,
             lab.plug_into_lan("a", tap)
         wait_console(vm, r"@@bench-server-ready", 240, "the guest's benchmark server")
         log(f"datapath: {kind} guest up after {time.monotonic() - t0:.1f} s")
+        early = before() if before is not None else None
         w = Worker(worker_argv("peer-guest", "--guest", GUEST_IP, "--me", PEER_IP,
                                "--ctl", str(CTL_PORT), "--dur", str(dur), "--ping", str(ping),
                                "--sizes", ",".join(str(p) for p in PAYLOADS),
-                               *(["--nic-dir", str(nic_dir)] if kind == "vf" else []),
+                               *(["--nic-dir", str(nic_dir)] if kind != "virtio" else []),
                                netns=lab.ns("peer")),
                    ready_timeout=None, show_stderr=True)
         try:
             res = w.result(stop=False, timeout=600)
         finally:
             w.kill()
+        if before is not None:
+            res["before"] = early
         console = vm.console_log.read_text(errors="replace")
         m = re.search(r"virtio-net interface: (\S+)", console)
         if m:
@@ -229,8 +240,8 @@ def _lost_where(t: dict[str, Any], ifname: str, tx: bool) -> str:
 
 def guest_rows(kind: str, r: dict[str, Any]) -> list[list[object]]:
     rows: list[list[object]] = []
-    name = "vfnic VF (guest driver + TAP)" if kind == "vf" else "virtio-net (TAP)"
-    ifname = "vfnic0" if kind == "vf" else str(r.get("ifname", "eth0"))
+    name = GUEST_NAMES[kind]
+    ifname = "vfnic0" if kind != "virtio" else str(r.get("ifname", "eth0"))
     # (result key, direction, sending side, receiving side)
     for key, direction, src, dst in (("tx", "guest → peer", "guest", "peer"),
                                      ("rx", "peer → guest", "peer", "guest")):
@@ -291,7 +302,7 @@ def run(quick: bool = False) -> Section:
                     r = sec.attempt(key, partial(uplink_to_host, lab, nic_a / "vf1.sock",
                                                  payload, dur))
                     host[key] = r if r is not None else {"error": sec.failures[-1]}
-                for kind in ("vf", "virtio"):
+                for kind in GUEST_KINDS:
                     log(f"datapath: TCG guest on {kind}: ping, UDP both ways, {dur:g} s each")
                     g = sec.attempt(f"guest datapath ({kind})", partial(
                         guest_datapath, lab, kind, nic_a, dur, 30 if quick else 100))
@@ -312,7 +323,7 @@ def run(quick: bool = False) -> Section:
                    "receiver MPC"], host_rows(host)))
     if guest:
         rows: list[list[object]] = []
-        for kind in ("vf", "virtio"):
+        for kind in GUEST_KINDS:
             if kind in guest:
                 rows += guest_rows(kind, guest[kind])
         sec.add(f"Inside a TCG guest (1 vCPU, 512 MiB) on host a of the lab, to and from the "
@@ -328,10 +339,10 @@ def run(quick: bool = False) -> Section:
         sec.add(table(["guest NIC", "direction", "frame", "offered/s", "received/s",
                        "Mbit/s (frames)", "lost", "drop counters"], rows))
         prow: list[list[object]] = []
-        for kind in ("vf", "virtio"):
+        for kind in GUEST_KINDS:
             p = guest.get(kind, {}).get("ping", {})
             if "avg" in p:
-                prow.append(["vfnic VF" if kind == "vf" else "virtio-net",
+                prow.append([GUEST_NAMES[kind],
                              f"{p['min']:.3f}", f"{p['avg']:.3f}", f"{p['max']:.3f}",
                              f"{p['mdev']:.3f}", f"{p.get('received', '?')}/{p.get('sent', '?')}"])
         if prow:

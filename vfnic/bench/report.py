@@ -10,15 +10,16 @@ from pathlib import Path
 
 from vfnic.bench.common import Section
 
-ORDER = ("regs", "datapath", "migration", "virsh", "isolation")
+ORDER = ("regs", "datapath", "migration", "virsh", "isolation", "kmod")
 TITLES = {"regs": "1. Register access", "datapath": "2. Datapath",
           "migration": "3. Live migration", "virsh": "4. virsh migrate (libvirt)",
-          "isolation": "5. Isolation and hardening"}
+          "isolation": "5. Isolation and hardening",
+          "kmod": "6. Guest kernel driver (vfnic_vf) vs Python driver vs virtio-net"}
 
 HEADER = """# vfnic benchmarks
 
 Produced by `make bench` (`python -m vfnic.bench`; one section alone:
-`python -m vfnic.bench --only regs|datapath|migration|virsh|isolation`). Every number below was
+`python -m vfnic.bench --only regs|datapath|migration|virsh|isolation|kmod`). Every number below was
 measured by `vfnic/bench/` in the run named at the top of its section, on the
 machine described there; nothing is copied from elsewhere. Guests run under TCG
 (no KVM), so absolute guest numbers are those of an emulated CPU; what matters

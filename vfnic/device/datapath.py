@@ -107,13 +107,20 @@ class DataPath:
     # -- transmit -------------------------------------------------------------------------
 
     def transmit(self, q: int) -> int:
-        """Send every descriptor in [TDH, TDT); returns the number of frames sent."""
+        """Send every descriptor in [TDH, TDT); returns the number of frames sent.
+        Per batch, not per frame: TDH and the statistics are written once, and the
+        queue's interrupt is raised once, only if a descriptor asked for a report
+        (RS, 82599 7.2.3: a driver may ask for one every few frames)."""
         fn = self.fn
         if not fn.running or not self.enabled(T.TX, q):
             return 0
         base, count = self.ring(T.TX, q)
         head, tail = self._reg(T.TDH(q)), self._reg(T.TDT(q))
-        sent = 0
+        sent = octets = 0
+        report = False
+        error = 0
+        why: object = None
+        frames: list[bytes] = []
         while head != tail:
             slot = base + head * D.DESC_SIZE
             try:
@@ -121,29 +128,32 @@ class DataPath:
                     fn.dma_read(slot, D.DESC_SIZE)
                 )
                 if not D.MIN_FRAME <= length <= D.MAX_FRAME:
-                    self._set(T.TDH(q), head)
-                    self.queue_error(T.TX, q, T.QERR_LEN)
-                    return sent
+                    error = T.QERR_LEN
+                    break
                 wait = fn.policy.bucket.take(length)
                 if wait:  # max_tx_rate: the descriptor stays the device's until then
-                    self._set(T.TDH(q), head)
                     self._pace(wait)
                     break
-                frame = fn.dma_read(addr, length)
+                frames.append(fn.dma_read(addr, length))
                 if cmd & D.CMD_RS:
                     fn.dma_write(slot + 12, bytes([D.STAT_DD]))
+                    report = True
             except DmaError as exc:
-                self._set(T.TDH(q), head)
-                self.queue_error(T.TX, q, T.QERR_DMA, exc)
-                return sent
+                error, why = T.QERR_DMA, exc
+                break
             head = (head + 1) % count
             sent += 1
-            self._count(T.GPTC)
-            self._count64(T.GOTCL, T.GOTCH, len(frame))
-            self._set(T.TDH(q), head)
-            if fn.nic is not None:
+            octets += length
+        self._set(T.TDH(q), head)
+        if sent:
+            self._count(T.GPTC, sent)
+            self._count64(T.GOTCL, T.GOTCH, octets)
+        if fn.nic is not None:
+            for frame in frames:
                 fn.nic.switch.forward(fn, frame)
-        if sent and fn.nic is not None:
+        if error:
+            self.queue_error(T.TX, q, error, why)
+        elif report and fn.nic is not None:
             fn.nic.raise_cause(fn, T.EICR_RTXQ(q))
         return sent
 

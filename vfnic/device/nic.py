@@ -7,6 +7,7 @@ DIR/pf.sock, DIR/vf0.sock ... and DIR/control.sock (management, JSON lines).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import grp
 import json
@@ -15,7 +16,7 @@ import os
 import socket
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -101,6 +102,7 @@ class Nic:
         if not 0 <= num_vfs <= T.MAX_VFS:
             raise UsageError(f"--vfs must be between 0 and {T.MAX_VFS}")
         self.lock = threading.RLock()
+        self._held: set[PciFunction] | None = None  # functions whose interrupt waits (burst)
         self.nic_id = nic_id
         self.pf = PciFunction(self.lock, True, 0, default_mac(nic_id, 0xFF), T.MAX_VFS, num_vfs)
         self.vfs = [
@@ -156,7 +158,25 @@ class Nic:
 
     def raise_cause(self, fn: PciFunction, bits: int) -> None:
         fn.bank.set_bits(T.EICR, bits)
-        self._deliver(fn)
+        if self._held is not None:  # a burst of frames: one interrupt at its end
+            self._held.add(fn)
+        else:
+            self._deliver(fn)
+
+    @contextlib.contextmanager
+    def one_interrupt(self) -> Iterator[None]:
+        """Hold interrupts while a burst of frames is delivered, then signal each function's
+        pending causes once (per batch, not per frame). Called with the NIC lock held."""
+        if self._held is not None:  # nested: the outer burst signals
+            yield
+            return
+        self._held = set()
+        try:
+            yield
+        finally:
+            held, self._held = self._held, None
+            for fn in held:
+                self._deliver(fn)
 
     def _deliver(self, fn: PciFunction) -> None:
         """Signal every pending, unmasked cause (MSI-X vector per cause, else MSI/INTx)."""

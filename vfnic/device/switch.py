@@ -19,6 +19,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import select
 import socket
 import struct
 import threading
@@ -40,6 +41,7 @@ SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
 IFF_UP = 0x1
 TPID = b"\x81\x00"  # 802.1Q tag protocol identifier
+UPLINK_BURST = 32  # frames read from the TAP and switched under one interrupt
 
 
 class TapUplink:
@@ -79,15 +81,20 @@ class TapUplink:
             log.debug("uplink %s: %s", self.name, exc)
 
     def run(self, switch: Switch) -> None:
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
         while not self._stop:
             try:
-                frame = os.read(self.fd, 65536)
+                frames = [os.read(self.fd, 65536)]
+                # Whatever else is queued already: switched as one burst (one interrupt).
+                while len(frames) < UPLINK_BURST and poller.poll(0):
+                    frames.append(os.read(self.fd, 65536))
             except OSError:
                 return
-            if not frame:
+            if not all(frames):
                 return
-            self.rx_frames += 1
-            switch.from_uplink(frame)
+            self.rx_frames += len(frames)
+            switch.from_uplink_burst(frames)
 
     def start(self, switch: Switch) -> None:
         threading.Thread(target=self.run, args=(switch,), name=f"uplink-{self.name}",
@@ -215,3 +222,10 @@ class Switch:
 
     def from_uplink(self, frame: bytes) -> None:
         self.forward(None, frame)
+
+    def from_uplink_burst(self, frames: list[bytes]) -> None:
+        """Frames read from the uplink together: each receiving function is interrupted
+        once for the burst."""
+        with self.nic.lock, self.nic.one_interrupt():
+            for frame in frames:
+                self.forward(None, frame)

@@ -13,7 +13,14 @@ from typing import Any
 
 from vfnic.errors import UsageError
 from vfnic.host import runtime
-from vfnic.host.vm import DEFAULT_MEM, VM, VfioUserFunction
+from vfnic.host.vm import (
+    DEFAULT_GUEST_DRIVER,
+    DEFAULT_MEM,
+    GUEST_DRIVERS,
+    VM,
+    VfioUserFunction,
+    guest_net_args,
+)
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -42,7 +49,10 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     r.add_argument("--smp", type=int, default=1, help="guest vCPUs (1)")
     r.add_argument("--exec", metavar="CMD", help="bash command to run in the guest")
     r.add_argument("--ip", metavar="ADDR/LEN",
-                   help="start the guest driver at boot on the first VF, with this IPv4 address")
+                   help="put this IPv4 address on the first VF's interface (vfnic0) at boot")
+    r.add_argument("--driver", choices=GUEST_DRIVERS, default=DEFAULT_GUEST_DRIVER,
+                   help="the VF's driver in the guest: kernel (vfnic_vf.ko, default) or "
+                        "python (the driver model, bridged to a TAP)")
     r.add_argument("--netns", metavar="NS", help="run QEMU in this network namespace")
     r.add_argument("--timeout", type=float, default=300.0, help="for --exec, seconds (300)")
     r.add_argument(
@@ -80,7 +90,7 @@ def _vm_run(args: argparse.Namespace) -> int:
     for fn in functions:
         fn.check()
     signal.signal(signal.SIGTERM, _on_sigterm)
-    kernel_args = []
+    kernel_args = guest_net_args(None, args.driver)
     if args.ip:
         import ipaddress
 
@@ -90,7 +100,7 @@ def _vm_run(args: argparse.Namespace) -> int:
             raise UsageError(f"--ip: not an IPv4 address/prefix: {args.ip!r}") from None
         if not args.vf:
             raise UsageError("--ip needs a --vf to put the address on")
-        kernel_args.append(f"vfnic.ip={args.ip}")
+        kernel_args += guest_net_args(args.ip, args.driver)[-1:]
     common: dict[str, Any] = dict(
         mem=args.mem, smp=args.smp, extra_args=args.qemu_arg, verbose=True,
         kernel_args=kernel_args, netns=args.netns,

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from vfnic.errors import SetupError
+from vfnic.host import kmod
 from vfnic.host.runtime import cache_dir
 
 IMAGE_NAME = "guest.img"
@@ -87,11 +88,15 @@ def _walk(src: Path) -> Iterator[Path]:
 
 
 def content_hash() -> str:
-    """Hash of everything the image adds to the guest root, and of the root's own stamp."""
+    """Hash of everything the image adds to the guest root (the VF kernel module
+    included), and of the root's own stamp."""
     h = hashlib.sha256()
     h.update(f"size={IMAGE_SIZE}\n".encode())
-    complete = guest_root() / ".complete"
+    root = guest_root()
+    complete = root / ".complete"
     h.update(f"root={complete.stat().st_mtime_ns}\n".encode())
+    module = kmod.installed_module(root)
+    h.update(b"kmod\0" + (module.read_bytes() if module.exists() else b"") + b"\0")
     for dest, src in _sources():
         for path in _walk(src):
             rel = path.relative_to(src) if src.is_dir() else Path()
@@ -145,11 +150,11 @@ def ensure_image(verbose: bool = True) -> Path:
     """The up-to-date guest image, rebuilt when its content hash changed."""
     image = image_path()
     stamp = image.with_name(image.name + ".stamp")
-    digest = content_hash()
-    if image.exists() and stamp.exists() and stamp.read_text().strip() == digest:
-        return image
     with open(cache_dir() / "image.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        # The VF driver, rebuilt in the root when kmod/ changed (cheap otherwise).
+        kmod.ensure_module(guest_root(), verbose)
+        digest = content_hash()
         # Another process may have built it while we waited.
         if image.exists() and stamp.exists() and stamp.read_text().strip() == digest:
             return image

@@ -62,6 +62,20 @@ _KERNEL_ARGS = (
 )
 
 
+# The VF's driver in the guest: the kernel module (kmod/, vfnic_vf.ko) or the Python
+# driver model bridged to a TAP (python3 -m vfnic.guestdriver). Both name it vfnic0.
+GUEST_DRIVERS = ("kernel", "python")
+DEFAULT_GUEST_DRIVER = "kernel"
+
+
+def guest_net_args(ip: str | None = None, driver: str = DEFAULT_GUEST_DRIVER) -> list[str]:
+    """Kernel arguments for the guest's init: the VF driver, and ADDR/LEN for vfnic0."""
+    if driver not in GUEST_DRIVERS:
+        raise UsageError(f"guest driver must be one of {', '.join(GUEST_DRIVERS)}, not {driver!r}")
+    args = [] if driver == DEFAULT_GUEST_DRIVER else [f"vfnic.driver={driver}"]
+    return args + ([f"vfnic.ip={ip}"] if ip else [])
+
+
 def _die_with_parent() -> None:
     # prctl(PR_SET_PDEATHSIG, SIGKILL), in the child before exec.
     libc = ctypes.CDLL(None, use_errno=True)

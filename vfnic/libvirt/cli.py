@@ -9,7 +9,13 @@ from typing import Any
 
 from vfnic.errors import UsageError
 from vfnic.host.cli import mem_size
-from vfnic.host.vm import DEFAULT_MEM, VfioUserFunction
+from vfnic.host.vm import (
+    DEFAULT_GUEST_DRIVER,
+    DEFAULT_MEM,
+    GUEST_DRIVERS,
+    VfioUserFunction,
+    guest_net_args,
+)
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -28,7 +34,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     x.add_argument("--pf", metavar="SOCKET", help="the PF's socket")
     x.add_argument("--mem", type=mem_size, default=DEFAULT_MEM, help="guest RAM (512M)")
     x.add_argument("--ip", metavar="ADDR/LEN",
-                   help="start the guest driver at boot on the first VF, with this address")
+                   help="put this address on the first VF's interface (vfnic0) at boot")
+    x.add_argument("--driver", choices=GUEST_DRIVERS, default=DEFAULT_GUEST_DRIVER,
+                   help="the VF's driver in the guest: kernel (vfnic_vf.ko, default) or python")
     x.add_argument("--exec", metavar="CMD", help="bash command the guest runs at boot")
     x.add_argument("--console", metavar="FILE", required=True,
                    help="file the serial console is written to")
@@ -68,9 +76,7 @@ def _xml(args: argparse.Namespace) -> int:
     if len({fn.id for fn in fns}) != len(fns):
         raise UsageError(f"functions with the same socket name: "
                          f"{', '.join(fn.id for fn in fns)}")
-    kargs = []
-    if args.ip:
-        kargs.append(f"vfnic.ip={args.ip}")
+    kargs = guest_net_args(args.ip, args.driver)
     if args.exec:
         kargs.append(guest_exec_arg(args.exec))
     bus = Path(args.bus).absolute() if args.bus else None

@@ -20,6 +20,8 @@ MIN_FRAME = 14
 # Standard library only: the guest driver model (vfnic.guestdriver) uses these too.
 RX_DESC = struct.Struct("<QHHBBH")  # addr, length, csum, status, errors, vlan
 TX_DESC = struct.Struct("<QHBBBBH")  # addr, length, cso, cmd, status, css, vlan
+RX_FIELDS = ("addr", "length", "csum", "status", "errors", "vlan")
+TX_FIELDS = ("addr", "length", "cso", "cmd", "status", "css", "vlan")
 STATUS_OFFSET = 12  # the status byte, in both formats
 assert RX_DESC.size == TX_DESC.size == DESC_SIZE
 
