@@ -30,8 +30,9 @@ message a person sees on the command line (``vfnic: error: MESSAGE``, exit 1).
         ├── SetupError               ENOENT  the QEMU runtime or guest image is missing
         ├── VmError                  (host.vm) QEMU or the guest failed
         ├── LabError                 (migrate.lab) the namespaces could not be set up
-        └── MigrationError           (migrate.orchestrator) the migration failed
-            └── MigrationCancelled   cancelled on request
+        └── MigrationError           (migrate.control) the migration failed
+            ├── MigrationCancelled   cancelled on request
+            └── StateTooLarge        EFBIG  (migrate.vfstate) over QEMU's 1 MiB per helper
 
 Errors defined next to the code that raises them (in parentheses) derive from
 the branch shown. Code below the command line catches a branch, never a leaf

@@ -23,6 +23,7 @@ import errno
 from typing import TYPE_CHECKING
 
 from vfnic.errors import SnapshotError, VfnicError
+from vfnic.migrate.control import MigrationError
 from vfnic.savevm import stream
 from vfnic.savevm.migration import State
 
@@ -33,7 +34,7 @@ LIMIT = 1 << 20  # DBUS_VMSTATE_SIZE_LIMIT: bytes QEMU carries per Id
 PAGE_RECORD = 8 + stream.PAGE_SIZE  # one DMA-written page in a PAGES record
 
 
-class StateTooLarge(VfnicError):
+class StateTooLarge(MigrationError):
     """The VF's state does not fit QEMU's per-helper limit."""
 
     errno = errno.EFBIG
