@@ -46,6 +46,7 @@ from vfnic.bench.common import (
     wait_console,
     worker_argv,
 )
+from vfnic.host.qmp import query_status
 
 PING_INTERVAL = 0.01
 _ports = itertools.count(4700)
@@ -167,7 +168,7 @@ async def _plain_migrate(src_qmp: str, dst_qmp: str, uri: str, pause: bool = Fal
         except control.MigrationError as exc:
             raise RuntimeError(str(exc)) from exc
         while True:
-            st2: dict[str, Any] = await qb.execute("query-status")  # type: ignore[assignment]
+            st2 = await query_status(qb)
             if st2.get("status") in ("paused", "postmigrate", "prelaunch", "running"):
                 break
             if time.monotonic() > deadline:

@@ -26,6 +26,7 @@ from typing import Any
 from qemu.qmp import EventListener, QMPClient
 
 from vfnic.errors import OperatorError, VfnicError
+from vfnic.host.qmp import MigrationInfo, query_migrate, query_migrate_parameters
 
 TERMINAL = ("completed", "failed", "cancelled")
 
@@ -41,9 +42,8 @@ class MigrationCancelled(MigrationError):
     """The migration was cancelled on request."""
 
 
-async def status(qmp: QMPClient) -> dict[str, Any]:
-    info: dict[str, Any] = await qmp.execute("query-migrate")  # type: ignore[assignment]
-    return info
+async def status(qmp: QMPClient) -> MigrationInfo:
+    return await query_migrate(qmp)
 
 
 async def next_status(qmp: QMPClient, events: EventListener, wait: float) -> str:
@@ -57,8 +57,8 @@ async def next_status(qmp: QMPClient, events: EventListener, wait: float) -> str
 
 
 async def wait_status(qmp: QMPClient, events: EventListener, want: set[str], timeout: float,
-                      progress: Callable[[dict[str, Any]], None] | None = None
-                      ) -> dict[str, Any]:
+                      progress: Callable[[MigrationInfo], None] | None = None
+                      ) -> MigrationInfo:
     """Wait until QEMU's migration status is one of ``want`` (woken by MIGRATION events,
     polled every 100 ms); MigrationError if it failed or was cancelled instead."""
     deadline = time.monotonic() + timeout
@@ -129,7 +129,7 @@ class CooperativeSource:
         self.suspend_ack: dict[str, Any] = {}
 
     async def start(self) -> None:
-        params: dict[str, Any] = await self.qmp.execute("query-migrate-parameters")  # type: ignore[assignment]
+        params = await query_migrate_parameters(self.qmp)
         self.limit = int(params.get("downtime-limit", 300))
         await self.qmp.execute("migrate-set-parameters", {"downtime-limit": 0})
         await self.command("migrate", [])

@@ -33,6 +33,7 @@ from typing import Any
 from qemu.qmp import EventListener, QMPClient
 
 from vfnic.errors import VfnicError
+from vfnic.host.qmp import MigrationInfo, query_status
 from vfnic.migrate import control
 from vfnic.migrate.control import MigrationCancelled, MigrationError
 
@@ -177,7 +178,7 @@ class Orchestrator:
         self.qa.register_listener(self.events)
         self.qa.register_listener(self.stops)
         await self.qb.connect(self.dst.qmp)
-        st: dict[str, Any] = await self.qb.execute("query-status")  # type: ignore[assignment]
+        st = await query_status(self.qb)
         if st.get("status") != "inmigrate":
             raise MigrationError("the destination QEMU is not waiting for a migration "
                                  "(start it with -S -incoming URI)")
@@ -231,7 +232,7 @@ class Orchestrator:
             with contextlib.suppress(Exception):
                 await self.qa.execute("quit")
 
-    def _ram_progress(self, info: dict[str, Any]) -> None:
+    def _ram_progress(self, info: MigrationInfo) -> None:
         ram = info.get("ram")
         now = time.perf_counter()
         if ram and now - getattr(self, "_last_progress", 0.0) > 1.0:
@@ -255,7 +256,7 @@ class Orchestrator:
     async def _wait_destination_paused(self) -> None:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            st: dict[str, Any] = await self.qb.execute("query-status")  # type: ignore[assignment]
+            st = await query_status(self.qb)
             if st.get("status") in ("paused", "postmigrate", "prelaunch"):
                 return
             if st.get("running"):
@@ -294,7 +295,7 @@ class Orchestrator:
                 await self.qa.execute("migrate_cancel")
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
-                st: dict[str, Any] = await self.qa.execute("query-status")  # type: ignore[assignment]
+                st = await query_status(self.qa)
                 if st.get("running"):
                     break
                 if st.get("status") == "postmigrate":  # no return-path: resume it ourselves

@@ -51,6 +51,7 @@ from qemu.qmp import EventListener, QMPClient, Runstate
 from vfnic.device.function import PciFunction
 from vfnic.device.policy import MIGRATION_COOPERATIVE
 from vfnic.errors import VfnicError
+from vfnic.host.qmp import query_pci, query_status
 from vfnic.migrate import control, vfstate
 
 if TYPE_CHECKING:
@@ -323,7 +324,7 @@ class VfLink:
             while qmp.runstate == Runstate.RUNNING:
                 if await control.next_status(qmp, events, 0.25) not in ("setup", "active"):
                     continue
-                run: dict[str, Any] = await qmp.execute("query-status")  # type: ignore[assignment]
+                run = await query_status(qmp)
                 if run.get("status") == "inmigrate":
                     continue
                 await self._source(qmp, events)
@@ -378,7 +379,7 @@ class VfLink:
         self.record = None
 
     async def _destination(self, qmp: QMPClient, resumes: EventListener) -> None:
-        st: dict[str, Any] = await qmp.execute("query-status")  # type: ignore[assignment]
+        st = await query_status(qmp)
         if st.get("status") != "inmigrate":
             return
         try:
@@ -407,7 +408,7 @@ class VfLink:
         record["restored_at"] = time.time()
         if resumes.empty():
             while True:
-                st = await qmp.execute("query-status")  # type: ignore[assignment]
+                st = await query_status(qmp)
                 if st.get("running"):
                     break
                 with contextlib.suppress(TimeoutError):
@@ -429,7 +430,7 @@ class VfLink:
 
     async def _find_device(self, qmp: QMPClient) -> int:
         """The VF's bus/device/function in its QEMU, as a config address (0xcf8)."""
-        buses: list[dict[str, Any]] = await qmp.execute("query-pci")  # type: ignore[assignment]
+        buses = await query_pci(qmp)
         found = [d for b in buses for d in b.get("devices", [])
                  if d.get("qdev_id") == self.att.device_id]
         if len(found) != 1:
