@@ -163,6 +163,6 @@ def test_pages_outside_the_destinations_ram_are_refused_before_anything_is_appli
     os.ftruncate(fd, RAM // 2)
     dst.dma.map(0, RAM // 2, 3, 0, fd)  # a destination whose RAM ends below that page
     before = device_state(dst)
-    with pytest.raises(SnapshotError, match="outside the client's mappings"):
+    with pytest.raises(SnapshotError, match="outside the destination's DMA mappings"):
         vmstate.load(dst, blob)
     assert device_state(dst) == before and dst.migration.state == State.RUNNING
