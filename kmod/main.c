@@ -29,7 +29,7 @@ MODULE_DEVICE_TABLE(pci, vfnic_pci_tbl);
 
 static unsigned int watchdog_ms = VFNIC_WATCHDOG_MS;
 module_param(watchdog_ms, uint, 0644);
-MODULE_PARM_DESC(watchdog_ms, "interval of the lost-config and move checks (ms)");
+MODULE_PARM_DESC(watchdog_ms, "interval of the lost-config, move and mailbox checks (ms)");
 
 #define QERR_CHECK_TICKS	10	/* QERR read every 10th watchdog tick */
 

@@ -22,7 +22,7 @@
 #define VFNIC_RING_ALIGN	8
 #define VFNIC_MBX_TIMEOUT_US	1000000
 #define VFNIC_RST_TIMEOUT_US	1000000
-#define VFNIC_WATCHDOG_MS	10	/* lost PCI config, moves, missed mailbox */
+#define VFNIC_WATCHDOG_MS	10	/* lost PCI config, moves, pending mailbox */
 #define VFNIC_TX_RS_EVERY	32	/* TX descriptors per report (RS) */
 
 /* The interrupt causes the driver enables (EIMS) */

@@ -333,3 +333,92 @@ def test_pf_mailbox_migration_hooks(nic: NicServer, peer: tuple[VfDriver, subpro
     else:
         m = re.search(r'"pages_touched": (\d+)', vm.output)
         assert m and int(m.group(1)) >= 5, vm.output
+
+
+# -- the server's per-batch work (issue 9, item 5) -------------------------------------------
+
+
+def test_tx_interrupt_only_for_a_batch_that_asks_for_a_report() -> None:
+    """RS once per batch (as vfnic_vf does): the device sends every frame, writes DD only
+    where RS was set, and raises the queue's cause only for a batch with RS."""
+    from vfnic.guestdriver.driver import TX_DESC
+
+    folder = tempfile.mkdtemp(prefix="vfn-kb-")
+    server = NicServer(folder, num_vfs=2)
+    server.start()
+    drivers = [VfDriver(HostBus(str(server.dir / f"vf{i}.sock"))) for i in range(2)]
+    try:
+        for drv in drivers:
+            drv.init()
+        tx, rx = drivers
+        fn = server.nic.vfs[0]
+        ring = tx.tx_ring
+        frame = rx.mac + tx.mac + b"\x88\xb5" + bytes(46)
+
+        def queue(first: int, n: int, rs_last: bool) -> None:
+            for i in range(first, first + n):
+                ring.buffer(i)[: len(frame)] = frame
+                cmd = D.CMD_EOP | (D.CMD_RS if rs_last and i == first + n - 1 else 0)
+                TX_DESC.pack_into(ring.desc.view, i * D.DESC_SIZE, ring.buffer_phys(i),
+                                  len(frame), 0, cmd, 0, 0, 0)
+            tx.set_reg("EICR", 0xFFFFFFFF)
+            tx.set_reg("TDT0", first + n)
+
+        queue(0, 3, rs_last=False)
+        assert fn.bank.get("TDH0") == 3 and fn.bank.get("GPTC") == 3
+        assert not fn.bank.get("EICR") & 1  # no report asked for: no interrupt
+        assert all(ring.desc.view[i * D.DESC_SIZE + 12] == 0 for i in range(3))
+        queue(3, 4, rs_last=True)
+        assert fn.bank.get("TDH0") == 7 and fn.bank.get("GPTC") == 7
+        assert fn.bank.get("EICR") & 1
+        assert [ring.desc.view[i * D.DESC_SIZE + 12] for i in range(3, 7)] == [0, 0, 0, 1]
+        assert len(receive_all(rx, 7)) == 7
+    finally:
+        for drv in drivers:
+            drv.bus.close()
+        server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def receive_all(drv: VfDriver, count: int, timeout: float = 5.0) -> list[bytes]:
+    got: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < count and time.monotonic() < deadline:
+        got += drv.rx_poll()
+        time.sleep(0.001)
+    return got
+
+
+def test_a_burst_from_the_uplink_interrupts_once() -> None:
+    """Frames switched in one burst (Nic.one_interrupt) signal the VF's queue vector once;
+    frames switched one by one, once each. Counted on a real eventfd."""
+    from vfnic.device import pci
+    from vfnic.device.function import CAP_MSIX
+    from vfnic.device.nic import Nic
+    from vfnic.vfiouser import wire
+
+    nic = Nic(1)
+    fn = nic.vfs[0]
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        fn.irq_fds[(wire.PciIrq.MSIX, 0)] = efd
+        fn.config.set(CAP_MSIX + pci.MSIX_FLAGS, 2, pci.MSIX_FLAGS_ENABLE)
+        fn.bank.set("EIMS", 1)
+
+        def signals() -> int:
+            try:
+                return os.eventfd_read(efd)
+            except BlockingIOError:
+                return 0
+
+        with nic.lock, nic.one_interrupt():
+            for _ in range(5):
+                nic.raise_cause(fn, 1)
+            assert signals() == 0  # held until the burst ends
+        assert signals() == 1
+        for _ in range(5):
+            nic.raise_cause(fn, 1)
+        assert signals() == 5
+    finally:
+        fn.irq_fds.clear()
+        os.close(efd)

@@ -105,6 +105,9 @@ def step_network_and_migration(work: Path, modes: list[str]) -> None:
             va.start()
             wait_reachable(lab)
             if i == 0:
+                deadline = time.monotonic() + 60  # the guest's command runs after its init
+                while not guest_lines(va, "driver: ") and time.monotonic() < deadline:
+                    time.sleep(0.2)
                 print("guest: " + "\n       ".join(
                     guest_lines(va, "vfnic0 ")[:1] + guest_lines(va, "driver: ")[:1]))
                 print(sh("ip", "netns", "exec", lab.ns("peer"), "ping", "-c", "5", "-i", "0.2",
