@@ -322,8 +322,8 @@ def test_pf_mailbox_migration_hooks(nic: NicServer, peer: tuple[VfDriver, subpro
     for state in ("suspend", "resume"):
         us = acks[state]["driver_us"]
         assert isinstance(us, int) and 0 <= us < 1_000_000, acks[state]
-    assert not suspended_ctl[0] & D.QCTL_ENABLE and not suspended_ctl[1] & D.QCTL_ENABLE
-    assert resumed_ctl[0] & D.QCTL_ENABLE and resumed_ctl[1] & D.QCTL_ENABLE
+    assert not suspended_ctl[0] & T.QCTL_ENABLE and not suspended_ctl[1] & T.QCTL_ENABLE
+    assert resumed_ctl[0] & T.QCTL_ENABLE and resumed_ctl[1] & T.QCTL_ENABLE
     assert announced >= 1
     assert "5 received" in after, after
     if driver == "kernel":

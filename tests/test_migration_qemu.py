@@ -178,12 +178,13 @@ def test_a_vm_with_two_vfs_from_two_nics_carries_both(short_dir: Path) -> None:
         attach(nic)
         nic.start()
     uri = f"tcp:127.0.0.1:{next(PORT)}"
+    raw = guest_net_args(driver="python")  # the ticker uses the VFs' registers itself
     va = VM([VfioUserFunction(nics["a1"].dir / "vf0.sock", "nic0"),
              VfioUserFunction(nics["a2"].dir / "vf1.sock", "nic1")], command=TICKER,
-            token="ticker")
+            token="ticker", kernel_args=raw)
     vb = VM([VfioUserFunction(nics["b1"].dir / "vf1.sock", "nic0"),
              VfioUserFunction(nics["b2"].dir / "vf0.sock", "nic1")], command=TICKER,
-            token="ticker", extra_args=["-S", "-incoming", uri])
+            token="ticker", extra_args=["-S", "-incoming", uri], kernel_args=raw)
     try:
         va.start()
         wait_ticks(va, 2)
