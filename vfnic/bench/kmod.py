@@ -230,13 +230,6 @@ def run(quick: bool = False, rounds: int | None = None) -> Section:
                            f"{ms:.3f} ms (target ≤ 1 ms) {met(ms <= 1.0)}")
     if targets:
         sec.add("Targets of issue 9 in this run:\n\n" + "\n".join(targets))
-    sec.add("What each frame costs the kernel driver (from the code, not profiled): TX, one "
-            "posted MMIO write (TDT) per `xmit_more` batch, which QEMU turns into a "
-            "vfio-user message the Python server handles, and one interrupt per 32 frames "
-            "(RS); RX, one interrupt per burst the server delivers and one posted write (RDT) "
-            "per NAPI poll; no MMIO read on either path. virtio-net's frames never leave "
-            "QEMU's C code. The per-frame work left is the server's (one Python pass per "
-            "frame through the switch, the TAP and the DMA writes).")
     return sec
 
 

@@ -2,15 +2,16 @@
 
 Configurations (the same guest image, 512 MiB, 1 vCPU, idle but for what its
 NIC needs; every one repeated):
-  VF transparent                `vfnic migrate` (QMP; the VF in QEMU's stream through
-                                dbus-vmstate), DMA dirty log, NIC announce
+  VF transparent                the VF in QEMU's stream through dbus-vmstate, DMA
+                                dirty log, NIC announce
   VF cooperative                the same, driver suspend/resume + GARP
-  virtio-net                    plain QEMU migration, QEMU's own announce
-  no NIC                        plain QEMU migration (VM downtime baseline)
-The guest is booted once per kind (VF, virtio-net, none) and migrated back and
-forth (a -> b -> a ...), the VF configurations interleaved round-robin on
-the same guest. The peer pings the guest every 10 ms; network downtime is the
-longest gap between two replies (minus the interval).
+  virtio-net                    QEMU's own device and announce
+  no NIC                        VM downtime baseline
+Every migration is `vfnic migrate`'s (vfnic.migrate.orchestrator; without a NIC
+folder for the baselines). The guest is booted once per kind (VF, virtio-net, none)
+and migrated back and forth (a -> b -> a ...), the VF configurations interleaved
+round-robin on the same guest. The lab's Pinger pings the guest from the peer every
+10 ms; network downtime is the longest gap between two replies (minus the interval).
 
 Also measured here, beside the migrations: the PF agent's own cost of a
 SUSPEND/RESUME message (in process) and the mailbox round trip to a host-side
@@ -19,15 +20,10 @@ driver polling as fast as it can.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import itertools
-import re
-import signal
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,7 +42,6 @@ from vfnic.bench.common import (
     wait_console,
     worker_argv,
 )
-from vfnic.host.qmp import query_status
 
 PING_INTERVAL = 0.01
 _ports = itertools.count(4700)
@@ -58,10 +53,7 @@ class Config:
     key: str
     label: str
     guest: str  # "vf", "virtio" or "none"
-    mode: str = "transparent"
-    garp: bool = True
-    announce: bool = True
-    pause: bool = False  # plain migration with pause-before-switchover, as the orchestrator
+    mode: str | None = None  # the VF's migration mode (None: no VF)
 
 
 CONFIGS = (
@@ -87,121 +79,6 @@ class Run:
     window_s: float | None = None
     ping: tuple[int, int] | None = None  # (sent, replies) over the whole window
     summary: dict[str, Any] = field(default_factory=dict)
-
-
-# -- ping from the peer, replies followed live -------------------------------------------
-
-
-class LivePinger:
-    """`ping -D -i 0.01` from the peer namespace; reply timestamps kept as they come."""
-
-    def __init__(self, netns: str, target: str, interval: float = PING_INTERVAL) -> None:
-        self.interval = interval
-        self.replies: list[float] = []
-        self.sent = 0
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", netns, "ping", "-D", "-n", "-W", "1", "-i", f"{interval:g}",
-             target], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.started = time.time()
-        self._rx = re.compile(r"^\[(\d+\.\d+)\] \d+ bytes from .*icmp_seq=(\d+)")
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            m = self._rx.match(line)
-            if m:
-                self.replies.append(float(m.group(1)))
-            t = re.search(r"(\d+) packets transmitted", line)
-            if t:
-                self.sent = int(t.group(1))
-
-    def replies_after(self, t: float) -> int:
-        return sum(1 for r in self.replies if r > t)
-
-    def stop(self) -> float:
-        self.proc.send_signal(signal.SIGINT)  # our own ping, by pid
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self._thread.join(5)
-        return time.time()
-
-
-# -- plain QEMU migration (virtio-net and no-NIC baselines) -------------------------------
-
-
-async def _plain_migrate(src_qmp: str, dst_qmp: str, uri: str, pause: bool = False,
-                         timeout: float = 300) -> dict[str, Any]:
-    """`migrate`, wait for completion, `cont` the destination (started with -S), quit
-    the source, with the capabilities `vfnic migrate` sets (return-path, events).
-    Status changes are awaited with the one wait (vfnic.migrate.control). Pause =
-    RESUME event on the destination - STOP event on the source (QMP timestamps, both
-    QEMUs on this host's clock). With ``pause``: pause-before-switchover, then
-    migrate-continue at once."""
-    from qemu.qmp import EventListener, QMPClient
-
-    qa, qb = QMPClient("bench-source"), QMPClient("bench-destination")
-    status_events = EventListener("MIGRATION")
-    await qa.connect(src_qmp)
-    qa.register_listener(status_events)
-    await qb.connect(dst_qmp)
-    try:
-        from vfnic.migrate import control
-
-        caps = {"capabilities": [{"capability": "return-path", "state": True},
-                                 {"capability": "events", "state": True}]}
-        await qb.execute("migrate-set-capabilities", caps)
-        caps["capabilities"].append({"capability": "pause-before-switchover", "state": pause})
-        await qa.execute("migrate-set-capabilities", caps)
-        t0 = time.perf_counter()
-        await qa.execute("migrate", {"uri": uri})
-        deadline = time.monotonic() + timeout
-        try:
-            if pause:
-                await control.wait_status(qa, status_events, {"pre-switchover"}, timeout)
-                await qa.execute("migrate-continue", {"state": "pre-switchover"})
-            info = await control.wait_status(qa, status_events, {"completed"}, timeout)
-        except control.MigrationError as exc:
-            raise RuntimeError(str(exc)) from exc
-        while True:
-            st2 = await query_status(qb)
-            if st2.get("status") in ("paused", "postmigrate", "prelaunch", "running"):
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError("the destination did not finish loading")
-            await asyncio.sleep(0.002)
-        await qb.execute("cont")
-        total_ms = (time.perf_counter() - t0) * 1000
-        await asyncio.sleep(0.05)  # let the RESUME event arrive
-
-        def stamp(events: list[Any], name: str) -> float | None:
-            for ev in events:
-                if ev.get("event") == name:
-                    ts = ev.get("timestamp", {})
-                    return float(ts.get("seconds", 0)) + float(ts.get("microseconds", 0)) / 1e6
-            return None
-
-        stop = stamp(qa.events.clear(), "STOP")
-        resume = stamp(qb.events.clear(), "RESUME")
-        pause_ms = (resume - stop) * 1000 if stop is not None and resume is not None else None
-        with contextlib.suppress(Exception):
-            await qa.execute("quit")
-        return {"total_ms": total_ms, "vm_downtime_ms": info.get("downtime"),
-                "pause_ms": pause_ms, "ram_transferred": info.get("ram", {}).get("transferred", 0)}
-    except BaseException:
-        with contextlib.suppress(Exception):
-            await qa.execute("migrate_cancel")
-        with contextlib.suppress(Exception):
-            await qb.execute("quit")
-        raise
-    finally:
-        for q in (qa, qb):
-            with contextlib.suppress(Exception):
-                await q.disconnect()
 
 
 # -- one guest, migrated back and forth ------------------------------------------------------
@@ -301,7 +178,7 @@ class PingPong:
         return False
 
     def migrate(self, cfg: Config, index: int, window: float) -> Run:
-        from vfnic.migrate.lab import GUEST_IP
+        from vfnic.migrate.lab import GUEST_IP, Pinger
         from vfnic.migrate.orchestrator import Host, Options, migrate
 
         run = Run(cfg.key, index)
@@ -315,7 +192,7 @@ class PingPong:
         port = next(_ports)
         uri = f"tcp:{self.lab.host_ip(dst_side)}:{port}"
         dst, tap = self._vm(dst_side, uri)
-        pinger: LivePinger | None = None
+        pinger: Pinger | None = None
         watch: Worker | None = None
         try:
             dst.start()
@@ -324,31 +201,30 @@ class PingPong:
             if self.kind != "none":
                 watch = Worker(worker_argv("l2-watch", "--iface", f"{self.lab.ident}peer0",
                                            "--ip", GUEST_IP, netns=self.lab.ns("peer")))
-                pinger = LivePinger(self.lab.ns("peer"), GUEST_IP)
+                pinger = Pinger(self.lab, GUEST_IP, PING_INTERVAL)
+                pinger.start()
                 time.sleep(1.5)
-                if not pinger.replies:
+                if not pinger.replies():
                     raise RuntimeError("no ping replies before the migration")
             t_start = time.time()
-            if self.kind == "vf":
-                opts = Options(uri, mode=cfg.mode, quit_source=True)
-                summary = migrate(Host(str(self.vm.qmp_socket), str(self.nic_dirs[src]), 0),
-                                  Host(str(dst.qmp_socket), str(self.nic_dirs[dst_side]), 0),
-                                  opts, progress=lambda line: log(f"  migrate: {line}"))
-                run.summary = asdict(summary)
-                if summary.status != "completed":
-                    raise RuntimeError(f"migration {summary.status}: {summary.error}")
-                run.total_ms = summary.total_ms
-                run.vm_downtime_ms = summary.vm_downtime_ms
-                tl = summary.timeline_ms
-                if "source-stopped" in tl and "destination-running" in tl:
-                    run.pause_ms = tl["destination-running"] - tl["source-stopped"]
-            else:
-                res = asyncio.run(_plain_migrate(str(self.vm.qmp_socket), str(dst.qmp_socket),
-                                                 uri, pause=cfg.pause))
-                run.total_ms = res["total_ms"]
-                run.vm_downtime_ms = res["vm_downtime_ms"]
-                run.pause_ms = res["pause_ms"]
-                run.summary = {"ram_transferred": res["ram_transferred"]}
+            vf = self.kind == "vf"
+            summary = migrate(
+                Host(str(self.vm.qmp_socket), str(self.nic_dirs[src]) if vf else None, 0),
+                Host(str(dst.qmp_socket), str(self.nic_dirs[dst_side]) if vf else None, 0),
+                Options(uri, mode=cfg.mode, quit_source=True),
+                progress=lambda line: log(f"  migrate: {line}"))
+            run.summary = asdict(summary)
+            if summary.status != "completed":
+                raise RuntimeError(f"migration {summary.status}: {summary.error}")
+            run.total_ms = summary.total_ms
+            run.vm_downtime_ms = summary.vm_downtime_ms
+            # Guest pause: source stopped (STOP event) -> destination running: for the VF
+            # the orchestrator's mark after `cont` (the NIC follows that), for the
+            # baselines QEMU's RESUME event.
+            tl = summary.timeline_ms
+            running = tl.get("destination-running" if vf else "destination-resumed")
+            if "source-stopped" in tl and running is not None:
+                run.pause_ms = running - tl["source-stopped"]
             t_end = time.time()
             if pinger is not None:
                 deadline = t_end + window
@@ -359,25 +235,24 @@ class PingPong:
                     if recovered_at is not None and time.time() > recovered_at + 1.0:
                         break
                     time.sleep(0.05)
-                t_stop = pinger.stop()
+                pinger.stop()
+                t_stop = time.time()
                 if watch is not None:
                     seen = watch.result()
                     watch = None
                     run.summary["announces"] = seen["counts"]
                     run.summary["announces_after_ms"] = {
                         k: round((v - t_start) * 1000) for k, v in seen["first"].items()}
-                reps = [r for r in pinger.replies if r >= t_start - 1.5]
-                run.ping = (pinger.sent, len(pinger.replies))
+                run.ping = pinger.loss()
                 run.window_s = window
-                if not any(r > t_end for r in reps):
+                if not pinger.replies_after(t_end):
                     run.recovered = False
                     run.net_downtime_ms = None
-                    last = max((r for r in reps if r <= t_end), default=t_start)
+                    last = max((t for t, _ in pinger.replies() if t <= t_end), default=t_start)
                     run.summary["silent_s"] = t_stop - last
                 else:
                     run.recovered = True
-                    gap = max(b - a for a, b in zip(reps, reps[1:], strict=False))
-                    run.net_downtime_ms = max(0.0, (gap - PING_INTERVAL) * 1000)
+                    run.net_downtime_ms = pinger.downtime_ms(after=t_start - 1.5)
                 pinger = None
             run.ok = True
             old = self.vm
@@ -590,11 +465,13 @@ def run(quick: bool = False, runs: int | None = None, plot_path: Path | None = N
     sec.add(f"One guest per kind (512 MiB, 1 vCPU, TCG), migrated back and forth between the "
             f"lab's hosts a and b over their migration network (veth + bridge); {nruns} runs "
             f"per configuration, the VF configurations interleaved on the same guest. "
-            f"Median (min–max) over the runs that completed. *Migration time*: `migrate` to "
-            f"the destination running (the orchestrator's total for the VF). *VM downtime*: "
-            f"QEMU's `downtime` from `query-migrate`. *Guest pause*: source stopped → "
-            f"destination running (VF: the orchestrator's timeline; baselines: QMP STOP and "
-            f"RESUME event timestamps). *Network downtime*: "
+            f"Every migration by `vfnic migrate`'s orchestrator (the baselines without a "
+            f"NIC folder). Median (min–max) over the runs that completed. *Migration "
+            f"time*: the orchestrator's total, connecting to both QEMUs to the destination "
+            f"running (VF: and resumed). *VM downtime*: "
+            f"QEMU's `downtime` from `query-migrate`. *Guest pause*: source stopped (QMP "
+            f"STOP event) → destination running (VF: the orchestrator's mark after `cont`; "
+            f"baselines: the destination's RESUME event). *Network downtime*: "
             f"the peer pings every {PING_INTERVAL * 1000:.0f} ms; the longest gap between two "
             f"replies minus the interval; watched for up to {window:.0f} s after the "
             f"migration returned. *GARP / RARP / NA*: frames announcing the guest's new "
@@ -633,8 +510,7 @@ def run(quick: bool = False, runs: int | None = None, plot_path: Path | None = N
             "STOP_COPY + the whole stream (snapshot and DMA-written pages), inside QEMU's "
             "pause; *Load*: RESUMING + stream checked + restored + STOP on the destination. "
             "*driver*: what the guest's VF driver reports for its own work (word 1 of its "
-            "ACK); *mailbox*: the PF's round trip, management socket to ACK, including the "
-            "guest driver's 5 ms mailbox poll, all under TCG.")
+            "ACK); *mailbox*: the PF's round trip, management socket to ACK, under TCG.")
     sec.add(table(["configuration", "Save ms", "Load ms", "device state bytes",
                    "DMA pages", "suspend: driver ms", "suspend: mailbox ms",
                    "resume: driver ms", "resume: mailbox ms"], drows))
@@ -652,7 +528,8 @@ def run(quick: bool = False, runs: int | None = None, plot_path: Path | None = N
 
     # -- targets --
     sec.add(targets_text(results, pf))
-    sec.add(notes(results) + outlier_note(results))
+    if text := notes(results):
+        sec.add(text)
     sec.add(runs_detail(results))
     if plot_path is not None:
         from vfnic.bench.plot import migration_plot
@@ -668,43 +545,25 @@ def run(quick: bool = False, runs: int | None = None, plot_path: Path | None = N
 
 
 def notes(results: dict[str, list[Run]]) -> str:
-    """How to read the table; every count in it comes from this run."""
-    lines = [
-        "Notes on reading these numbers:",
-        "",
-        "- The network downtime of a VF migration spans more than QEMU's downtime: in "
-        "transparent mode the destination NIC announces the VF's MAC only once the guest "
-        "runs; in cooperative mode the guest driver suspends its queues before the final "
-        "RAM pass and resumes them only after `cont`, so the gap covers the final pass "
-        "too.",
-        "- The guest is moved a → b → a …, the configurations' order rotated every "
-        "round so that each one migrates in both directions; each VF migration's "
-        "destination VF is a VF that earlier served the guest (its state is replaced by "
-        "the stream).",
-    ]
-    for c in CONFIGS:
-        seen = [r.summary["announces"] for r in results.get(c.key, [])
-                if r.ok and "announces" in r.summary]
-        if not c.garp and any(a["garp"] for a in seen):
-            n = sum(1 for a in seen if a["garp"])
-            lines.append(f"- **{c.label}: the peer saw gratuitous ARPs from the guest in {n} "
-                         f"of {len(seen)} runs although the migration ran with "
-                         f"`Options(garp=False)`**, so these rows do not measure a migration "
-                         f"without the GARP. (Cause found while writing this bench: the "
-                         f"orchestrator sends RESUME with the RESUME_NO_GARP word, but the "
-                         f"guest driver reads no argument words for RESUME — `PF_MSG_ARGS` in "
-                         f"vfnic/guestdriver/driver.py lists only LINK_CHANGE — so it always "
-                         f"announces.)")
-        if not c.announce and c.mode == "transparent" and any(a["rarp"] for a in seen):
-            n = sum(1 for a in seen if a["rarp"])
-            lines.append(f"- **{c.label}: the peer saw RARPs in {n} of {len(seen)} runs "
-                         f"although the NIC announce was off.**")
+    """What this run's numbers say beside the tables, each computed from them (how to
+    read them is fixed text in BENCHMARKS.md, after this section)."""
+    lines: list[str] = []
     base = _vals(results.get("none", []), "vm_downtime_ms")
     if len(base) >= 3 and min(base) > 0 and max(base) / min(base) > 3:
         lines.append(f"- The no-NIC baseline's VM downtime alone ranged from {min(base):.0f} "
-                     f"to {max(base):.0f} ms over identical runs (QEMU's downtime under "
-                     f"TCG on 2 CPUs is noisy): compare medians with that spread in mind.")
-    return "\n".join(lines)
+                     f"to {max(base):.0f} ms over identical runs: compare medians with that "
+                     f"spread in mind.")
+    rs = [r for r in results.get("vf-cooperative", [])
+          if r.ok and r.net_downtime_ms is not None]
+    if len(rs) >= 3:
+        med = statistics.median(r.net_downtime_ms or 0.0 for r in rs)
+        slow = [r for r in rs if (r.net_downtime_ms or 0) > 2 * med]
+        if slow:
+            lines.append(f"- {len(slow)} of {len(rs)} cooperative runs had a network downtime "
+                         f"over twice the median "
+                         f"({', '.join(f'{r.net_downtime_ms:.0f}' for r in slow)} ms vs "
+                         f"{med:.0f} ms).")
+    return "\n".join(["Notes on this run:", "", *lines]) if lines else ""
 
 
 STEPS = (("source-stopped", "source-completed", "source stopped → QEMU completed (final "
@@ -738,27 +597,6 @@ def pause_breakdown(results: dict[str, list[Run]], params: dict[str, Any]) -> st
             f"here; `max-bandwidth` {params.get('max-bandwidth', 0) / 2**20:.0f} MiB/s)."
             "\n\n"
             + table(["step", *[c.label for c in vf]], rows))
-
-
-def outlier_note(results: dict[str, list[Run]]) -> str:
-    """Cooperative runs whose network downtime is far above the mode's median."""
-    rs = [r for r in results.get("vf-cooperative", [])
-          if r.ok and r.net_downtime_ms is not None]
-    if len(rs) < 3:
-        return ""
-    med = statistics.median(r.net_downtime_ms or 0.0 for r in rs)
-    slow = [r for r in rs if (r.net_downtime_ms or 0) > 2 * med]
-    if not slow:
-        return ""
-    return (f"\n- {len(slow)} of {len(rs)} cooperative runs had a network downtime over "
-            f"twice the median ({', '.join(f'{r.net_downtime_ms:.0f}' for r in slow)} ms vs "
-            f"{med:.0f} ms). In such a run (looked at with tcpdump while writing this "
-            f"bench) the ping replies are held in the guest until the guest's own ARP "
-            f"request for the peer goes out about a second after the resume: on SUSPEND the "
-            f"guest driver takes the received frames and turns the TAP's carrier off, the "
-            f"guest's stack answers those pings but cannot resolve the peer with the link "
-            f"down (its neighbour entries are flushed on carrier loss), and the next ARP "
-            f"try comes with the 1 s retransmit timer, not with the carrier's return.")
 
 
 def runs_detail(results: dict[str, list[Run]]) -> str:

@@ -22,13 +22,7 @@ def migration_plot(results: dict[str, Any], configs: Sequence[Any], path: Path,
                ("net_downtime_ms", "network downtime (ping)", "#55a868"))
     labels = []
     for c in configs:
-        text = c.label.replace(", ", ",\n")
-        seen = [r.summary.get("announces", {}) for r in results.get(c.key, []) if r.ok]
-        if not c.garp and any(a.get("garp") for a in seen):
-            text += "\n(GARP sent anyway)"  # the option did not take effect in this run
-        if not c.announce and any(a.get("rarp") for a in seen):
-            text += "\n(RARP sent anyway)"
-        labels.append(text)
+        labels.append(c.label.replace(", ", ",\n"))
     n = len(metrics)
     width = 0.8 / n
     fig, ax = plt.subplots(figsize=(11, 5.2), dpi=110)

@@ -300,9 +300,7 @@ def run(quick: bool = False) -> Section:
         d_us = 1e6 / statistics.median(split)
         sec.add(f"A round trip between two processes costs {s_us:.1f} µs on one core and "
                 f"{d_us:.1f} µs across the two cores of this machine (the Python echo "
-                f"above): each cross-core wakeup adds about {(d_us - s_us) / 2:.0f} µs. "
-                f"Unpinned, the scheduler picks the placement when the processes start, so "
-                f"the unpinned rows follow whichever placement it chose in this run.")
+                f"above): each cross-core wakeup adds about {(d_us - s_us) / 2:.0f} µs.")
     if med_read_us is not None:
         ok = med_read_us < READ_TARGET_US
         sec.add(f"**Target: read round trip < {READ_TARGET_US:.0f} µs** — {met(ok)} with the "
@@ -315,9 +313,8 @@ def run(quick: bool = False) -> Section:
         if busy_s is not None:
             b_us = 1e6 / busy_s.median
             sec.add(f"With busy polling (`vfnic serve --busy-poll {BUSY_POLL_US}` and "
-                    f"`VfioUserClient(busy_poll={BUSY_POLL_US / 1e6:g})`: each side keeps "
-                    f"polling its socket for {BUSY_POLL_US} µs before sleeping, so the next "
-                    f"message finds it awake; it costs a CPU while it spins), unpinned: median "
+                    f"`VfioUserClient(busy_poll={BUSY_POLL_US / 1e6:g})`: each side polls "
+                    f"its socket for {BUSY_POLL_US} µs before sleeping), unpinned: median "
                     f"{b_us:.1f} µs — {met(b_us < READ_TARGET_US)}.")
             sec.data["read_rtt_busy_us"] = b_us
     if guest:

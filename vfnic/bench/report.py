@@ -73,10 +73,20 @@ def existing_blocks(text: str) -> dict[str, str]:
 
 def write(path: Path, sections: Sequence[tuple[Section, str]], machine: dict[str, str],
           command: str) -> None:
-    """Write BENCHMARKS.md: the new sections, the other sections as they were."""
-    old = existing_blocks(path.read_text()) if path.exists() else {}
+    """Write BENCHMARKS.md: the new sections replace their blocks; the other blocks and
+    all text outside the markers (the fixed prose that explains the numbers) stay."""
+    text = path.read_text() if path.exists() else HEADER
     new = {sec.key: render(sec, machine, command, load) for sec, load in sections}
-    blocks = [new.get(k) or old.get(k) or placeholder(k) for k in ORDER]
+    blocks = existing_blocks(text)
+    for i, key in enumerate(ORDER):
+        if key in blocks:
+            if key in new:
+                text = text.replace(blocks[key], new[key])
+            continue
+        prev = [k for k in ORDER[:i] if k in blocks]
+        after = text.index(end(prev[-1])) + len(end(prev[-1])) if prev else len(text)
+        text = text[:after] + "\n\n" + (new.get(key) or placeholder(key)) + text[after:]
+        blocks = existing_blocks(text)
     tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(HEADER + "\n" + "\n\n".join(blocks) + "\n")
+    tmp.write_text(text.rstrip("\n") + "\n")
     tmp.replace(path)

@@ -18,6 +18,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,13 +167,15 @@ class Lab:
 
 @dataclass
 class Pinger:
-    """`ping` from the peer every ``interval`` seconds, timestamps kept (-D)."""
+    """`ping` from the peer every ``interval`` seconds, timestamps kept (-D); its
+    output is read as it comes, so replies can be watched while it runs."""
 
     lab: Lab
     target: str = GUEST_IP
     interval: float = 0.01
     proc: subprocess.Popen[str] | None = None
-    output: str = ""
+    lines: list[str] = field(default_factory=list)
+    _reader: threading.Thread | None = None
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
@@ -180,18 +183,39 @@ class Pinger:
              "-i", f"{self.interval:g}", self.target],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lab.pingers.append(self)
+        self._reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
+        self._reader.start()
+
+    def _read(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
 
     def stop(self) -> str:
         assert self.proc is not None
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            self.output, _ = self.proc.communicate(timeout=10)
+            self.proc.send_signal(signal.SIGINT)  # our own ping, by pid
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._reader is not None:
+            self._reader.join(5)
         return self.output
 
     def replies(self) -> list[tuple[float, int]]:
-        """(timestamp, icmp_seq) of every reply."""
+        """(timestamp, icmp_seq) of every reply so far."""
         return [(float(t), int(s)) for t, s in
                 re.findall(r"\[(\d+\.\d+)\] \d+ bytes from .*?icmp_seq=(\d+)", self.output)]
+
+    def replies_after(self, t: float) -> int:
+        """How many replies came after ``t`` (time.time() clock, as ping -D)."""
+        return sum(1 for when, _ in self.replies() if when > t)
 
     def downtime_ms(self, after: float | None = None) -> float:
         """Longest silence between two replies (minus one interval), in ms."""
@@ -202,6 +226,7 @@ class Pinger:
         return max(0.0, (gap - self.interval) * 1000)
 
     def loss(self) -> tuple[int, int]:
+        """(sent, received) from ping's summary line (after stop())."""
         m = re.search(r"(\d+) packets transmitted, (\d+) received", self.output)
         return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 

@@ -14,6 +14,9 @@ replay, the announce). So this is plain QMP, as `virsh migrate` does it:
 Then both NICs' records give the measurements (Save, Load, bytes, DMA pages, early
 guest accesses). With return-path, any failure leaves the guest on the source with
 its VF running: the source NIC puts the VF back when QEMU resumes it.
+
+A Host without a NIC folder is a QEMU without a vfnic VF (a virtio-net or NIC-less
+guest, the benchmarks' baselines): the same QMP steps, without the NICs' part.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from qemu.qmp import EventListener, QMPClient
@@ -43,15 +45,12 @@ PHASES = ("setup", "migrate", "active", "restore")  # "active": a fault-injectio
 
 @dataclass
 class Host:
-    """One side: its QEMU's QMP socket and the vfnic NIC folder and VF number."""
+    """One side: its QEMU's QMP socket and the vfnic NIC folder and VF number
+    (``nic_dir`` None: the QEMU has no vfnic VF)."""
 
     qmp: str
-    nic_dir: str
+    nic_dir: str | None
     vf: int = 0
-
-    @property
-    def vf_socket(self) -> str:
-        return str(Path(self.nic_dir) / f"vf{self.vf}.sock")
 
 
 @dataclass
@@ -120,7 +119,14 @@ def _stderr_progress(line: str) -> None:
 async def _nic(host: Host, req: dict[str, Any], timeout: float = 30.0) -> Any:
     from vfnic.device.nic import control_call
 
+    assert host.nic_dir is not None
     return await asyncio.to_thread(control_call, host.nic_dir, req, timeout)
+
+
+def _event_time(event: dict[str, Any]) -> float:
+    """A QMP event's timestamp (QEMU's clock, seconds since the epoch)."""
+    ts = event.get("timestamp", {})
+    return float(ts.get("seconds", 0)) + float(ts.get("microseconds", 0)) / 1e6
 
 
 class Orchestrator:
@@ -133,6 +139,8 @@ class Orchestrator:
         self.qb = QMPClient("destination")
         self.events = EventListener("MIGRATION")
         self.stops = EventListener("STOP")
+        self.resumes = EventListener("RESUME")
+        self.vf = src.nic_dir is not None and dst.nic_dir is not None
         self.phase = "setup"
         self.t0 = time.perf_counter()
         self.t0_wall = time.time()
@@ -178,19 +186,24 @@ class Orchestrator:
         self.qa.register_listener(self.events)
         self.qa.register_listener(self.stops)
         await self.qb.connect(self.dst.qmp)
+        self.qb.register_listener(self.resumes)
         st = await query_status(self.qb)
         if st.get("status") != "inmigrate":
             raise MigrationError("the destination QEMU is not waiting for a migration "
                                  "(start it with -S -incoming URI)")
-        if opts.mode is not None:
-            await _nic(self.src, {"op": "vf-migration", "vf": self.src.vf, "mode": opts.mode})
-        links = await _nic(self.src, {"op": "link-show"})
-        s.mode = links["vfs"][self.src.vf]["migration_mode"]
-        if opts.save_fault:
-            await _nic(self.src, {"op": "vmstate-fault", "vf": self.src.vf,
-                                  "fault": opts.save_fault})
-        self.seen_src = len(await _nic(self.src, {"op": "migrations"}))
-        self.seen_dst = len(await _nic(self.dst, {"op": "migrations"}))
+        if self.vf:
+            if opts.mode is not None:
+                await _nic(self.src, {"op": "vf-migration", "vf": self.src.vf,
+                                      "mode": opts.mode})
+            links = await _nic(self.src, {"op": "link-show"})
+            s.mode = links["vfs"][self.src.vf]["migration_mode"]
+            if opts.save_fault:
+                await _nic(self.src, {"op": "vmstate-fault", "vf": self.src.vf,
+                                      "fault": opts.save_fault})
+            self.seen_src = len(await _nic(self.src, {"op": "migrations"}))
+            self.seen_dst = len(await _nic(self.dst, {"op": "migrations"}))
+        else:
+            s.mode = "no VF"
         caps = {"capabilities": [{"capability": "return-path", "state": True},
                                  {"capability": "events", "state": True}]}
         await self.qa.execute("migrate-set-capabilities", caps)
@@ -208,26 +221,29 @@ class Orchestrator:
                                          self._ram_progress)
         self._mark("source-completed")
         if not self.stops.empty():  # the vCPUs' stop, by QEMU's own clock
-            stop: dict[str, Any] = dict(await self.stops.get())
-            ts = stop.get("timestamp", {})
-            stopped = ts.get("seconds", 0) + ts.get("microseconds", 0) / 1e6
+            stopped = _event_time(dict(await self.stops.get()))
             s.timeline_ms["source-stopped"] = round((stopped - self.t0_wall) * 1000, 1)
         s.vm_downtime_ms = info.get("downtime")
         s.ram_transferred = info.get("ram", {}).get("transferred", 0)
 
         self._enter("restore")
-        rec = await self._destination_record("restored_at", 30.0)
-        if "error" in rec:
-            raise MigrationError(f"destination: {rec['error']}")
-        self._mark("vf-restored")
-        src_regs = await _nic(self.src, {"op": "regs", "function": f"vf{self.src.vf}"})
-        dst_regs = await _nic(self.dst, {"op": "regs", "function": f"vf{self.dst.vf}"})
-        s.regs_equal = [r["value"] for r in src_regs] == [r["value"] for r in dst_regs]
+        if self.vf:
+            rec = await self._destination_record("restored_at", 30.0)
+            if "error" in rec:
+                raise MigrationError(f"destination: {rec['error']}")
+            self._mark("vf-restored")
+            src_regs = await _nic(self.src, {"op": "regs", "function": f"vf{self.src.vf}"})
+            dst_regs = await _nic(self.dst, {"op": "regs", "function": f"vf{self.dst.vf}"})
+            s.regs_equal = [r["value"] for r in src_regs] == [r["value"] for r in dst_regs]
         await self._wait_destination_paused()
         await self.qb.execute("cont")
         self._mark("destination-running")
-        await self._destination_record("result", 15.0)
-        self._mark("vf-resumed")
+        with contextlib.suppress(TimeoutError):  # the vCPUs' start, by QEMU's own clock
+            resumed = _event_time(dict(await asyncio.wait_for(self.resumes.get(), 1.0)))
+            s.timeline_ms["destination-resumed"] = round((resumed - self.t0_wall) * 1000, 1)
+        if self.vf:
+            await self._destination_record("result", 15.0)
+            self._mark("vf-resumed")
         if opts.quit_source:
             with contextlib.suppress(Exception):
                 await self.qa.execute("quit")
@@ -267,6 +283,8 @@ class Orchestrator:
     async def _collect(self) -> None:
         """The NICs' records of this migration into the summary."""
         s = self.summary
+        if not self.vf:
+            return
         src = [r for r in (await _nic(self.src, {"op": "migrations", "settle": 5}))
                [self.seen_src:] if r.get("role") == "source"]
         dst = [r for r in (await _nic(self.dst, {"op": "migrations"}))[self.seen_dst:]
