@@ -22,6 +22,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 BATCH = 32  # datagrams between clock reads
@@ -53,16 +54,20 @@ def delta(before: dict[str, int]) -> dict[str, int]:
     return {k: after[k] - before.get(k, 0) for k in after}
 
 
-def send(req: dict[str, Any]) -> dict[str, Any]:
+def flood(dst: str, port: int, size: int, dur: float, sndbuf: int = 1 << 20,
+          batch: int = BATCH, stop: Callable[[], bool] = lambda: False) -> dict[str, Any]:
+    """UDP datagrams of ``size`` bytes to dst:port, as fast as the socket takes them,
+    for ``dur`` seconds (or until ``stop()``), the clock read every ``batch``. Also the
+    peer's sender (vfnic.bench.worker)."""
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
-    s.connect((req["dst"], req["port"]))
-    payload = bytes(req["size"])
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+    s.connect((dst, port))
+    payload = bytes(size)
     sent = errors = 0
     t0 = time.perf_counter()
-    end = t0 + req["dur"]
-    while True:
-        for _ in range(BATCH):
+    end = t0 + dur
+    while not stop():
+        for _ in range(batch):
             try:
                 s.send(payload)
                 sent += 1
@@ -70,8 +75,13 @@ def send(req: dict[str, Any]) -> dict[str, Any]:
                 errors += 1
         if time.perf_counter() >= end:
             break
+    elapsed = time.perf_counter() - t0
     s.close()
-    return {"sent": sent, "errors": errors, "elapsed": time.perf_counter() - t0}
+    return {"sent": sent, "errors": errors, "elapsed": elapsed}
+
+
+def send(req: dict[str, Any]) -> dict[str, Any]:
+    return flood(req["dst"], req["port"], req["size"], req["dur"])
 
 
 def recv(req: dict[str, Any], f: Writer) -> dict[str, Any]:

@@ -42,8 +42,10 @@ from vfnic.bench.common import (
     wait_console,
     worker_argv,
 )
+from vfnic.host.vm import DEFAULT_GUEST_DRIVER
 
 PING_INTERVAL = 0.01
+DRIVER_NAMES = {"kernel": "the kernel driver vfnic_vf", "python": "the Python driver model"}
 _ports = itertools.count(4700)
 _taps = itertools.count()
 
@@ -118,7 +120,7 @@ class PingPong:
 
     def _vm(self, side: str, incoming: str | None) -> tuple[Any, str | None]:
         from vfnic.bench.datapath import virtio_args
-        from vfnic.host.vm import VM, VfioUserFunction
+        from vfnic.host.vm import VM, VfioUserFunction, guest_net_args
         from vfnic.migrate.lab import GUEST_IP
 
         functions = []
@@ -127,7 +129,7 @@ class PingPong:
         tap = None
         if self.kind == "vf":
             functions = [VfioUserFunction(self.nic_dirs[side] / "vf0.sock", "vf0")]
-            kernel_args = [f"vfnic.ip={GUEST_IP}/24"]
+            kernel_args = guest_net_args(f"{GUEST_IP}/24")  # the default driver
         elif self.kind == "virtio":
             tap = f"{self.lab.ident}m{next(_taps)}"
             extra += virtio_args(tap)
@@ -167,8 +169,9 @@ class PingPong:
             if self.lab.reachable():
                 return True
             if not flushed and time.monotonic() - start > 2:
-                # After a run without announce/GARP the LAN bridge still sends the guest's
-                # MAC to the old host's port: forget what it learned (flood until relearned).
+                # If no announce of the guest's move reached the LAN bridge, it still sends
+                # the guest's MAC to the old host's port: forget what it learned (flood
+                # until relearned).
                 sh("ip", "-n", self.lab.ns("fab"), "link", "set", "dev", "lan", "type",
                    "bridge", "fdb_flush", check=False)
                 sh("ip", "-n", self.lab.ns("peer"), "neigh", "flush", "all", check=False)
@@ -510,7 +513,9 @@ def run(quick: bool = False, runs: int | None = None, plot_path: Path | None = N
             "STOP_COPY + the whole stream (snapshot and DMA-written pages), inside QEMU's "
             "pause; *Load*: RESUMING + stream checked + restored + STOP on the destination. "
             "*driver*: what the guest's VF driver reports for its own work (word 1 of its "
-            "ACK); *mailbox*: the PF's round trip, management socket to ACK, under TCG.")
+            "ACK); *mailbox*: the PF's round trip, management socket to ACK, under TCG. "
+            f"The VF guest's driver: {DRIVER_NAMES[DEFAULT_GUEST_DRIVER]} (the guest's "
+            f"default).")
     sec.add(table(["configuration", "Save ms", "Load ms", "device state bytes",
                    "DMA pages", "suspend: driver ms", "suspend: mailbox ms",
                    "resume: driver ms", "resume: mailbox ms"], drows))

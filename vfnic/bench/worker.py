@@ -184,25 +184,9 @@ def cmd_udp_recv(args: argparse.Namespace) -> int:
 
 
 def udp_flood(dst: str, port: int, size: int, dur: float) -> dict[str, Any]:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-    s.connect((dst, port))
-    payload = bytes(size)
-    sent = errors = 0
-    t0 = time.perf_counter()
-    end = t0 + dur
-    while not STOP:
-        for _ in range(64):
-            try:
-                s.send(payload)
-                sent += 1
-            except OSError:
-                errors += 1
-        if time.perf_counter() >= end:
-            break
-    elapsed = time.perf_counter() - t0
-    s.close()
-    return {"sent": sent, "errors": errors, "elapsed": elapsed}
+    from vfnic.bench.guest_server import flood
+
+    return flood(dst, port, size, dur, sndbuf=4 << 20, batch=64, stop=lambda: STOP)
 
 
 def cmd_udp_send(args: argparse.Namespace) -> int:
