@@ -208,3 +208,39 @@ def test_a_vm_with_two_vfs_from_two_nics_carries_both(short_dir: Path) -> None:
         vb.stop()
         for nic in nics.values():
             nic.stop()
+
+
+def test_orchestrator_migrates_a_guest_without_a_vf(short_dir: Path) -> None:
+    """Host(nic_dir=None): the same QMP steps for a QEMU without a vfnic VF (the
+    benchmarks' virtio-net and no-NIC baselines); STOP and RESUME in the timeline."""
+    uri = f"tcp:127.0.0.1:{next(PORT)}"
+    clock = "i=0; while true; do echo tick $i plain; i=$((i+1)); sleep 0.2; done"
+    va = VM([], command=clock, token="plain", run_dir=short_dir / "va")
+    vb = VM([], command=clock, token="plain", run_dir=short_dir / "vb",
+            extra_args=["-S", "-incoming", uri])
+    try:
+        va.start()
+        deadline = time.monotonic() + 240
+        while "tick 2 plain" not in (va.console_log.read_text(errors="replace")
+                                     if va.console_log.exists() else ""):
+            assert time.monotonic() < deadline, "the guest did not start ticking"
+            time.sleep(0.2)
+        vb.start()
+        s = migrate(Host(str(va.qmp_socket), None), Host(str(vb.qmp_socket), None),
+                    Options(uri), progress=lambda _l: None)
+        assert s.status == "completed", s.error
+        assert s.mode == "no VF" and s.save_ms is None and s.device_state_bytes == 0
+        tl = s.timeline_ms
+        assert tl["source-stopped"] <= tl["source-completed"] <= tl["destination-running"]
+        assert 0 < tl["destination-resumed"] - tl["source-stopped"] < 30_000
+        assert s.ram_transferred > 0 and s.vm_downtime_ms is not None
+        last = 0
+        deadline = time.monotonic() + 60
+        while last < 5 and time.monotonic() < deadline:  # the clock goes on over there
+            text = vb.console_log.read_text(errors="replace") if vb.console_log.exists() else ""
+            last = len(re.findall(r"tick \d+ plain", text))
+            time.sleep(0.2)
+        assert last >= 5, "the destination guest did not run on"
+    finally:
+        va.stop()
+        vb.stop()
