@@ -244,3 +244,11 @@ def test_orchestrator_migrates_a_guest_without_a_vf(short_dir: Path) -> None:
     finally:
         va.stop()
         vb.stop()
+
+
+def test_one_host_without_a_nic_folder_is_a_usage_error(short_dir: Path) -> None:
+    from vfnic.errors import UsageError
+
+    with pytest.raises(UsageError, match="both hosts"):
+        migrate(Host(str(short_dir / "a.qmp"), None), Host(str(short_dir / "b.qmp"),
+                                                           str(short_dir)), Options("tcp:x:1"))

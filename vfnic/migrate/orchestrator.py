@@ -34,7 +34,7 @@ from typing import Any
 
 from qemu.qmp import EventListener, QMPClient
 
-from vfnic.errors import VfnicError
+from vfnic.errors import UsageError, VfnicError
 from vfnic.host.qmp import MigrationInfo, query_status
 from vfnic.migrate import control
 from vfnic.migrate.control import MigrationCancelled, MigrationError
@@ -140,7 +140,9 @@ class Orchestrator:
         self.events = EventListener("MIGRATION")
         self.stops = EventListener("STOP")
         self.resumes = EventListener("RESUME")
-        self.vf = src.nic_dir is not None and dst.nic_dir is not None
+        if (src.nic_dir is None) != (dst.nic_dir is None):
+            raise UsageError("give both hosts a NIC folder, or neither (a guest without VF)")
+        self.vf = src.nic_dir is not None
         self.phase = "setup"
         self.t0 = time.perf_counter()
         self.t0_wall = time.time()
@@ -238,12 +240,12 @@ class Orchestrator:
         await self._wait_destination_paused()
         await self.qb.execute("cont")
         self._mark("destination-running")
-        with contextlib.suppress(TimeoutError):  # the vCPUs' start, by QEMU's own clock
-            resumed = _event_time(dict(await asyncio.wait_for(self.resumes.get(), 1.0)))
-            s.timeline_ms["destination-resumed"] = round((resumed - self.t0_wall) * 1000, 1)
         if self.vf:
             await self._destination_record("result", 15.0)
             self._mark("vf-resumed")
+        with contextlib.suppress(TimeoutError):  # the vCPUs' start, by QEMU's own clock
+            resumed = _event_time(dict(await asyncio.wait_for(self.resumes.get(), 1.0)))
+            s.timeline_ms["destination-resumed"] = round((resumed - self.t0_wall) * 1000, 1)
         if opts.quit_source:
             with contextlib.suppress(Exception):
                 await self.qa.execute("quit")
@@ -324,6 +326,9 @@ class Orchestrator:
 
 
 def migrate(src: Host, dst: Host, opts: Options, progress: Progress | None = None) -> Summary:
+    """One live migration. Raises UsageError if one host has a NIC folder and the other
+    not; a migration that fails or is cancelled is reported in the Summary (status,
+    error), the guest left running on the source."""
     return asyncio.run(Orchestrator(src, dst, opts, progress).run())
 
 
