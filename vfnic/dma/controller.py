@@ -16,12 +16,13 @@ pages logged since it started, which the migration stream carries.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import fcntl
 import mmap
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from vfnic.errors import DmaError, ProtocolError, VfnicError
@@ -79,6 +80,33 @@ class DmaController:
         # logging), and since logging started (carried by the migration stream).
         self.dirty_log: set[int] | None = None
         self.dirty_total: set[int] = set()
+        # fd -> file size, while a batch of accesses runs (None: fstat before each write)
+        self._sizes: dict[int, int] | None = None
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """A batch of accesses (one RX burst, one TX doorbell): the client's file sizes
+        are read once for it, not before each pwrite. Called with the NIC lock held (as
+        DMA_MAP/UNMAP are), so no region changes meanwhile; a shrink racing with the
+        batch can only regrow the client's own file, as a shrink racing with a single
+        check can, and reads still fail short (DmaError, never SIGBUS)."""
+        if self._sizes is not None:  # nested: the outer batch owns the cache
+            yield
+            return
+        self._sizes = {}
+        try:
+            yield
+        finally:
+            self._sizes = None
+
+    def _file_size(self, fd: int) -> int:
+        sizes = self._sizes
+        if sizes is None:
+            return os.fstat(fd).st_size
+        size = sizes.get(fd)
+        if size is None:
+            size = sizes[fd] = os.fstat(fd).st_size
+        return size
 
     # -- mapping ----------------------------------------------------------------------
 
@@ -176,7 +204,7 @@ class DmaController:
             try:
                 # pwrite past the end would grow the client's file: refuse instead
                 # (a shrink racing with this check only regrows the client's own file).
-                if os.fstat(r.fd).st_size < pos + len(data):
+                if self._file_size(r.fd) < pos + len(data):
                     raise DmaError(f"DMA write at {address:#x}+{len(data):#x}: beyond the "
                                    "end of the client's file")
                 n = os.pwrite(r.fd, data, pos)
