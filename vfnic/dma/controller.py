@@ -74,6 +74,7 @@ class DmaController:
     def __init__(self, max_regions: int = 65535) -> None:
         self.max_regions = max_regions
         self.regions: list[DmaRegion] = []  # sorted by address
+        self._keys: list[int] = []  # their addresses (bisected by find)
         self.message_read: MessageRead | None = None
         self.message_write: MessageWrite | None = None
         # 4 KiB page numbers the device wrote: since the last report (None: not
@@ -142,13 +143,14 @@ class DmaController:
         finally:
             if fd is not None:
                 os.close(fd)
-        keys = [r.address for r in self.regions]
-        self.regions.insert(bisect.bisect(keys, address), region)
+        self.regions.insert(bisect.bisect(self._keys, address), region)
+        self._keys = [r.address for r in self.regions]
 
     def unmap(self, address: int, size: int) -> DmaRegion:
         for i, r in enumerate(self.regions):
             if r.address == address and r.size == size:
                 del self.regions[i]
+                del self._keys[i]
                 r.close()
                 return r
         raise ProtocolError(f"no DMA region {address:#x}+{size:#x}", errno.ENOENT)
@@ -157,6 +159,7 @@ class DmaController:
         for r in self.regions:
             r.close()
         self.regions.clear()
+        self._keys.clear()
 
     def has_message_regions(self) -> bool:
         """Whether some region is reached only through DMA_READ/WRITE messages."""
@@ -164,8 +167,7 @@ class DmaController:
 
     def find(self, address: int, length: int) -> DmaRegion:
         """The region holding all of [address, address+length)."""
-        keys = [r.address for r in self.regions]
-        i = bisect.bisect_right(keys, address) - 1
+        i = bisect.bisect_right(self._keys, address) - 1
         if i >= 0:
             r = self.regions[i]
             if address >= r.address and address + length <= r.end:
