@@ -167,9 +167,10 @@ class DataPath:
         if nic is None:
             return sent
         with nic.one_interrupt():
-            forward = nic.switch.forward
+            switch = nic.switch
+            ports = switch.ports()
             for frame in frames:
-                forward(fn, frame)
+                switch.forward(fn, frame, ports)
             if error:
                 self.queue_error(T.TX, q, error, why)
             elif report:
