@@ -179,11 +179,13 @@ class Nic:
         try:
             yield
         finally:
-            for fn in self.functions:  # frames received in the burst: one batch each
-                fn.datapath.flush()
-            held, self._held = self._held, None
-            for fn in held:
-                self._deliver(fn)
+            try:
+                for fn in self.functions:  # frames received in the burst: one batch each
+                    fn.datapath.flush()
+            finally:
+                held, self._held = self._held, None
+                for fn in held:
+                    self._deliver(fn)
 
     def _deliver(self, fn: PciFunction) -> None:
         """Signal every pending, unmasked cause (MSI-X vector per cause, else MSI/INTx)."""
