@@ -14,6 +14,7 @@ import struct
 import threading
 from typing import TYPE_CHECKING
 
+from vfnic.dma.controller import DmaController
 from vfnic.errors import DmaError
 from vfnic.regs import descriptors as D
 from vfnic.regs import table as T
@@ -25,7 +26,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RX_BACKLOG = 256  # frames waiting for the serving thread (fd-less DMA only)
-RX_WRITEBACK = struct.Struct("<HHBBH")  # length, csum, status, errors, vlan
+ADDR = struct.Struct("<Q")  # a descriptor's buffer address
+DD_BYTE = bytes([D.STAT_DD])  # a TX descriptor's status byte when done
 
 
 class DataPath:
@@ -34,6 +36,7 @@ class DataPath:
     def __init__(self, fn: PciFunction) -> None:
         self.fn = fn
         self.backlog: collections.deque[bytes] = collections.deque()
+        self.pending: list[bytes] = []  # received during a burst, delivered at its end
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -106,55 +109,72 @@ class DataPath:
 
     # -- transmit -------------------------------------------------------------------------
 
+    def _read_descriptors(self, dma: DmaController, base: int, count: int, head: int,
+                          n: int) -> bytes:
+        """Descriptors head.. head+n-1 of a ring, in one read (two if the ring wraps)."""
+        first = min(n, count - head)
+        data = dma.read(base + head * D.DESC_SIZE, first * D.DESC_SIZE)
+        if n > first:
+            data += dma.read(base, (n - first) * D.DESC_SIZE)
+        return data
+
     def transmit(self, q: int) -> int:
         """Send every descriptor in [TDH, TDT); returns the number of frames sent.
-        Per batch, not per frame: TDH and the statistics are written once, and the
-        queue's interrupt is raised once, only if a descriptor asked for a report
-        (RS, 82599 7.2.3: a driver may ask for one every few frames)."""
+        Per batch, not per frame: the descriptors are read in one DMA, TDH and the
+        statistics are written once, the frames are switched under one interrupt per
+        receiving function, and the queue's interrupt is raised once, only if a
+        descriptor asked for a report (RS, 82599 7.2.3: a driver may ask for one every
+        few frames)."""
         fn = self.fn
         if not fn.running or not self.enabled(T.TX, q):
             return 0
         base, count = self.ring(T.TX, q)
         head, tail = self._reg(T.TDH(q)), self._reg(T.TDT(q))
+        if head == tail:
+            return 0
         sent = octets = 0
         report = False
         error = 0
         why: object = None
         frames: list[bytes] = []
-        while head != tail:
-            slot = base + head * D.DESC_SIZE
-            try:
-                addr, length, _cso, cmd, _st, _css, _vlan = D.TX_DESC.unpack(
-                    fn.dma_read(slot, D.DESC_SIZE)
-                )
-                if not D.MIN_FRAME <= length <= D.MAX_FRAME:
-                    error = T.QERR_LEN
-                    break
-                wait = fn.policy.bucket.take(length)
-                if wait:  # max_tx_rate: the descriptor stays the device's until then
-                    self._pace(wait)
-                    break
-                frames.append(fn.dma_read(addr, length))
-                if cmd & D.CMD_RS:
-                    fn.dma_write(slot + 12, bytes([D.STAT_DD]))
-                    report = True
-            except DmaError as exc:
-                error, why = T.QERR_DMA, exc
-                break
-            head = (head + 1) % count
-            sent += 1
-            octets += length
+        bucket = fn.policy.bucket
+        try:
+            dma = fn.check_dma()
+            with dma.batch():
+                descs = self._read_descriptors(dma, base, count, head, (tail - head) % count)
+                for addr, length, _cso, cmd, _st, _css, _vlan in D.TX_DESC.iter_unpack(descs):
+                    if not D.MIN_FRAME <= length <= D.MAX_FRAME:
+                        error = T.QERR_LEN
+                        break
+                    wait = bucket.take(length)
+                    if wait:  # max_tx_rate: the descriptor stays the device's until then
+                        self._pace(wait)
+                        break
+                    frames.append(dma.read(addr, length))
+                    if cmd & D.CMD_RS:
+                        dma.write(base + head * D.DESC_SIZE + 12, DD_BYTE)
+                        report = True
+                    head = (head + 1) % count
+                    sent += 1
+                    octets += length
+        except DmaError as exc:
+            error, why = T.QERR_DMA, exc
         self._set(T.TDH(q), head)
         if sent:
             self._count(T.GPTC, sent)
             self._count64(T.GOTCL, T.GOTCH, octets)
-        if fn.nic is not None:
+        nic = fn.nic
+        if nic is None:
+            return sent
+        with nic.one_interrupt():
+            switch = nic.switch
+            ports = switch.ports()
             for frame in frames:
-                fn.nic.switch.forward(fn, frame)
-        if error:
-            self.queue_error(T.TX, q, error, why)
-        elif report and fn.nic is not None:
-            fn.nic.raise_cause(fn, T.EICR_RTXQ(q))
+                switch.forward(fn, frame, ports)
+            if error:
+                self.queue_error(T.TX, q, error, why)
+            elif report:
+                nic.raise_cause(fn, T.EICR_RTXQ(q))
         return sent
 
     def _pace(self, wait: float) -> None:
@@ -187,7 +207,9 @@ class DataPath:
 
     def receive(self, frame: bytes) -> None:
         """A frame for this function (from the switch). DMA through messages may
-        only be done by the thread serving the client: queue it and wake that thread."""
+        only be done by the thread serving the client: queue it and wake that thread.
+        Inside a burst (Nic.one_interrupt) the frame waits for the burst's end and is
+        delivered with the others (``flush``)."""
         fn = self.fn
         if not fn.running or fn.session is None or not self.enabled(T.RX, 0):
             fn.count_drop()
@@ -199,41 +221,89 @@ class DataPath:
             self.backlog.append(frame)
             fn.session.endpoint.wake()
             return
-        self._deliver(frame)
+        if fn.nic is not None and fn.nic.in_burst:
+            self.pending.append(frame)
+            return
+        self._deliver([frame])
+
+    def flush(self) -> None:
+        """Deliver the frames received during a burst, as one batch."""
+        if self.pending:
+            frames, self.pending = self.pending, []
+            self._deliver(frames)
 
     def drain_backlog(self) -> None:
-        while self.backlog:
-            self._deliver(self.backlog.popleft())
+        if self.backlog:
+            frames = list(self.backlog)
+            self.backlog.clear()
+            self._deliver(frames)
 
-    def _deliver(self, frame: bytes, q: int = 0) -> bool:
+    def _deliver(self, frames: list[bytes], q: int = 0) -> int:
+        """DMA ``frames`` into the posted RX descriptors [RDH, RDT) of queue q; returns
+        how many were delivered. Per batch: the descriptors are read in one DMA, and
+        after every frame's data is written, their write-backs (DD) in one DMA, so
+        the driver never sees DD before the data; then RDH, the statistics and the
+        queue's interrupt once. Frames beyond the posted descriptors are missed (MPC)."""
         fn = self.fn
         if not fn.running or not self.enabled(T.RX, q):
-            fn.count_drop()
-            return False
+            for _ in frames:
+                fn.count_drop()
+            return 0
         base, count = self.ring(T.RX, q)
         head, tail = self._reg(T.RDH(q)), self._reg(T.RDT(q))
-        if head == tail:  # no descriptor posted: the frame is missed
+        n = min(len(frames), (tail - head) % count)
+        done = good = octets = len_errors = 0
+        why: DmaError | None = None
+        if n:
+            try:
+                dma = fn.check_dma()
+                with dma.batch():
+                    descs = self._read_descriptors(dma, base, count, head, n)
+                    wb = bytearray(descs)  # written back whole: the address is kept
+                    try:
+                        for i, frame in enumerate(frames[:n]):
+                            (addr,) = ADDR.unpack_from(descs, i * D.DESC_SIZE)
+                            if len(frame) > D.RX_BUFFER_SIZE:
+                                len_errors += 1
+                                D.RX_DESC.pack_into(wb, i * D.DESC_SIZE, addr, 0, 0,
+                                                    D.STAT_DD | D.STAT_EOP, D.RXERR_LEN, 0)
+                            else:
+                                dma.write(addr, frame)
+                                D.RX_DESC.pack_into(wb, i * D.DESC_SIZE, addr, len(frame), 0,
+                                                    D.STAT_DD | D.STAT_EOP, 0, 0)
+                                good += 1
+                                octets += len(frame)
+                            done += 1
+                    finally:  # the frames whose data is in place: their descriptors
+                        try:
+                            if done:
+                                self._write_descriptors(dma, base, count, head,
+                                                        bytes(wb[:done * D.DESC_SIZE]))
+                        except DmaError:
+                            done = good = octets = len_errors = 0
+                            raise
+            except DmaError as exc:
+                why = exc
+        if done:
+            self._set(T.RDH(q), (head + done) % count)
+        if len_errors:
+            self._count(T.RXERRC, len_errors)
+        if good:
+            self._count(T.GPRC, good)
+            self._count64(T.GORCL, T.GORCH, octets)
+        lost = len(frames) - done - (why is not None)  # the faulting frame is not a miss
+        for _ in range(lost):
             fn.count_drop()
-            return False
-        slot = base + head * D.DESC_SIZE
-        try:
-            (addr,) = struct.unpack("<Q", fn.dma_read(slot, 8))
-            errors = 0
-            if len(frame) > D.RX_BUFFER_SIZE:
-                errors = D.RXERR_LEN
-                self._count(T.RXERRC)
-            else:
-                fn.dma_write(addr, frame)
-            wb = RX_WRITEBACK.pack(0 if errors else len(frame), 0, D.STAT_DD | D.STAT_EOP,
-                                   errors, 0)
-            fn.dma_write(slot + 8, wb)
-        except DmaError as exc:
-            self.queue_error(T.RX, q, T.QERR_DMA, exc)
-            return False
-        self._set(T.RDH(q), (head + 1) % count)
-        if not errors:
-            self._count(T.GPRC)
-            self._count64(T.GORCL, T.GORCH, len(frame))
-        if fn.nic is not None:
+        if why is not None:
+            self.queue_error(T.RX, q, T.QERR_DMA, why)
+        elif done and fn.nic is not None:
             fn.nic.raise_cause(fn, T.EICR_RTXQ(q))
-        return True
+        return done
+
+    def _write_descriptors(self, dma: DmaController, base: int, count: int, head: int,
+                           data: bytes) -> None:
+        """Write descriptors from slot head on (one write, two if the ring wraps)."""
+        first = min(len(data), (count - head) * D.DESC_SIZE)
+        dma.write(base + head * D.DESC_SIZE, data[:first])
+        if len(data) > first:
+            dma.write(base, data[first:])

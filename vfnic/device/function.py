@@ -411,15 +411,18 @@ class PciFunction:
     def bus_master(self) -> bool:
         return bool(self.config.get(pci.COMMAND, 2) & pci.COMMAND_MASTER)
 
-    def dma_read(self, address: int, length: int) -> bytes:
+    def check_dma(self) -> DmaController:
+        """The DMA controller, if this function may master the bus (else DmaError); a
+        batch of accesses checks once, then uses the controller directly."""
         if not self.bus_master():
             raise DmaError(f"{self.name}: DMA with bus mastering disabled", errno.ENODEV)
-        return self.dma.read(address, length)
+        return self.dma
+
+    def dma_read(self, address: int, length: int) -> bytes:
+        return self.check_dma().read(address, length)
 
     def dma_write(self, address: int, data: bytes) -> None:
-        if not self.bus_master():
-            raise DmaError(f"{self.name}: DMA with bus mastering disabled", errno.ENODEV)
-        self.dma.write(address, data)
+        self.check_dma().write(address, data)
 
     @property
     def mac(self) -> bytes:

@@ -163,6 +163,11 @@ class Nic:
         else:
             self._deliver(fn)
 
+    @property
+    def in_burst(self) -> bool:
+        """Whether a burst (``one_interrupt``) is being delivered."""
+        return self._held is not None
+
     @contextlib.contextmanager
     def one_interrupt(self) -> Iterator[None]:
         """Hold interrupts while a burst of frames is delivered, then signal each function's
@@ -174,9 +179,13 @@ class Nic:
         try:
             yield
         finally:
-            held, self._held = self._held, None
-            for fn in held:
-                self._deliver(fn)
+            try:
+                for fn in self.functions:  # frames received in the burst: one batch each
+                    fn.datapath.flush()
+            finally:
+                held, self._held = self._held, None
+                for fn in held:
+                    self._deliver(fn)
 
     def _deliver(self, fn: PciFunction) -> None:
         """Signal every pending, unmasked cause (MSI-X vector per cause, else MSI/INTx)."""

@@ -40,6 +40,8 @@ IFF_NO_PI = 0x1000
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
 IFF_UP = 0x1
+# A switch port: a function, its receive address (None: none valid), its link state.
+Port = tuple["PciFunction", bytes | None, bool]
 TPID = b"\x81\x00"  # 802.1Q tag protocol identifier
 UPLINK_BURST = 32  # frames read from the TAP and switched under one interrupt
 
@@ -171,9 +173,19 @@ class Switch:
             return frame
         return None
 
-    def forward(self, src: PciFunction | None, frame: bytes) -> None:
-        """Switch a frame sent by ``src`` (None: it came from the uplink)."""
+    def ports(self) -> list[Port]:
+        """Every function with its receive address and link state, as the switch sees
+        them now (they change only under the NIC lock): looked up once for a burst of
+        frames switched under the lock, not once per frame."""
+        return [(fn, self._address(fn), self._link_up(fn)) for fn in self.nic.functions]
+
+    def forward(self, src: PciFunction | None, frame: bytes,
+                ports: list[Port] | None = None) -> None:
+        """Switch a frame sent by ``src`` (None: it came from the uplink); ``ports``:
+        from ``ports()`` under the lock held since."""
         with self.nic.lock:
+            if ports is None:
+                ports = self.ports()
             self.forwarded += 1
             if src is not None and not self._link_up(src):
                 src.count_drop(T.TXERRC)
@@ -188,20 +200,20 @@ class Switch:
                 vid = int.from_bytes(frame[14:16], "big") & 0xFFF
             dst = frame[:6]
             if dst[0] & 1:  # broadcast / multicast: flood within the VLAN domain
-                for fn in self.nic.functions:
-                    if fn is not src and self._link_up(fn):
+                for fn, _, up in ports:
+                    if fn is not src and up:
                         rx = self._egress(fn, frame, vid)
                         if rx is not None:
                             fn.datapath.receive(rx)
                 if src is not None and self.uplink is not None:
                     self.uplink.send(frame)
                 return
-            for fn in self.nic.functions:
-                if fn is not src and self._address(fn) == dst:
+            for fn, address, up in ports:
+                if fn is not src and address == dst:
                     rx = self._egress(fn, frame, vid)
                     if rx is None:
                         continue  # not in this VLAN domain
-                    if self._link_up(fn):
+                    if up:
                         fn.datapath.receive(rx)
                     else:
                         fn.count_drop()
@@ -227,5 +239,6 @@ class Switch:
         """Frames read from the uplink together: each receiving function is interrupted
         once for the burst."""
         with self.nic.lock, self.nic.one_interrupt():
+            ports = self.ports()
             for frame in frames:
-                self.forward(None, frame)
+                self.forward(None, frame, ports)

@@ -16,12 +16,13 @@ pages logged since it started, which the migration stream carries.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import fcntl
 import mmap
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from vfnic.errors import DmaError, ProtocolError, VfnicError
@@ -73,12 +74,40 @@ class DmaController:
     def __init__(self, max_regions: int = 65535) -> None:
         self.max_regions = max_regions
         self.regions: list[DmaRegion] = []  # sorted by address
+        self._keys: list[int] = []  # their addresses (bisected by find)
         self.message_read: MessageRead | None = None
         self.message_write: MessageWrite | None = None
         # 4 KiB page numbers the device wrote: since the last report (None: not
         # logging), and since logging started (carried by the migration stream).
         self.dirty_log: set[int] | None = None
         self.dirty_total: set[int] = set()
+        # fd -> file size, while a batch of accesses runs (None: fstat before each write)
+        self._sizes: dict[int, int] | None = None
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """A batch of accesses (one RX burst, one TX doorbell): the client's file sizes
+        are read once for it, not before each pwrite. Called with the NIC lock held (as
+        DMA_MAP/UNMAP are), so no region changes meanwhile; a shrink racing with the
+        batch can only regrow the client's own file, as a shrink racing with a single
+        check can, and reads still fail short (DmaError, never SIGBUS)."""
+        if self._sizes is not None:  # nested: the outer batch owns the cache
+            yield
+            return
+        self._sizes = {}
+        try:
+            yield
+        finally:
+            self._sizes = None
+
+    def _file_size(self, fd: int) -> int:
+        sizes = self._sizes
+        if sizes is None:
+            return os.fstat(fd).st_size
+        size = sizes.get(fd)
+        if size is None:
+            size = sizes[fd] = os.fstat(fd).st_size
+        return size
 
     # -- mapping ----------------------------------------------------------------------
 
@@ -114,13 +143,14 @@ class DmaController:
         finally:
             if fd is not None:
                 os.close(fd)
-        keys = [r.address for r in self.regions]
-        self.regions.insert(bisect.bisect(keys, address), region)
+        self.regions.insert(bisect.bisect(self._keys, address), region)
+        self._keys = [r.address for r in self.regions]
 
     def unmap(self, address: int, size: int) -> DmaRegion:
         for i, r in enumerate(self.regions):
             if r.address == address and r.size == size:
                 del self.regions[i]
+                del self._keys[i]
                 r.close()
                 return r
         raise ProtocolError(f"no DMA region {address:#x}+{size:#x}", errno.ENOENT)
@@ -129,6 +159,7 @@ class DmaController:
         for r in self.regions:
             r.close()
         self.regions.clear()
+        self._keys.clear()
 
     def has_message_regions(self) -> bool:
         """Whether some region is reached only through DMA_READ/WRITE messages."""
@@ -136,8 +167,7 @@ class DmaController:
 
     def find(self, address: int, length: int) -> DmaRegion:
         """The region holding all of [address, address+length)."""
-        keys = [r.address for r in self.regions]
-        i = bisect.bisect_right(keys, address) - 1
+        i = bisect.bisect_right(self._keys, address) - 1
         if i >= 0:
             r = self.regions[i]
             if address >= r.address and address + length <= r.end:
@@ -176,7 +206,7 @@ class DmaController:
             try:
                 # pwrite past the end would grow the client's file: refuse instead
                 # (a shrink racing with this check only regrows the client's own file).
-                if os.fstat(r.fd).st_size < pos + len(data):
+                if self._file_size(r.fd) < pos + len(data):
                     raise DmaError(f"DMA write at {address:#x}+{len(data):#x}: beyond the "
                                    "end of the client's file")
                 n = os.pwrite(r.fd, data, pos)

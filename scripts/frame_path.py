@@ -1,0 +1,124 @@
+"""The server's per-frame path in process, no client and no QEMU: frames/s of
+  tx   a TX doorbell of vf0 (32 descriptors) -> DataPath.transmit -> switch -> vf1's RX ring
+  rx   a burst of 32 frames from the uplink -> switch -> vf1's RX ring (Switch.from_uplink_burst)
+with guest memory a memfd mapped as DMA regions (pread/pwrite, as for QEMU's memory)
+and vf1's queue interrupt an eventfd.
+
+  python scripts/frame_path.py [--rounds N] [--frames N] [--before DIR]
+
+With --before DIR (a checkout of the tree to compare, e.g. `git archive REV vfnic |
+tar -x -C DIR`), each round runs both trees in fresh processes, interleaved, and
+prints medians (min-max) of each. Without, it runs this tree only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import struct
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+MEM = 0x10000  # IOVA of the guest memory
+SIZE = 0x100000
+RING = 256  # descriptors per ring
+BATCH = 32  # frames per doorbell / uplink burst
+TX_RING, RX_RING, BUFFERS = 0x0, 0x2000, 0x8000  # offsets in the guest memory
+
+
+def measure(kind: str, frames: int) -> float:
+    """ns per frame of ``kind`` ("tx" or "rx") through the tree on sys.path."""
+    from vfnic.device import pci
+    from vfnic.device.nic import Nic
+    from vfnic.regs import descriptors as D
+    from vfnic.regs import table as T
+    from vfnic.vfiouser import wire
+
+    nic = Nic(2)
+    src, dst = nic.vfs
+    mem = {}
+    for fn in (src, dst):
+        fd = os.memfd_create("frame-path")
+        os.ftruncate(fd, SIZE)
+        mem[fn.name] = fd
+        fn.dma.map(MEM, SIZE, 3, 0, os.dup(fd))
+        fn.config.set(pci.COMMAND, 2, fn.config.get(pci.COMMAND, 2) | pci.COMMAND_MASTER)
+        fn.session = types.SimpleNamespace(endpoint=None)  # type: ignore[assignment]
+        fn.irq_fds[(wire.PciIrq.MSI, 0)] = os.eventfd(0, os.EFD_NONBLOCK)
+        for ring, off in ((T.TX, TX_RING), (T.RX, RX_RING)):
+            fn.bank.set(ring.DBAL(0), MEM + off)
+            fn.bank.set(ring.DLEN(0), RING * D.DESC_SIZE)
+            fn.bank.set(ring.XDCTL(0), T.QCTL_ENABLE)
+        fn.bank.set(T.EIMS, 0xFFFFFFFF)
+        fn.bank.set_bits(T.CTRL, T.CTRL_SLU)
+        nic._update_link(fn)
+        fn.load_mac(fn.perm_mac)
+    frame = dst.rx_mac + src.rx_mac + (0x88B5).to_bytes(2, "big") + bytes(46)
+    os.pwrite(mem["vf0"], frame, BUFFERS)
+    for i in range(RING):
+        cmd = D.CMD_EOP | (D.CMD_RS if i % BATCH == BATCH - 1 else 0)
+        os.pwrite(mem["vf0"], D.TX_DESC.pack(MEM + BUFFERS, len(frame), 0, cmd, 0, 0, 0),
+                  TX_RING + i * D.DESC_SIZE)
+        os.pwrite(mem["vf1"], struct.pack("<QQ", MEM + BUFFERS + i * 2048, 0),
+                  RX_RING + i * D.DESC_SIZE)
+    rounds = frames // BATCH
+    start = time.perf_counter()
+    with nic.lock:
+        for _ in range(rounds):
+            dst.bank.set(T.RDT(0), (dst.bank.get(T.RDH(0)) - 1) % RING)  # all posted
+            if kind == "tx":
+                src.bank.set(T.TDT(0), (src.bank.get(T.TDH(0)) + BATCH) % RING)
+                src.datapath.on_tail_write(T.TX, 0)
+            else:
+                nic.switch.from_uplink_burst([frame] * BATCH)
+    elapsed = time.perf_counter() - start
+    got = dst.bank.get(T.GPRC)
+    if got != rounds * BATCH:
+        raise SystemExit(f"{kind}: vf1 received {got} of {rounds * BATCH} frames")
+    return elapsed / (rounds * BATCH) * 1e9
+
+
+def run_tree(tree: Path, kind: str, frames: int) -> float:
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    out = subprocess.run([sys.executable, __file__, "--one", kind, "--frames", str(frames)],
+                         env=env, check=True, capture_output=True, text=True, cwd=tree)
+    return float(json.loads(out.stdout)["ns"])
+
+
+def stat(values: list[float]) -> str:
+    return f"{statistics.median(values):,.0f} ({min(values):,.0f}–{max(values):,.0f})"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--frames", type=int, default=9600)
+    ap.add_argument("--before", type=Path, help="a tree to compare with, interleaved")
+    ap.add_argument("--one", choices=("tx", "rx"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps({"ns": measure(args.one, args.frames)}))
+        return
+    here = Path(__file__).resolve().parent.parent
+    trees = {"after": here} if args.before is None else {"before": args.before, "after": here}
+    res: dict[str, dict[str, list[float]]] = {k: {t: [] for t in trees} for k in ("tx", "rx")}
+    for r in range(args.rounds):
+        order = list(trees) if r % 2 == 0 else list(reversed(trees))
+        for kind in res:
+            for tree in order:
+                res[kind][tree].append(run_tree(trees[tree], kind, args.frames))
+    print(f"{args.rounds} interleaved rounds of {args.frames} frames (60 B), "
+          f"batches of {BATCH}; median (min–max)")
+    for kind, by_tree in res.items():
+        cols = [f"{t}: {stat(v)} ns/frame = {1e9 / statistics.median(v):,.0f} frames/s"
+                for t, v in by_tree.items()]
+        print(f"{kind}: " + "; ".join(cols))
+
+
+if __name__ == "__main__":
+    main()
