@@ -46,4 +46,6 @@ LogControl = struct.Struct("<QII")  # vfio_device_feature_dma_logging_control: p
 LogRange = struct.Struct("<QQ")  # vfio_device_feature_dma_logging_range: iova, length
 LogReport = struct.Struct("<QQQ")  # vfio_device_feature_dma_logging_report: iova, length, pgsize
 MAX_LOG_RANGES = 1024
-MAX_BITMAP = 1 << 20  # bytes: the max_bitmap_size a vfnic server advertises and enforces
+# bytes: the max_bitmap_size a vfnic server advertises and enforces; it must fit in
+# one reply (max_data_xfer_size); 1 MiB covers 32 GiB of 4 KiB pages.
+MAX_BITMAP = 1 << 20

@@ -28,7 +28,7 @@ from vfnic.errors import (
     VfnicError,
 )
 from vfnic.vfiouser import wire
-from vfnic.vfiouser.features import MAX_BITMAP
+from vfnic.vfiouser.features import MAX_BITMAP, Feature
 from vfnic.vfiouser.transport import DEFAULT_MAX_DATA_XFER, Endpoint, Message
 
 log = logging.getLogger(__name__)
@@ -36,9 +36,6 @@ log = logging.getLogger(__name__)
 SERVER_MAX_MSG_FDS = 16
 SERVER_MAX_DMA_MAPS = 65535
 SERVER_PGSIZES = 4096
-# Largest DMA_LOGGING_REPORT bitmap (bytes) we advertise and enforce: it must fit
-# in one reply (max_data_xfer_size); 1 MiB covers 32 GiB of 4 KiB pages.
-SERVER_MAX_BITMAP = MAX_BITMAP
 # Bound on a client's answer to one DMA_READ/DMA_WRITE; past it the client is cut
 # off (its connection closed). The NIC lock is not held meanwhile, so other
 # functions are never stalled by it; this function's work waits at most this long.
@@ -51,8 +48,10 @@ ACCEPT_BACKOFF = 0.1  # seconds to wait after EMFILE/ENFILE before accepting aga
 class Device(Protocol):
     """What a vfio-user device offers to the dispatcher."""
 
+    name: str
     lock: threading.RLock
     dma: DmaController
+    serving_thread: int | None  # the owner session's thread (set by FunctionServer)
 
     def device_info(self) -> tuple[int, int, int]: ...  # flags, num_regions, num_irqs
     def region_info(self, index: int) -> tuple[int, int]: ...  # flags, size
@@ -84,7 +83,7 @@ class Session:
     # Device features a read-only session may GET or PROBE (never SET): the
     # migration capabilities and the current migration state. Not the dirty log
     # (a REPORT clears what it reports).
-    READONLY_FEATURES = frozenset({1, 2})  # VFIO_DEVICE_FEATURE_MIGRATION, MIG_DEVICE_STATE
+    READONLY_FEATURES = frozenset({Feature.MIGRATION, Feature.MIG_DEVICE_STATE})
 
     def __init__(self, device: Device, sock: socket.socket, primary: bool = True,
                  busy_poll: float = 0.0) -> None:
@@ -166,7 +165,7 @@ class Session:
         # Logged once per session at warning level (a hostile client cannot flood the log).
         level = logging.WARNING if self._refusals == 1 else logging.DEBUG
         log.log(level, "%s: refused %s from a read-only session (%d so far)",
-                getattr(self.device, "name", "function"), why, self._refusals)
+                self.device.name, why, self._refusals)
         msg.close_fds()
         raise AccessDenied(why)
 
@@ -223,7 +222,7 @@ class Session:
             "pgsizes": SERVER_PGSIZES,
         }
         if isinstance(caps.get("migration"), dict):
-            ours["migration"] = {"pgsize": 4096, "max_bitmap_size": SERVER_MAX_BITMAP}
+            ours["migration"] = {"pgsize": 4096, "max_bitmap_size": MAX_BITMAP}
         if caps.get("write_multiple") is True:
             ours["write_multiple"] = True
         self.negotiated = True
@@ -276,7 +275,7 @@ class Session:
         except TimeoutError as exc:
             self.cut_off = True
             log.warning("%s: client did not answer %s within %g s: cut off",
-                        getattr(self.device, "name", "function"), name, DMA_REPLY_TIMEOUT)
+                        self.device.name, name, DMA_REPLY_TIMEOUT)
             try:
                 self.endpoint.sock.shutdown(socket.SHUT_RDWR)  # its serving thread ends
             except OSError:
@@ -596,7 +595,7 @@ class FunctionServer:
                 self.readonly.discard(session)
 
     def _serve(self, session: Session) -> None:
-        self.device.serving_thread = threading.get_ident()  # type: ignore[attr-defined]
+        self.device.serving_thread = threading.get_ident()
 
         def wake() -> None:
             try:
