@@ -3,8 +3,8 @@
 From linux/vfio.h: the v2 migration states (enum vfio_device_mig_state), the
 migration flags (VFIO_MIGRATION_*), struct vfio_device_feature_mig_state and the
 DMA logging structs (VFIO_DEVICE_FEATURE_DMA_LOGGING_*). The device side
-(vfnic.savevm.migration, vfnic.dma.controller) and the client side
-(vfnic.migrate.devicelink) both read them from here.
+(vfnic.savevm.migration, vfnic.dma.controller) and any client (the tests'
+DeviceLink) read them from here.
 """
 
 from __future__ import annotations
