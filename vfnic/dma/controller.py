@@ -143,8 +143,9 @@ class DmaController:
         finally:
             if fd is not None:
                 os.close(fd)
-        self.regions.insert(bisect.bisect(self._keys, address), region)
-        self._keys = [r.address for r in self.regions]
+        i = bisect.bisect(self._keys, address)
+        self.regions.insert(i, region)
+        self._keys.insert(i, address)
 
     def unmap(self, address: int, size: int) -> DmaRegion:
         for i, r in enumerate(self.regions):
