@@ -112,7 +112,8 @@ class DmaController:
     # -- mapping ----------------------------------------------------------------------
 
     def map(self, address: int, size: int, flags: int, offset: int, fd: int | None) -> None:
-        """Add a region; takes ownership of ``fd`` (closed after mmap)."""
+        """Add a region; takes ownership of ``fd`` (kept by the region, closed on unmap
+        or on refusal)."""
         try:
             if size == 0 or address + size > 1 << 64:
                 raise ProtocolError(f"bad DMA region {address:#x}+{size:#x}", errno.EINVAL)
