@@ -152,7 +152,7 @@ class DataPath:
                         break
                     frames.append(dma.read(addr, length))
                     if cmd & D.CMD_RS:
-                        dma.write(base + head * D.DESC_SIZE + 12, DD_BYTE)
+                        dma.write(base + head * D.DESC_SIZE + D.STATUS_OFFSET, DD_BYTE)
                         report = True
                     head = (head + 1) % count
                     sent += 1

@@ -49,8 +49,6 @@ if TYPE_CHECKING:
     from vfnic.device.nic import Nic
     from vfnic.vfiouser.server import Session
 
-
-
 CAP_PM = 0x40
 CAP_MSIX = 0x50
 CAP_EXP = 0x70
@@ -58,9 +56,6 @@ CAP_EXP_SIZE = 0x3C
 EXT_SRIOV = 0x100
 
 BAR_SIZES = {0: BAR0_SIZE, MSIX_BAR: MSIX_BAR_SIZE}
-
-
-
 
 
 class PciFunction:

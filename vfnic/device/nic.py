@@ -333,10 +333,8 @@ class Nic:
             # checked: apply
             if clear_mac:
                 pol.mac = None
-                self.pf_agent.admin_mac.pop(vf, None)
             if mac is not None:
                 pol.mac = mac
-                self.pf_agent.admin_mac[vf] = mac
                 fn.perm_mac = mac
                 fn.load_mac(mac)
             if spoofchk is not None:

@@ -45,7 +45,6 @@ class PfAgent:
         self.nic = nic
         self.pending: dict[int, PendingMessage] = {}  # VF index -> message in the mailbox
         self.queued: dict[int, list[PendingMessage]] = {}  # behind it, in order
-        self.admin_mac: dict[int, bytes] = {}  # VF index -> MAC set by the host
 
     # -- VF -> PF ----------------------------------------------------------------------
 

@@ -85,7 +85,7 @@ def check(fn: PciFunction, data: bytes) -> None:
     expected = HEAD_SIZE + body_size(head.nregs, len(fn.msix)) + 4
     if len(data) != expected:
         raise SnapshotError(f"snapshot of {len(data)} bytes, expected {expected}")
-    (crc,) = (Int32ul.parse(data[-4:]),)
+    crc = Int32ul.parse(data[-4:])
     if crc != zlib.crc32(data[:-4]):
         raise SnapshotError("snapshot checksum mismatch")
     if head.kind != (KIND_PF if fn.is_pf else KIND_VF):

@@ -232,9 +232,6 @@ class Switch:
             self.forward(fn, frame)
         return count
 
-    def from_uplink(self, frame: bytes) -> None:
-        self.forward(None, frame)
-
     def from_uplink_burst(self, frames: list[bytes]) -> None:
         """Frames read from the uplink together: each receiving function is interrupted
         once for the burst."""

@@ -112,7 +112,8 @@ class DmaController:
     # -- mapping ----------------------------------------------------------------------
 
     def map(self, address: int, size: int, flags: int, offset: int, fd: int | None) -> None:
-        """Add a region; takes ownership of ``fd`` (closed after mmap)."""
+        """Add a region; takes ownership of ``fd`` (kept by the region, closed on unmap
+        or on refusal)."""
         try:
             if size == 0 or address + size > 1 << 64:
                 raise ProtocolError(f"bad DMA region {address:#x}+{size:#x}", errno.EINVAL)
@@ -143,8 +144,9 @@ class DmaController:
         finally:
             if fd is not None:
                 os.close(fd)
-        self.regions.insert(bisect.bisect(self._keys, address), region)
-        self._keys = [r.address for r in self.regions]
+        i = bisect.bisect(self._keys, address)
+        self.regions.insert(i, region)
+        self._keys.insert(i, address)
 
     def unmap(self, address: int, size: int) -> DmaRegion:
         for i, r in enumerate(self.regions):

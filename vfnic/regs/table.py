@@ -71,7 +71,6 @@ MBX_RSTD = 1 << 7  # PF reset done
 
 # RXDCTL / TXDCTL bits
 QCTL_ENABLE = 1 << 25  # queue enable
-RXDCTL_ENABLE = TXDCTL_ENABLE = QCTL_ENABLE
 # QERRn cause bits (W1C); a queue with an error is disabled until the driver
 # clears QERRn and sets ENABLE again.
 QERR_DMA = 1 << 0  # a descriptor or buffer address outside the client's mappings
