@@ -253,6 +253,16 @@ class DmaController:
             raise ProtocolError("DMA logging is not started")
         self.dirty_log = None
 
+    @staticmethod
+    def bitmap_size(iova: int, length: int, page_size: int) -> int:
+        """Bytes of the DMA_LOGGING_REPORT bitmap for [iova, iova+length) in ``page_size``
+        pages (whole u64 words). Raises ProtocolError for a bad page size or range."""
+        if page_size == 0 or page_size & (page_size - 1) or length == 0:
+            raise ProtocolError("DMA_LOGGING_REPORT: bad page size or length")
+        if length % page_size or iova % page_size:
+            raise ProtocolError("DMA_LOGGING_REPORT: range not aligned to the page size")
+        return 8 * ((length // page_size + 63) // 64)
+
     def report(self, iova: int, length: int, page_size: int) -> bytes:
         """DMA_LOGGING_REPORT: the bitmap (a bit per ``page_size`` page of [iova,
         iova+length), little endian u64 words) of the pages written since the last
@@ -260,11 +270,7 @@ class DmaController:
         log = self.dirty_log
         if log is None:
             raise ProtocolError("DMA logging is not started")
-        if page_size == 0 or page_size & (page_size - 1) or length == 0:
-            raise ProtocolError("DMA_LOGGING_REPORT: bad page size or length")
-        if length % page_size or iova % page_size:
-            raise ProtocolError("DMA_LOGGING_REPORT: range not aligned to the page size")
-        words = (length // page_size + 63) // 64
+        words = self.bitmap_size(iova, length, page_size) // 8
         # Work proportional to the dirty pages in range (sorted, bisected); the
         # caller bounds the bitmap by the advertised max_bitmap_size.
         bitmap = bytearray(8 * words)

@@ -276,15 +276,13 @@ class Migration:
         if len(data) < LogReport.size:
             raise ProtocolError("DMA_LOGGING_REPORT: short data")
         iova, length, page_size = LogReport.unpack_from(data)
-        valid = page_size and not page_size & (page_size - 1) and length
-        if valid and not length % page_size and not iova % page_size:  # else report() refuses
-            words = (length // page_size + 63) // 64
-            if 8 * words > MAX_BITMAP:
-                log.warning("DMA_LOGGING_REPORT of a %d-byte bitmap refused", 8 * words)
-                raise ProtocolError(f"DMA_LOGGING_REPORT: bitmap of {8 * words} bytes exceeds "
-                                    f"the advertised max_bitmap_size {MAX_BITMAP}", errno.E2BIG)
-            if argsz < 8 + LogReport.size + 8 * words:
-                raise ProtocolError("DMA_LOGGING_REPORT: argsz too small for the bitmap",
-                                    errno.ENOSPC)
+        size = self.dma.bitmap_size(iova, length, page_size)
+        if size > MAX_BITMAP:
+            log.warning("DMA_LOGGING_REPORT of a %d-byte bitmap refused", size)
+            raise ProtocolError(f"DMA_LOGGING_REPORT: bitmap of {size} bytes exceeds "
+                                f"the advertised max_bitmap_size {MAX_BITMAP}", errno.E2BIG)
+        if argsz < 8 + LogReport.size + size:
+            raise ProtocolError("DMA_LOGGING_REPORT: argsz too small for the bitmap",
+                                errno.ENOSPC)
         return LogReport.pack(iova, length, page_size) + self.dma.report(iova, length,
                                                                          page_size)
