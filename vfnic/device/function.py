@@ -353,7 +353,7 @@ class PciFunction:
         except VfnicError as exc:  # the client's memory went away meanwhile
             raise SnapshotError(f"migration stream: writing pages failed: {exc}") from exc
         host_link_state = self.link_state
-        snapshot.restore(self, image)
+        snapshot.apply(self, image)  # checked above, with the pages and the MAC
         if self.nic is not None:  # the destination host's VF settings apply
             self.nic.after_restore(self, host_link_state)
         self.running = False  # a restored function waits, stopped, for RUNNING

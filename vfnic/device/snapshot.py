@@ -134,7 +134,13 @@ def stored_mac(data: bytes) -> bytes:
 
 
 def restore(fn: PciFunction, data: bytes) -> None:
+    """Check ``data`` whole (SnapshotError, ``fn`` unchanged), then apply it."""
     check(fn, data)
+    apply(fn, data)
+
+
+def apply(fn: PciFunction, data: bytes) -> None:
+    """Write a snapshot that check() accepted into ``fn``."""
     head = Head.parse(data[:HEAD_SIZE])
     pos = HEAD_SIZE
     fn.config.data[:] = data[pos : pos + CONFIG_SIZE]
