@@ -660,7 +660,7 @@ u32 vfnic_resume(struct vfnic_adapter *adapter, bool notify)
  * FLR, or on a fresh VF found under us after a migration that moved no device
  * state. Keeps our MAC unless the PF refuses it. rtnl held.
  */
-int vfnic_reinit(struct vfnic_adapter *adapter)
+static int vfnic_reinit(struct vfnic_adapter *adapter)
 {
 	struct net_device *netdev = adapter->netdev;
 	bool was_suspended;

@@ -58,8 +58,8 @@ static int vfnic_mbx_request_locked(struct vfnic_adapter *adapter, u32 type,
 	return 0;
 }
 
-int vfnic_mbx_request(struct vfnic_adapter *adapter, u32 type,
-		      const u32 *words, int nwords, u32 *reply, int nreply)
+static int vfnic_mbx_request(struct vfnic_adapter *adapter, u32 type,
+			     const u32 *words, int nwords, u32 *reply, int nreply)
 {
 	int err;
 

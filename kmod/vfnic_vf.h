@@ -112,8 +112,6 @@ static inline void vfnic_wr32(struct vfnic_adapter *adapter, u32 reg, u32 val)
 }
 
 /* mbx.c */
-int vfnic_mbx_request(struct vfnic_adapter *adapter, u32 type,
-		      const u32 *words, int nwords, u32 *reply, int nreply);
 int vfnic_mbx_reset(struct vfnic_adapter *adapter, u8 *mac, bool *link_up);
 int vfnic_mbx_set_mac(struct vfnic_adapter *adapter, const u8 *mac);
 int vfnic_mbx_set_multicast(struct vfnic_adapter *adapter, u32 count, u32 hash);
@@ -123,7 +121,6 @@ bool vfnic_mbx_check_pf(struct vfnic_adapter *adapter);
 void vfnic_on_link_change(struct vfnic_adapter *adapter, bool up);
 u32 vfnic_suspend(struct vfnic_adapter *adapter);
 u32 vfnic_resume(struct vfnic_adapter *adapter, bool notify);
-int vfnic_reinit(struct vfnic_adapter *adapter);
 int vfnic_open(struct net_device *netdev);
 int vfnic_close(struct net_device *netdev);
 

@@ -22,6 +22,18 @@ def short_dir() -> Iterator[Path]:
 
 
 @pytest.fixture
+def two_huge_pages() -> Iterator[None]:
+    """Reserve two more huge pages on this host for the test, then give them back."""
+    knob = Path("/proc/sys/vm/nr_hugepages")
+    before = int(knob.read_text())
+    knob.write_text(str(before + 2))
+    try:
+        yield
+    finally:
+        knob.write_text(str(before))
+
+
+@pytest.fixture
 def nic(short_dir: Path) -> Iterator[NicServer]:
     server = NicServer(short_dir / "nic", num_vfs=2)
     server.start()

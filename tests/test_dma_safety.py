@@ -238,17 +238,6 @@ def test_nothing_blocks_while_one_vf_waits(nic_server: NicServer) -> None:
 # -- hugetlbfs guest memory (no pwrite): mmap with a size check ------------------------------
 
 
-@pytest.fixture
-def two_huge_pages() -> Iterator[None]:
-    knob = Path("/proc/sys/vm/nr_hugepages")
-    before = int(knob.read_text())
-    knob.write_text(str(before + 2))
-    try:
-        yield
-    finally:
-        knob.write_text(str(before))
-
-
 def test_hugetlb_memory_works_and_a_shrink_is_a_dma_error(nic_server: NicServer,
                                                           two_huge_pages: None) -> None:
     from vfnic.errors import DmaError

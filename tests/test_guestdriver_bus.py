@@ -6,7 +6,6 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -112,18 +111,6 @@ def test_virt_to_phys_keeps_the_page_offset() -> None:
         assert phys % B.PAGE_SIZE == (addr + 0x123) % B.PAGE_SIZE and phys >= B.PAGE_SIZE
     finally:
         mm.close()
-
-
-@pytest.fixture
-def two_huge_pages() -> Iterator[None]:
-    """Reserve two more huge pages on this host for the test, then give them back."""
-    knob = Path("/proc/sys/vm/nr_hugepages")
-    before = int(knob.read_text())
-    knob.write_text(str(before + 2))
-    try:
-        yield
-    finally:
-        knob.write_text(str(before))
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root")

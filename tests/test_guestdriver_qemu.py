@@ -8,7 +8,6 @@ import io
 import os
 import shutil
 import subprocess
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,16 +40,6 @@ kill $pid; wait $pid
 cat /run/gd.log
 exit $rc
 """
-
-
-@pytest.fixture
-def nic() -> Iterator[NicServer]:
-    folder = tempfile.mkdtemp(prefix="vfn-q-")
-    server = NicServer(folder, num_vfs=2)
-    server.start()
-    yield server
-    server.stop()
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

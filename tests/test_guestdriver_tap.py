@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -57,16 +56,6 @@ while data := c.recv(65536):
     got += data
 sys.exit(0 if got == payload else 1)
 """
-
-
-@pytest.fixture
-def nic() -> Iterator[NicServer]:
-    folder = tempfile.mkdtemp(prefix="vfn-tap-")
-    server = NicServer(folder, num_vfs=2)
-    server.start()
-    yield server
-    server.stop()
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

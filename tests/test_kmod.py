@@ -13,7 +13,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -89,16 +88,6 @@ pytestmark_qemu = [
 
 def _ns() -> str:
     return f"vfnk{os.getpid() % 100000}"
-
-
-@pytest.fixture
-def nic() -> Iterator[NicServer]:
-    folder = tempfile.mkdtemp(prefix="vfn-k-")
-    server = NicServer(folder, num_vfs=2)
-    server.start()
-    yield server
-    server.stop()
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
@@ -338,20 +327,17 @@ def test_pf_mailbox_migration_hooks(nic: NicServer, peer: tuple[VfDriver, subpro
 # -- the server's per-batch work (issue 9, item 5) -------------------------------------------
 
 
-def test_tx_interrupt_only_for_a_batch_that_asks_for_a_report() -> None:
+def test_tx_interrupt_only_for_a_batch_that_asks_for_a_report(nic: NicServer) -> None:
     """RS once per batch (as vfnic_vf does): the device sends every frame, writes DD only
     where RS was set, and raises the queue's cause only for a batch with RS."""
     from vfnic.guestdriver.driver import TX_DESC
 
-    folder = tempfile.mkdtemp(prefix="vfn-kb-")
-    server = NicServer(folder, num_vfs=2)
-    server.start()
-    drivers = [VfDriver(HostBus(str(server.dir / f"vf{i}.sock"))) for i in range(2)]
+    drivers = [VfDriver(HostBus(str(nic.dir / f"vf{i}.sock"))) for i in range(2)]
     try:
         for drv in drivers:
             drv.init()
         tx, rx = drivers
-        fn = server.nic.vfs[0]
+        fn = nic.nic.vfs[0]
         ring = tx.tx_ring
         frame = rx.mac + tx.mac + b"\x88\xb5" + bytes(46)
 
@@ -376,8 +362,6 @@ def test_tx_interrupt_only_for_a_batch_that_asks_for_a_report() -> None:
     finally:
         for drv in drivers:
             drv.bus.close()
-        server.stop()
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def receive_all(drv: VfDriver, count: int, timeout: float = 5.0) -> list[bytes]:

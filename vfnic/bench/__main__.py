@@ -1,5 +1,5 @@
 """`python -m vfnic.bench`: run the benchmark sections, write BENCHMARKS.md and
-docs/bench/migration.png. Progress goes to stderr. Exit status 1 if anything
+docs/bench/migration.png and virsh.png. Progress goes to stderr. Exit status 1 if anything
 failed (the failures are also written into BENCHMARKS.md)."""
 
 from __future__ import annotations
