@@ -178,15 +178,16 @@ def device_model_floor(n: int) -> float:
 # -- inside the guest ---------------------------------------------------------------------
 
 def guest_regs(runs: int, secs: float, busy_poll_us: int = 0) -> dict[str, Any]:
-    from vfnic.host.vm import VM, VfioUserFunction
+    from vfnic.host.vm import VM, VfioUserFunction, guest_net_args
 
     with short_tmpdir("vfb-") as tmp, serve(tmp / "nic", vfs=2,
                                             busy_poll_us=busy_poll_us) as nic:
         # vfnic/bench/guest_regs.py, a module of the image's /opt/vfnic
         script = f"python3 -m vfnic.bench.guest_regs --secs {secs!r} --runs {runs}"
         # QEMU's "edu" device: a register QEMU emulates itself, for comparison.
+        # The script maps the VF's BAR0 itself: no kernel driver may hold it.
         vm = VM([VfioUserFunction(nic / "vf0.sock", "vf0")], command=script,
-                extra_args=["-device", "edu"])
+                extra_args=["-device", "edu"], kernel_args=guest_net_args(driver="python"))
         with vm:
             status = vm.wait_exec(timeout=120 + 6 * runs * secs)
         m = re.search(r"@@REGS (\{.*\})", vm.output)
