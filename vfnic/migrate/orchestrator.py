@@ -35,7 +35,7 @@ from typing import Any
 from qemu.qmp import EventListener, QMPClient
 
 from vfnic.errors import UsageError, VfnicError
-from vfnic.host.qmp import MigrationInfo, query_status
+from vfnic.host.qmp import MigrationInfo, query_migrate, query_status
 from vfnic.migrate import control
 from vfnic.migrate.control import MigrationCancelled, MigrationError
 
@@ -310,7 +310,7 @@ class Orchestrator:
         """Leave the guest running on the source (QEMU resumes it itself with
         return-path; a migration cancelled here is cancelled first)."""
         with contextlib.suppress(Exception):
-            info = await control.status(self.qa)
+            info = await query_migrate(self.qa)
             if info.get("status") in ("active", "setup", "device", "pre-switchover"):
                 await self.qa.execute("migrate_cancel")
             deadline = time.monotonic() + 30
