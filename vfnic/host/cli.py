@@ -90,7 +90,6 @@ def _vm_run(args: argparse.Namespace) -> int:
     for fn in functions:
         fn.check()
     signal.signal(signal.SIGTERM, _on_sigterm)
-    kernel_args = guest_net_args(None, args.driver)
     if args.ip:
         import ipaddress
 
@@ -100,7 +99,7 @@ def _vm_run(args: argparse.Namespace) -> int:
             raise UsageError(f"--ip: not an IPv4 address/prefix: {args.ip!r}") from None
         if not args.vf:
             raise UsageError("--ip needs a --vf to put the address on")
-        kernel_args += guest_net_args(args.ip, args.driver)[-1:]
+    kernel_args = guest_net_args(args.ip, args.driver)
     common: dict[str, Any] = dict(
         mem=args.mem, smp=args.smp, extra_args=args.qemu_arg, verbose=True,
         kernel_args=kernel_args, netns=args.netns,

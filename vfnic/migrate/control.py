@@ -42,10 +42,6 @@ class MigrationCancelled(MigrationError):
     """The migration was cancelled on request."""
 
 
-async def status(qmp: QMPClient) -> MigrationInfo:
-    return await query_migrate(qmp)
-
-
 async def next_status(qmp: QMPClient, events: EventListener, wait: float) -> str:
     """The status of the next MIGRATION event, or, if none comes within ``wait``
     seconds, the one query-migrate reports."""
@@ -53,7 +49,7 @@ async def next_status(qmp: QMPClient, events: EventListener, wait: float) -> str
         event: dict[str, Any] = dict(await asyncio.wait_for(events.get(), wait))
         return str(event.get("data", {}).get("status", ""))
     except TimeoutError:
-        return str((await status(qmp)).get("status", "none"))
+        return str((await query_migrate(qmp)).get("status", "none"))
 
 
 async def wait_status(qmp: QMPClient, events: EventListener, want: set[str], timeout: float,
@@ -63,7 +59,7 @@ async def wait_status(qmp: QMPClient, events: EventListener, want: set[str], tim
     polled every 100 ms); MigrationError if it failed or was cancelled instead."""
     deadline = time.monotonic() + timeout
     while True:
-        info = await status(qmp)
+        info = await query_migrate(qmp)
         st = info.get("status", "none")
         if st in want:
             return info
@@ -101,7 +97,7 @@ async def wait_suspend_point(qmp: QMPClient, timeout: float) -> bool:
     after pass and the guest's MMIO crawls.) False if QEMU reached switchover anyway."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        info = await status(qmp)
+        info = await query_migrate(qmp)
         st = info.get("status")
         if st in ("failed", "cancelled"):
             raise MigrationError(f"QEMU migration {st}: {info.get('error-desc', '')}")

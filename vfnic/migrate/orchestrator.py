@@ -35,7 +35,7 @@ from typing import Any
 from qemu.qmp import EventListener, QMPClient
 
 from vfnic.errors import UsageError, VfnicError
-from vfnic.host.qmp import MigrationInfo, query_status
+from vfnic.host.qmp import MigrationInfo, query_migrate, query_status
 from vfnic.migrate import control
 from vfnic.migrate.control import MigrationCancelled, MigrationError
 
@@ -148,6 +148,7 @@ class Orchestrator:
         self.t0_wall = time.time()
         self.seen_src = 0  # NIC records that existed before this migration
         self.seen_dst = 0
+        self.last_progress = 0.0  # perf_counter() of the last RAM progress line
 
     def _mark(self, event: str) -> None:
         self.summary.timeline_ms[event] = round((time.perf_counter() - self.t0) * 1000, 1)
@@ -253,8 +254,8 @@ class Orchestrator:
     def _ram_progress(self, info: MigrationInfo) -> None:
         ram = info.get("ram")
         now = time.perf_counter()
-        if ram and now - getattr(self, "_last_progress", 0.0) > 1.0:
-            self._last_progress = now
+        if ram and now - self.last_progress > 1.0:
+            self.last_progress = now
             self.progress(f"  RAM {ram.get('transferred', 0) / 2**20:.0f} MiB sent, "
                           f"{ram.get('remaining', 0) / 2**20:.0f} MiB left, "
                           f"pass {ram.get('dirty-sync-count', 0)}")
@@ -310,7 +311,7 @@ class Orchestrator:
         """Leave the guest running on the source (QEMU resumes it itself with
         return-path; a migration cancelled here is cancelled first)."""
         with contextlib.suppress(Exception):
-            info = await control.status(self.qa)
+            info = await query_migrate(self.qa)
             if info.get("status") in ("active", "setup", "device", "pre-switchover"):
                 await self.qa.execute("migrate_cancel")
             deadline = time.monotonic() + 30

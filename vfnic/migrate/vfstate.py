@@ -43,13 +43,15 @@ class StateTooLarge(MigrationError):
 def start_dirty_log(fn: PciFunction) -> None:
     """Record every page the VF writes by DMA from now on (the migration started)."""
     with fn.lock:
-        fn.dma.dirty_log = set()
-        fn.dma.dirty_total = set()
+        if fn.dma.logging:  # a log left from an earlier migration: start afresh
+            fn.dma.stop_logging()
+        fn.dma.start_logging(stream.PAGE_SIZE, [])
 
 
 def stop_dirty_log(fn: PciFunction) -> None:
     with fn.lock:
-        fn.dma.dirty_log = None
+        if fn.dma.logging:
+            fn.dma.stop_logging()
         fn.dma.dirty_total = set()
 
 

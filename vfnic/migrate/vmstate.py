@@ -51,7 +51,7 @@ from qemu.qmp import EventListener, QMPClient, Runstate
 from vfnic.device.function import PciFunction
 from vfnic.device.policy import MIGRATION_COOPERATIVE
 from vfnic.errors import VfnicError
-from vfnic.host.qmp import query_pci, query_status
+from vfnic.host.qmp import query_migrate, query_pci, query_status
 from vfnic.migrate import control, vfstate
 
 if TYPE_CHECKING:
@@ -342,7 +342,7 @@ class VfLink:
                                        MAILBOX_TIMEOUT, words)
 
     async def _source(self, qmp: QMPClient, events: EventListener) -> None:
-        if (await control.status(qmp)).get("status") not in ("setup", "active"):
+        if (await query_migrate(qmp)).get("status") not in ("setup", "active"):
             return
         t0 = time.perf_counter()
         record = self._new_record("source")
