@@ -275,11 +275,17 @@ class VfLink:
                       mode=self.fn.migration_mode)  # as the source's VF had it
         # The config replay, queued now: its commands go out right behind this reply and
         # wait in the monitor until QEMU's main loop runs again, ahead of any `cont`.
-        if self.qmp is not None and isinstance(self.address, int):
+        self.loaded.set()
+        self._queue_replay()
+        asyncio.get_running_loop().call_soon(self._describe, record, data)
+
+    def _queue_replay(self) -> None:
+        """Queue the config replay once both the stream is loaded and the VF's address
+        is known (whichever comes last), once."""
+        if (self.replay is None and self.loaded.is_set() and self.qmp is not None
+                and isinstance(self.address, int)):
             self.replay = asyncio.get_running_loop().create_task(
                 self._replay_config(self.qmp, self.address))
-        self.loaded.set()
-        asyncio.get_running_loop().call_soon(self._describe, record, data)
 
     # -- the link's life -------------------------------------------------------------------
 
@@ -386,6 +392,7 @@ class VfLink:
             self.address = await self._find_device(qmp)  # now: the main loop is free
         except Exception as exc:
             self.address = exc
+        self._queue_replay()  # if Load came before the address, the replay goes now
         await self.loaded.wait()
         record = self.record or self._new_record("destination")
         t0 = time.perf_counter()
