@@ -252,6 +252,7 @@ class DmaController:
         if self.dirty_log is None:
             raise ProtocolError("DMA logging is not started")
         self.dirty_log = None
+        self.dirty_total = set()  # logged_pages() reports nothing once logging stopped
 
     @staticmethod
     def bitmap_size(iova: int, length: int, page_size: int) -> int:

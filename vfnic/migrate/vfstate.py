@@ -52,7 +52,6 @@ def stop_dirty_log(fn: PciFunction) -> None:
     with fn.lock:
         if fn.dma.logging:
             fn.dma.stop_logging()
-        fn.dma.dirty_total = set()
 
 
 def _needs_messages(fn: PciFunction) -> bool:
