@@ -8,9 +8,10 @@ NIC needs; every one repeated):
   virtio-net                    QEMU's own device and announce
   no NIC                        VM downtime baseline
 Every migration is `vfnic migrate`'s (vfnic.migrate.orchestrator; without a NIC
-folder for the baselines). The guest is booted once per kind (VF, virtio-net, none)
-and migrated back and forth (a -> b -> a ...), the VF configurations interleaved
-round-robin on the same guest. The lab's Pinger pings the guest from the peer every
+folder for the baselines). One guest per kind (VF, virtio-net, none) is booted
+and each is migrated back and forth (a -> b -> a ...); every round migrates every
+configuration once, in an order rotated round by round, so that all of them share
+the machine's moments. The lab's Pinger pings the guest from the peer every
 10 ms; network downtime is the longest gap between two replies (minus the interval).
 
 Also measured here, beside the migrations: the PF agent's own cost of a
@@ -411,35 +412,34 @@ def run(quick: bool = False, runs: int | None = None, plot_path: Path | None = N
             lab = Lab(tmp)
             lab.up()
             nic_dirs = {"a": lab.start_nic("a", 2, 1), "b": lab.start_nic("b", 2, 2)}
-            groups = (("vf", [c for c in CONFIGS if c.guest == "vf"]),
-                      ("virtio", [c for c in CONFIGS if c.guest == "virtio"]),
-                      ("none", [c for c in CONFIGS if c.guest == "none"]))
-            for kind, cfgs in groups:
-                pp = PingPong(lab, kind, nic_dirs)
-                foreign = ForeignCpu()
-                try:
-                    for i in range(nruns):
-                        # Rotated each round: every configuration migrates a -> b in some
-                        # rounds and b -> a in others (direction is not confounded).
-                        k = i % len(cfgs)
-                        for cfg in cfgs[k:] + cfgs[:k]:
-                            log(f"migration: {cfg.label}, run {i + 1}/{nruns}")
-                            try:
-                                r = pp.migrate(cfg, i, window)
-                            except Exception as exc:  # e.g. the guest did not boot
-                                r = Run(cfg.key, i, error=f"{type(exc).__name__}: {exc}")
-                                log(f"migration: {cfg.key} run {i} FAILED: {r.error}")
-                            results[cfg.key].append(r)
-                            if r.ok:
-                                log(f"migration: {cfg.key}: total {r.total_ms:.0f} ms, VM "
-                                    f"downtime {r.vm_downtime_ms} ms, network "
-                                    + (f"{r.net_downtime_ms:.0f} ms" if r.net_downtime_ms
-                                       is not None else ("n/a" if r.recovered is None
-                                                         else "no recovery")))
-                finally:
+            # Every guest booted once, and every round migrates each configuration once,
+            # in an order rotated every round: the configurations share the machine's
+            # moments (noise, other load) and every one moves a -> b and b -> a.
+            kinds = ("vf", "virtio", "none")
+            pps = {kind: PingPong(lab, kind, nic_dirs) for kind in kinds}
+            foreign = ForeignCpu()
+            try:
+                for i in range(nruns):
+                    k = i % len(CONFIGS)
+                    for cfg in CONFIGS[k:] + CONFIGS[:k]:
+                        log(f"migration: {cfg.label}, run {i + 1}/{nruns}")
+                        try:
+                            r = pps[cfg.guest].migrate(cfg, i, window)
+                        except Exception as exc:  # e.g. the guest did not boot
+                            r = Run(cfg.key, i, error=f"{type(exc).__name__}: {exc}")
+                            log(f"migration: {cfg.key} run {i} FAILED: {r.error}")
+                        results[cfg.key].append(r)
+                        if r.ok:
+                            log(f"migration: {cfg.key}: total {r.total_ms:.0f} ms, VM "
+                                f"downtime {r.vm_downtime_ms} ms, network "
+                                + (f"{r.net_downtime_ms:.0f} ms" if r.net_downtime_ms
+                                   is not None else ("n/a" if r.recovered is None
+                                                     else "no recovery")))
+            finally:
+                group_load["all"] = foreign.text()
+                for kind, pp in pps.items():
                     boots[kind] = pp.boots
                     params.update(pp.params)
-                    group_load[kind] = foreign.text()
                     pp.close()
         except Exception as exc:
             sec.fail("migration lab", exc)
@@ -467,7 +467,9 @@ def run(quick: bool = False, runs: int | None = None, plot_path: Path | None = N
                      stat_text([v / 2**20 for v in _sum_vals(rs, "ram_transferred")], "{:.0f}")])
     sec.add(f"One guest per kind (512 MiB, 1 vCPU, TCG), migrated back and forth between the "
             f"lab's hosts a and b over their migration network (veth + bridge); {nruns} runs "
-            f"per configuration, the VF configurations interleaved on the same guest. "
+            f"per configuration, all configurations interleaved (each round migrates every "
+            f"one once, in an order rotated round by round; the three guests run side by "
+            f"side). "
             f"Every migration by `vfnic migrate`'s orchestrator (the baselines without a "
             f"NIC folder). Median (min–max) over the runs that completed. *Migration "
             f"time*: the orchestrator's total, connecting to both QEMUs to the destination "
@@ -485,9 +487,7 @@ def run(quick: bool = False, runs: int | None = None, plot_path: Path | None = N
                    "guest pause ms", "network downtime ms",
                    "GARP / RARP / NA seen by the peer", "RAM sent MiB"], rows))
     if group_load:
-        names = {"vf": "VF guest", "virtio": "virtio-net guest", "none": "no-NIC guest"}
-        sec.add("Other load while each guest was measured: " + "; ".join(
-            f"{names[k]}: {v}" for k, v in group_load.items()) + ".")
+        sec.add("Other load during these runs: " + "; ".join(group_load.values()) + ".")
     sec.add("![migration time, VM downtime and network downtime by configuration]"
             "(docs/bench/migration.png)")
 

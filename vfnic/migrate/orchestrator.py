@@ -123,6 +123,11 @@ async def _nic(host: Host, req: dict[str, Any], timeout: float = 30.0) -> Any:
     return await asyncio.to_thread(control_call, host.nic_dir, req, timeout)
 
 
+def _last_seq(records: list[dict[str, Any]]) -> int:
+    """The number of a NIC's newest migration record (0: none yet)."""
+    return max((int(r.get("seq", 0)) for r in records), default=0)
+
+
 def _event_time(event: dict[str, Any]) -> float:
     """A QMP event's timestamp (QEMU's clock, seconds since the epoch)."""
     ts = event.get("timestamp", {})
@@ -203,8 +208,8 @@ class Orchestrator:
             if opts.save_fault:
                 await _nic(self.src, {"op": "vmstate-fault", "vf": self.src.vf,
                                       "fault": opts.save_fault})
-            self.seen_src = len(await _nic(self.src, {"op": "migrations"}))
-            self.seen_dst = len(await _nic(self.dst, {"op": "migrations"}))
+            self.seen_src = _last_seq(await _nic(self.src, {"op": "migrations"}))
+            self.seen_dst = _last_seq(await _nic(self.dst, {"op": "migrations"}))
         else:
             s.mode = "no VF"
         caps = {"capabilities": [{"capability": "return-path", "state": True},
@@ -235,9 +240,6 @@ class Orchestrator:
             if "error" in rec:
                 raise MigrationError(f"destination: {rec['error']}")
             self._mark("vf-restored")
-            src_regs = await _nic(self.src, {"op": "regs", "function": f"vf{self.src.vf}"})
-            dst_regs = await _nic(self.dst, {"op": "regs", "function": f"vf{self.dst.vf}"})
-            s.regs_equal = [r["value"] for r in src_regs] == [r["value"] for r in dst_regs]
         await self._wait_destination_paused()
         await self.qb.execute("cont")
         self._mark("destination-running")
@@ -261,16 +263,15 @@ class Orchestrator:
                           f"pass {ram.get('dirty-sync-count', 0)}")
 
     async def _destination_record(self, key: str, timeout: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            recs = (await _nic(self.dst, {"op": "migrations"}))[self.seen_dst:]
-            mine = [r for r in recs if r.get("role") == "destination"]
-            if mine and (key in mine[-1] or "error" in mine[-1]):
-                return dict(mine[-1])
-            if time.monotonic() > deadline:
-                raise MigrationError(f"the destination NIC did not report the VF {key}"
-                                     " (is its QEMU started with the dbus-vmstate object?)")
-            await asyncio.sleep(0.005)
+        """The destination NIC's record of this migration once it has ``key`` (the NIC
+        answers as soon as it has: no polling in the guest's pause)."""
+        req = {"op": "migration-wait", "role": "destination", "key": key,
+               "since": self.seen_dst, "timeout": timeout}
+        try:
+            return dict(await _nic(self.dst, req, timeout + 5))
+        except UsageError as exc:  # the NIC's answer: nothing came in time
+            raise MigrationError(f"the destination NIC did not report the VF {key} "
+                                 "(is its QEMU started with the dbus-vmstate object?)") from exc
 
     async def _wait_destination_paused(self) -> None:
         deadline = time.monotonic() + 60
@@ -288,10 +289,14 @@ class Orchestrator:
         s = self.summary
         if not self.vf:
             return
-        src = [r for r in (await _nic(self.src, {"op": "migrations", "settle": 5}))
-               [self.seen_src:] if r.get("role") == "source"]
-        dst = [r for r in (await _nic(self.dst, {"op": "migrations"}))[self.seen_dst:]
+        src = [r for r in await _nic(self.src, {"op": "migrations", "settle": 5,
+                                                "since": self.seen_src})
+               if r.get("role") == "source"]
+        dst = [r for r in await _nic(self.dst, {"op": "migrations", "since": self.seen_dst})
                if r.get("role") == "destination"]
+        if src and dst and "regs" in src[-1] and "regs" in dst[-1]:
+            # Recorded by each NIC as the stream left them: at the stop, and restored.
+            s.regs_equal = src[-1]["regs"] == dst[-1]["regs"]
         if src:
             s.source = src[-1]
             s.save_ms = s.source.get("save_ms")

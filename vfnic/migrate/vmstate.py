@@ -63,6 +63,7 @@ INTERFACE = "org.qemu.VMState1"
 OBJECT_PATH = "/org/qemu/VMState1"
 SCAN_INTERVAL = 0.1
 MAILBOX_TIMEOUT = 5.0
+MAX_WAIT = 60.0  # s, the longest a migration-wait request holds its connection
 # Config words QEMU keeps for a vfio-user device and does not migrate: BAR0-5,
 # interrupt line/pin (PCI 3.0 section 6.1); COMMAND last, since it turns decoding on.
 REPLAYED_CONFIG = (0x10, 0x14, 0x18, 0x1C, 0x20, 0x24, 0x3C)
@@ -407,6 +408,12 @@ class VfLink:
             log.error("%s: PCI config not restored in QEMU: %s", self.id, exc)
         vfstate.run(self.fn)
         record["replay_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+        nic = self.service.server.nic
+        if self.fn.migration_mode != MIGRATION_COOPERATIVE:
+            # Transparent: the LAN learns the VF's new port now, while the guest is still
+            # paused, so the first frames for it after `cont` already come here.
+            await asyncio.to_thread(nic.switch.announce, self.fn, 1)
+            record["announced_at"] = time.time()
         # A RESUME before the command register's reply: the guest ran with its VF's
         # config at reset (the monitor answers in order, events in between).
         record["early_access"] = self.early
@@ -429,9 +436,8 @@ class VfLink:
                               resume_driver_us=ack.get("driver_us"))
             except VfnicError as exc:
                 record["resume_error"] = str(exc)
-        else:
-            nic = self.service.server.nic
-            await asyncio.to_thread(nic.switch.announce, self.fn, 3)
+        else:  # and again once it runs, as QEMU's announce-self repeats
+            await asyncio.to_thread(nic.switch.announce, self.fn, 2)
             record["announced"] = True
         record["result"] = "completed"
 
@@ -486,6 +492,7 @@ class VmStateService:
     def __init__(self, server: NicServer) -> None:
         self.server = server
         self.history: list[dict[str, Any]] = []
+        self.seq = 0  # every record's number, never reused (history keeps the last 100)
         self.faults: dict[int, str] = {}  # test hook: VF -> "corrupt" | "oversize" (next Save)
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -501,24 +508,42 @@ class VmStateService:
 
     def add_record(self, record: dict[str, Any]) -> None:
         with self._lock:
+            self.seq += 1
+            record["seq"] = self.seq
             self.history.append(record)
             del self.history[:-100]
 
-    def records(self, settle: float = 0.0) -> list[dict[str, Any]]:
-        """The migrations seen so far; with ``settle``, first wait up to that many
-        seconds for the newest one to have its result."""
+    def records(self, settle: float = 0.0, since: int = 0) -> list[dict[str, Any]]:
+        """The migrations seen so far (those numbered after ``since``); with ``settle``,
+        first wait up to that many seconds for the newest one to have its result."""
         deadline = time.monotonic() + settle
         while True:
             with self._lock:
                 done = not self.history or "result" in self.history[-1]
                 if done or time.monotonic() >= deadline:
-                    return [dict(r) for r in self.history]
+                    return [dict(r) for r in self.history if r["seq"] > since]
             time.sleep(0.02)
+
+    def wait_record(self, role: str, key: str, since: int, timeout: float) -> dict[str, Any]:
+        """The newest record of ``role`` numbered after ``since`` once it has ``key`` (or
+        an error), waiting up to ``timeout`` s: one request instead of a polling client."""
+        deadline = time.monotonic() + min(timeout, MAX_WAIT)
+        while True:
+            with self._lock:
+                mine = [r for r in self.history if r["seq"] > since and r["role"] == role]
+                if mine and (key in mine[-1] or "error" in mine[-1]):
+                    return dict(mine[-1])
+            if time.monotonic() >= deadline:
+                raise VfnicError(f"no {role} record with {key!r} after {timeout:g} s")
+            time.sleep(0.001)
 
     def control(self, req: dict[str, Any]) -> Any:
         """The management operations this layer adds to `vfnic serve`."""
         if req.get("op") == "migrations":
-            return self.records(float(req.get("settle", 0.0)))
+            return self.records(float(req.get("settle", 0.0)), int(req.get("since", 0)))
+        if req.get("op") == "migration-wait":
+            return self.wait_record(str(req.get("role")), str(req.get("key")),
+                                    int(req.get("since", 0)), float(req.get("timeout", 10.0)))
         fault = str(req.get("fault"))
         if fault not in ("corrupt", "oversize", "none"):
             raise VfnicError(f"unknown vmstate fault {fault!r}")
@@ -571,6 +596,6 @@ def attach(server: NicServer) -> VmStateService:
     """Wire the helper service into a NIC server (the `vfnic serve` command does)."""
     service = VmStateService(server)
     server.services.append(service)
-    for op in ("migrations", "vmstate-fault"):
+    for op in ("migrations", "migration-wait", "vmstate-fault"):
         server.control_ops[op] = service.control
     return service
