@@ -166,3 +166,25 @@ def test_pages_outside_the_destinations_ram_are_refused_before_anything_is_appli
     with pytest.raises(SnapshotError, match="outside the destination's DMA mappings"):
         vmstate.load(dst, blob)
     assert device_state(dst) == before and dst.migration.state == State.RUNNING
+
+
+def test_records_are_numbered_past_the_kept_history_and_waited_for_server_side() -> None:
+    import threading
+    from typing import cast
+
+    from vfnic.device.nic import NicServer
+    from vfnic.migrate.vmstate import VmStateService
+
+    service = VmStateService(cast(NicServer, None))  # records only: no NIC needed
+    for i in range(150):
+        service.add_record({"role": "source", "n": i, "result": "completed"})
+    assert [r["seq"] for r in service.records()] == list(range(51, 151))  # last 100 kept
+    assert [r["n"] for r in service.records(since=148)] == [148, 149]
+    late = {"role": "destination"}
+    service.add_record(late)
+    threading.Timer(0.2, lambda: late.update(restored_at=1.0)).start()
+    got = service.control({"op": "migration-wait", "role": "destination", "key": "restored_at",
+                           "since": 150, "timeout": 10})
+    assert got["seq"] == 151 and got["restored_at"] == 1.0
+    with pytest.raises(VfnicError, match="no source record with 'loaded_at'"):
+        service.wait_record("source", "loaded_at", 150, 0.05)

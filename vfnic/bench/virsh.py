@@ -47,7 +47,8 @@ def migrate_once(lab: Any, src: Any, dst: Any, run: Run, window: float) -> None:
     if vf:
         mode = COOP.mode if run.config == COOP.key else CONFIG.mode
         control_call(lab.nic_dir(src.host), {"op": "vf-migration", "vf": 0, "mode": mode})
-        seen = {h: len(control_call(lab.nic_dir(h), {"op": "migrations"})) for h in "ab"}
+        seen = {h: max((r["seq"] for r in control_call(lab.nic_dir(h), {"op": "migrations"})),
+                       default=0) for h in "ab"}
     pinger = Pinger(lab)
     pinger.start()
     try:
@@ -72,10 +73,12 @@ def migrate_once(lab: Any, src: Any, dst: Any, run: Run, window: float) -> None:
     drec: dict[str, Any] = {}
     takeovers = 0
     if vf:
-        srecs = control_call(lab.nic_dir(src.host), {"op": "migrations", "settle": 10})
-        drecs = control_call(lab.nic_dir(dst.host), {"op": "migrations", "settle": 10})
-        rec = ([r for r in srecs[seen[src.host]:] if r["role"] == "source"] or [{}])[-1]
-        drec = ([r for r in drecs[seen[dst.host]:] if r["role"] == "destination"] or [{}])[-1]
+        srecs = control_call(lab.nic_dir(src.host),
+                             {"op": "migrations", "settle": 10, "since": seen[src.host]})
+        drecs = control_call(lab.nic_dir(dst.host),
+                             {"op": "migrations", "settle": 10, "since": seen[dst.host]})
+        rec = ([r for r in srecs if r["role"] == "source"] or [{}])[-1]
+        drec = ([r for r in drecs if r["role"] == "destination"] or [{}])[-1]
         console = (lab.nic_dir(dst.host) / "console.log").read_text(errors="replace")
         # The driver's own fallback (a VF found at reset, taken over): counted apart.
         takeovers = len(re.findall(r"taken over in ([0-9.]+) ms", console))
