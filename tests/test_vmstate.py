@@ -180,7 +180,7 @@ def test_records_are_numbered_past_the_kept_history_and_waited_for_server_side()
         service.add_record({"role": "source", "n": i, "result": "completed"})
     assert [r["seq"] for r in service.records()] == list(range(51, 151))  # last 100 kept
     assert [r["n"] for r in service.records(since=148)] == [148, 149]
-    late = {"role": "destination"}
+    late: dict[str, object] = {"role": "destination"}
     service.add_record(late)
     threading.Timer(0.2, lambda: late.update(restored_at=1.0)).start()
     got = service.control({"op": "migration-wait", "role": "destination", "key": "restored_at",
