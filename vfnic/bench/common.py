@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from vfnic.host.process import stop_process
+
 T = TypeVar("T")
 _T0 = time.monotonic()
 
@@ -155,20 +157,6 @@ def machine() -> dict[str, str]:
 
 
 # -- processes -----------------------------------------------------------------------
-
-
-def stop_process(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM,
-                 timeout: float = 10.0) -> None:
-    """Stop a child we started, by its pid: a signal, then SIGKILL if it lingers."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(sig)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            proc.wait()
 
 
 @contextlib.contextmanager

@@ -109,11 +109,15 @@ class PingPong:
         self.side = "a"
         self.boots = 0
         self.params: dict[str, Any] = {}  # QEMU's migration parameters at boot
+        from vfnic.migrate.lab import GUEST_IP, VIRTIO_GUEST_IP
+
+        # The guests run side by side on the LAN: each its own address.
+        self.ip = VIRTIO_GUEST_IP if kind == "virtio" else GUEST_IP
 
     def _command(self) -> str:
-        from vfnic.migrate.lab import VIRTIO_NETSETUP
+        from vfnic.migrate.lab import virtio_netsetup
 
-        net = VIRTIO_NETSETUP if self.kind == "virtio" else ""
+        net = virtio_netsetup(self.ip) if self.kind == "virtio" else ""
         # The VF guest shows its driver's log on the console (kept in the bench log when
         # a run fails).
         tail = "exec tail -F /run/vfnic-driver.log" if self.kind == "vf" else "exec sleep 1000000"
@@ -122,7 +126,6 @@ class PingPong:
     def _vm(self, side: str, incoming: str | None) -> tuple[Any, str | None]:
         from vfnic.bench.datapath import virtio_args
         from vfnic.host.vm import VM, VfioUserFunction, guest_net_args
-        from vfnic.migrate.lab import GUEST_IP
 
         functions = []
         kernel_args: list[str] = []
@@ -130,7 +133,7 @@ class PingPong:
         tap = None
         if self.kind == "vf":
             functions = [VfioUserFunction(self.nic_dirs[side] / "vf0.sock", "vf0")]
-            kernel_args = guest_net_args(f"{GUEST_IP}/24")  # the default driver
+            kernel_args = guest_net_args(f"{self.ip}/24")  # the default driver
         elif self.kind == "virtio":
             tap = f"{self.lab.ident}m{next(_taps)}"
             extra += virtio_args(tap)
@@ -167,7 +170,7 @@ class PingPong:
         flushed = False
         start = time.monotonic()
         while time.monotonic() < deadline:
-            if self.lab.reachable():
+            if self.lab.reachable(self.ip):
                 return True
             if not flushed and time.monotonic() - start > 2:
                 # If no announce of the guest's move reached the LAN bridge, it still sends
@@ -182,7 +185,7 @@ class PingPong:
         return False
 
     def migrate(self, cfg: Config, index: int, window: float) -> Run:
-        from vfnic.migrate.lab import GUEST_IP, Pinger
+        from vfnic.migrate.lab import Pinger
         from vfnic.migrate.orchestrator import Host, Options, migrate
 
         run = Run(cfg.key, index)
@@ -204,8 +207,8 @@ class PingPong:
                 self.lab.plug_into_lan(dst_side, tap)
             if self.kind != "none":
                 watch = Worker(worker_argv("l2-watch", "--iface", f"{self.lab.ident}peer0",
-                                           "--ip", GUEST_IP, netns=self.lab.ns("peer")))
-                pinger = Pinger(self.lab, GUEST_IP, PING_INTERVAL)
+                                           "--ip", self.ip, netns=self.lab.ns("peer")))
+                pinger = Pinger(self.lab, self.ip, PING_INTERVAL)
                 pinger.start()
                 time.sleep(1.5)
                 if not pinger.replies():

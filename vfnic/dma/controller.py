@@ -44,11 +44,6 @@ class DmaRegion:
     view: mmap.mmap | None = None  # only for files pwrite cannot write (hugetlbfs)
     view_skew: int = 0  # offset rounded down to a page: bytes to skip in view
 
-    @property
-    def mm(self) -> int | None:
-        """The region's file, if it has one (kept for callers of the mmap era)."""
-        return self.fd
-
     def close(self) -> None:
         if self.view is not None:
             self.view.close()

@@ -9,12 +9,12 @@ connect to DBus" otherwise). The address given to QEMU is the plain unix path: t
 from __future__ import annotations
 
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
 
 from vfnic.errors import SetupError
+from vfnic.host.process import stop_process
 
 DAEMON = "dbus-daemon"
 
@@ -59,13 +59,8 @@ class VmBus:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if proc is not None:
+            stop_process(proc, timeout=5)
         if proc is not None and proc.stderr is not None:
             proc.stderr.close()
         self.path.unlink(missing_ok=True)

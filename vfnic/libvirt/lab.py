@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from vfnic.host.process import stop_process
 from vfnic.host.runtime import cache_dir, qemu_root
 from vfnic.migrate.lab import Lab, LabError
 
@@ -226,12 +227,7 @@ class LibvirtHost:
             names = self.virsh("list", "--name", check=False, timeout=30).stdout.split()
             for name in names:
                 self.virsh("destroy", name, check=False, timeout=30)
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, timeout=timeout)
         # A QEMU that outlived its libvirtd (destroy failed): only those it started.
         for pid in self._qemu_pids():
             try:

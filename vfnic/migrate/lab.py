@@ -24,20 +24,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vfnic.errors import OperatorError
+from vfnic.host.process import stop_process
 
 LAN_PREFIX = "10.77.0"
 MIG_PREFIX = "192.168.77"
 PEER_IP = f"{LAN_PREFIX}.1"
 GUEST_IP = f"{LAN_PREFIX}.2"
+VIRTIO_GUEST_IP = f"{LAN_PREFIX}.3"  # a virtio-net guest running beside the VF guest
 
-# Guest shell lines that give a virtio-net guest the lab address (the baseline the
-# VF is compared with in the demo and the benchmarks).
-VIRTIO_NETSETUP = f"""
+
+def virtio_netsetup(ip: str = GUEST_IP) -> str:
+    """Guest shell lines that give a virtio-net guest a lab address (the baseline the
+    VF is compared with in the demo and the benchmarks)."""
+    return f"""
 IF=$(for d in /sys/class/net/*; do [ -e "$d/device" ] && basename "$d"; done | head -n1)
 echo "virtio-net interface: $IF"
-ip addr add {GUEST_IP}/24 dev "$IF"
+ip addr add {ip}/24 dev "$IF"
 ip link set "$IF" up
 """
+
+
+VIRTIO_NETSETUP = virtio_netsetup()
 
 
 class LabError(OperatorError):
@@ -153,13 +160,7 @@ class Lab:
                 pinger.stop()
         self.pingers.clear()
         for proc in self.servers.values():  # only the processes we started, by pid
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc)
         self.servers.clear()
         for name in ("a", "b", "peer", "fab"):
             sh("ip", "netns", "del", self.ns(name), check=False)
@@ -197,13 +198,7 @@ class Pinger:
 
     def stop(self) -> str:
         assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # our own ping, by pid
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, signal.SIGINT)  # our own ping: its summary on SIGINT
         if self._reader is not None:
             self._reader.join(5)
         return self.output

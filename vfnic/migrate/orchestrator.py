@@ -65,6 +65,12 @@ class Options:
     kill_destination_at: str | None = None  # fault injection: kill the destination QEMU
     destination_pid: int | None = None
 
+    def __post_init__(self) -> None:
+        for name in ("cancel_at", "kill_destination_at"):
+            phase = getattr(self, name)
+            if phase is not None and phase not in PHASES:
+                raise UsageError(f"{name} must be one of {', '.join(PHASES)}, not {phase!r}")
+
 
 @dataclass
 class Summary:

@@ -60,7 +60,7 @@ def _needs_messages(fn: PciFunction) -> bool:
     dma = fn.dma
     for page in dma.dirty_total:
         try:
-            if dma.find(page * stream.PAGE_SIZE, stream.PAGE_SIZE).mm is None:
+            if dma.find(page * stream.PAGE_SIZE, stream.PAGE_SIZE).fd is None:
                 return True
         except VfnicError:
             continue
@@ -105,7 +105,7 @@ def load(fn: PciFunction, data: bytes) -> None:
         try:
             # Pages are written through vfnic's own mapping of guest RAM: QEMU cannot
             # answer a DMA_WRITE message while Load blocks its main loop.
-            if any(r.writable and r.mm is None for r in fn.dma.regions):
+            if any(r.writable and r.fd is None for r in fn.dma.regions):
                 raise VfnicError(f"{fn.name}: guest RAM is not shared with vfnic (DMA_MAP "
                                  "without fd): start QEMU with a share=on memory backend")
             mig.set_state(State.RESUMING)
