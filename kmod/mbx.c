@@ -128,13 +128,15 @@ static void vfnic_mbx_ack(struct vfnic_adapter *adapter, u32 word0,
  */
 bool vfnic_mbx_check_pf(struct vfnic_adapter *adapter)
 {
-	u32 type, arg, ack[1];
+	u32 mbx, type, arg, ack[1];
 	int nack = 0;
 	bool ok = true;
 
 	ASSERT_RTNL();
 	mutex_lock(&adapter->mbx_lock);
-	if (!(vfnic_rd32(adapter, VFNIC_VFMAILBOX) & VFNIC_MBX_PFSTS)) {
+	mbx = vfnic_rd32(adapter, VFNIC_VFMAILBOX);
+	/* all ones: the function is gone or its config lost, no message */
+	if (mbx == ~0U || !(mbx & VFNIC_MBX_PFSTS)) {
 		mutex_unlock(&adapter->mbx_lock);
 		return false;
 	}
@@ -164,7 +166,9 @@ bool vfnic_mbx_check_pf(struct vfnic_adapter *adapter)
 					   !(arg & VFNIC_MBX_RESUME_NO_GARP));
 		break;
 	default:
-		netdev_warn(adapter->netdev, "unknown PF message %#x\n", type);
+		if (net_ratelimit())
+			netdev_warn(adapter->netdev, "unknown PF message %#x\n",
+				    type);
 		ok = false;
 		break;
 	}
