@@ -48,3 +48,33 @@ def test_pinger_replies_are_read_while_it_runs(lab: Lab) -> None:
     sent, received = pinger.loss()
     assert sent >= 3 and received == len(pinger.replies()) >= 3
     assert pinger.downtime_ms() < 1000
+
+
+def test_qemu_pause_steps_are_read_from_both_qemus_traces(tmp_path: Path) -> None:
+    from vfnic.bench.migration import pause_steps
+
+    # As QEMU 11.1's log backend writes them with -msg timestamp=on (lines from a lab run).
+    (tmp_path / "src.log").write_text(
+        "2026-12-01T06:15:04.954861Z migration_completion_vm_stop ret 0\n"
+        "2026-12-01T06:15:04.955330Z ram_save_complete dirty=5747, done=0\n"
+        "2026-12-01T06:15:05.197749Z ram_save_complete dirty=0, done=1\n"
+        "2026-12-01T06:15:05.197836Z vmstate_save apic, apic\n"
+        "2026-12-01T06:15:05.197887Z dbus_vmstate_pre_save \n"
+        "2026-12-01T06:15:05.202171Z dbus_vmstate_saving id: vfnic.vf0\n"
+        "2026-12-01T06:15:05.203486Z vmstate_save cpu_common, cpu_common\n"
+        "2026-12-01T06:15:05.209668Z migration_return_path_end_before \n"
+        "2026-12-01T06:15:05.235769Z source_return_path_thread_shut 0x0\n"
+        "2026-12-01T06:15:05.236744Z savevm_state_cleanup \n")
+    (tmp_path / "dst.log").write_text(
+        "qemu-system-x86_64: a message without a trace event\n"
+        "2026-12-01T06:15:05.217431Z dbus_vmstate_post_load version_id: 0\n"
+        "2026-12-01T06:15:05.220456Z dbus_vmstate_loading id: vfnic.vf0\n"
+        "2026-12-01T06:15:05.228581Z vmstate_load 0000:00:01.0/virtio-blk, virtio-blk\n")
+    steps = pause_steps(tmp_path / "src.log", tmp_path / "dst.log")
+    assert steps["ram_pages"] == 5747
+    assert round(steps["ram_ms"], 1) == 242.4
+    assert round(steps["vf_find_src_ms"], 1) == 4.3 and round(steps["vf_save_ms"], 1) == 1.3
+    assert round(steps["devices_ms"], 1) == 11.9 and round(steps["dest_wait_ms"], 1) == 26.1
+    assert round(steps["vf_find_dst_ms"], 1) == 3.0 and round(steps["vf_load_ms"], 1) == 8.1
+    assert round(steps["stop_to_end_ms"], 1) == 281.9
+    assert pause_steps(tmp_path / "none.log", tmp_path / "dst.log") == {}
