@@ -180,14 +180,14 @@ class FailingDevice:
         self._maybe_fail(f"set_running({running})")
         self.real.set_running(running)
 
-    def dirty_pages(self) -> list[tuple[int, bytes]]:
-        self._maybe_fail("dirty_pages")
-        return self.real.dirty_pages()
+    def dma_extents(self) -> list[tuple[int, bytes]]:
+        self._maybe_fail("dma_extents")
+        return self.real.dma_extents()
 
 
 @pytest.mark.parametrize(("fail", "target"), [
     ("set_running(False)", S.STOP), ("save_state", S.STOP_COPY), ("save_state", S.PRE_COPY),
-    ("dirty_pages", S.STOP_COPY),
+    ("dma_extents", S.STOP_COPY),
 ])
 def test_error_only_after_a_failed_arc_and_reset_recovers(server: NicServer, fail: str,
                                                           target: State) -> None:

@@ -41,7 +41,7 @@ UNMAP_GET_DIRTY_BITMAP = 1 << 0
 
 def regions(fn: PciFunction) -> list[tuple[int, int, int, bool]]:
     with fn.lock:
-        return [(r.address, r.size, r.flags, r.mm is not None) for r in fn.dma.regions]
+        return [(r.address, r.size, r.flags, r.fd is not None) for r in fn.dma.regions]
 
 
 # -- mapping with an fd ---------------------------------------------------------------

@@ -92,7 +92,7 @@ def test_a_crafted_snapshot_is_refused_and_nothing_changes(what: str, craft: Cra
     crafted = resign(image)
     nic, fn, fd = destination()
     before = state_of(fn, fd)
-    data = stream.full_record(crafted) + stream.pages_record([(0x10000, b"\xaa" * PAGE)]) \
+    data = stream.full_record(crafted) + stream.extents_record([(0x10000, b"\xaa" * PAGE)]) \
         + stream.end_record(crafted)
     with pytest.raises(SnapshotError):
         restore(fn, data)
@@ -103,7 +103,7 @@ def test_a_crafted_snapshot_is_refused_and_nothing_changes(what: str, craft: Cra
 
 @pytest.mark.parametrize("iova,why", [
     (0x80000, "outside"),  # no mapping there
-    (0x11800, "not aligned"),
+    (0x11800, "bad extent"),  # crosses a page
     (0x11000 + PAGE, "outside"),  # past the end of the writable mapping
     (0x20000, "read-only"),
 ])
@@ -113,7 +113,7 @@ def test_pages_outside_the_destinations_mappings_are_refused_before_the_register
     nic, fn, fd = destination()
     before = state_of(fn, fd)
     pages = [(0x10000, b"\xbb" * PAGE), (iova, b"\xcc" * PAGE)]  # one good, then one bad
-    data = stream.full_record(image) + stream.pages_record(pages) + stream.end_record(image)
+    data = stream.full_record(image) + stream.extents_record(pages) + stream.end_record(image)
     with pytest.raises(SnapshotError, match=why):
         restore(fn, data)
     assert state_of(fn, fd) == before  # the good page was not written either
@@ -124,7 +124,7 @@ def test_pages_outside_the_destinations_mappings_are_refused_before_the_register
 def test_a_valid_stream_still_restores_with_its_pages() -> None:
     image = source_image()
     nic, fn, fd = destination()
-    data = stream.full_record(image) + stream.pages_record([(0x11000, b"\xdd" * PAGE)]) \
+    data = stream.full_record(image) + stream.extents_record([(0x11000, b"\xdd" * PAGE)]) \
         + stream.end_record(image)
     restore(fn, data)
     assert fn.bank.get("SCRATCH") == 0x5A5A5A5A

@@ -65,7 +65,7 @@ def crafted_stream(server: NicServer) -> bytes:
     image[snapshot.HEAD_SIZE + CFG_VENDOR_ID] = 0x66
     body = bytes(image[:-4])
     image = bytearray(body + struct.pack("<I", zlib.crc32(body)))
-    return (stream.full_record(bytes(image)) + stream.pages_record([(0x10000, b"\xee" * 4096)])
+    return (stream.full_record(bytes(image)) + stream.extents_record([(0x10000, b"\xee" * 4096)])
             + stream.end_record(bytes(image)))
 
 

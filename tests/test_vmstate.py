@@ -115,13 +115,13 @@ def test_a_state_over_qemus_limit_is_refused_and_the_vf_runs_on() -> None:
     src = with_ram(Nic(1, nic_id=1).vfs[0])
     src.region_write(0, 0x28, struct.pack("<I", 0xCAFE0001))
     vmstate.start_dirty_log(src)
-    for page in range(RAM // stream.PAGE_SIZE):
-        src.dma.write(page * stream.PAGE_SIZE, b"x")
+    for page in range(RAM // stream.PAGE_SIZE):  # every byte of every page, by DMA
+        src.dma.write(page * stream.PAGE_SIZE, b"x" * stream.PAGE_SIZE)
     with pytest.raises(vmstate.StateTooLarge, match="exceeds QEMU's dbus-vmstate limit"):
         vmstate.save(src, limit=32 * stream.PAGE_SIZE)
     assert src.migration.state == State.RUNNING and src.running
     assert src.bank.get("MTA") == 0xCAFE0001
-    # Under the real limit the same state fits: 1 MiB holds about 250 pages.
+    # Under the real limit the same state fits: 1 MiB holds about 250 whole pages.
     assert vmstate.max_pages(len(snapshot.save(src))) > RAM // stream.PAGE_SIZE
     assert len(vmstate.save(src)) <= vmstate.LIMIT
 
@@ -188,3 +188,27 @@ def test_records_are_numbered_past_the_kept_history_and_waited_for_server_side()
     assert got["seq"] == 151 and got["restored_at"] == 1.0
     with pytest.raises(VfnicError, match="no source record with 'loaded_at'"):
         service.wait_record("source", "loaded_at", 150, 0.05)
+
+
+def test_only_the_bytes_the_device_wrote_are_carried_and_the_rest_of_the_page_is_qemus() -> None:
+    src = with_ram(Nic(1, nic_id=1).vfs[0])
+    vmstate.start_dirty_log(src)
+    src.dma.write(0x1000 + 100, b"\x11" * 98)  # a frame into an RX buffer
+    src.dma.write(0x1000 + 150, b"\x22" * 100)  # another, overlapping it
+    src.dma.write(0x2FF0, b"\x33" * 32)  # a write-back across a page boundary
+    src.dma.write(0x5000, b"\x44" * 16)
+    src.dma.write(0x5000 + 16, b"\x55" * 16)  # touching: one extent
+    blob = vmstate.save(src)
+    assert [(iova, len(b)) for iova, b in vmstate.extents_in(blob)] == [
+        (0x1000 + 100, 150), (0x2FF0, 16), (0x3000, 16), (0x5000, 32)]
+    assert vmstate.pages_in(blob) == 4
+    dst = with_ram(Nic(1, nic_id=2).vfs[0])
+    # What QEMU's RAM stream brought: the CPU's bytes of those pages, not the device's.
+    for page in (0x1000, 0x2000, 0x3000, 0x5000):
+        dst.dma.write(page, b"\xcc" * stream.PAGE_SIZE)
+    vmstate.load(dst, blob)
+    assert dst.dma.read(0x1000, 100) == b"\xcc" * 100
+    assert dst.dma.read(0x1000 + 100, 150) == b"\x11" * 50 + b"\x22" * 100
+    assert dst.dma.read(0x1000 + 250, 10) == b"\xcc" * 10
+    assert dst.dma.read(0x2FF0, 32) == b"\x33" * 32
+    assert dst.dma.read(0x5000, 40) == b"\x44" * 16 + b"\x55" * 16 + b"\xcc" * 8

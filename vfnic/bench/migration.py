@@ -598,20 +598,22 @@ def run(quick: bool = False, runs: int | None = None, plot_path: Path | None = N
                       stat_text(_sum_vals(rs, "load_ms"), "{:.2f}"),
                       stat_text(_sum_vals(rs, "device_state_bytes"), "{:,.0f}"),
                       stat_text(_sum_vals(rs, "device_pages"), "{:.0f}"),
+                      stat_text(_sum_vals(rs, "device_dma_bytes"), "{:.0f}"),
                       stat_text([v / 1000 for v in _sum_vals(rs, "suspend_us")], "{:.1f}"),
                       stat_text(_sum_vals(rs, "suspend_ms"), "{:.1f}"),
                       stat_text([v / 1000 for v in _sum_vals(rs, "resume_us")], "{:.1f}"),
                       stat_text(_sum_vals(rs, "resume_ms"), "{:.1f}")])
     sec.add("VF state transfer and the guest driver's suspend/resume, from the "
             "orchestrator's `Summary` of the same runs (the NICs' VMState1 helpers). *Save*: "
-            "STOP_COPY + the whole stream (snapshot and DMA-written pages), inside QEMU's "
+            "STOP_COPY + the whole stream (snapshot and the extents of guest memory the VF "
+            "wrote by DMA: *DMA pages* touched, *DMA bytes* carried), inside QEMU's "
             "pause; *Load*: RESUMING + stream checked + restored + STOP on the destination. "
             "*driver*: what the guest's VF driver reports for its own work (word 1 of its "
             "ACK); *mailbox*: the PF's round trip, management socket to ACK, under TCG. "
             f"The VF guest's driver: {DRIVER_NAMES[DEFAULT_GUEST_DRIVER]} (the guest's "
             f"default).")
     sec.add(table(["configuration", "Save ms", "Load ms", "device state bytes",
-                   "DMA pages", "suspend: driver ms", "suspend: mailbox ms",
+                   "DMA pages", "DMA bytes", "suspend: driver ms", "suspend: mailbox ms",
                    "resume: driver ms", "resume: mailbox ms"], drows))
     if mbx:
         sec.add("Mailbox round trip without TCG: a host-side driver (`HostBus` + `VfDriver`) "

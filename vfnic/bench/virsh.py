@@ -6,7 +6,7 @@ VF's transparent and cooperative modes (`vfnic link set ... migration`), both
 carrying the VF in QEMU's stream (dbus-vmstate); then a virtio-net guest. Per run:
 the wall time of the virsh command, libvirt's own elapsed time and QEMU's downtime
 (`virsh domjobinfo --completed` on the destination), the network downtime, and what
-the two NICs recorded (Save and Load inside QEMU's pause, bytes and DMA pages
+the two NICs recorded (Save and Load inside QEMU's pause, bytes, DMA pages and bytes
 carried, whether the guest ran before its VF's config was back, the mailbox).
 """
 
@@ -89,6 +89,7 @@ def migrate_once(lab: Any, src: Any, dst: Any, run: Run, window: float) -> None:
     run.summary = {"libvirt_elapsed_ms": info.get("Time elapsed"),
                    "save_ms": rec.get("save_ms"), "load_ms": drec.get("load_ms"),
                    "bytes": rec.get("bytes"), "pages": rec.get("pages"),
+                   "dma_bytes": rec.get("dma_bytes"),
                    "replay_ms": drec.get("replay_ms"),
                    "early_access": drec.get("early_access"),
                    "driver_takeovers": takeovers,
@@ -209,11 +210,13 @@ def report(sec: Section, results: dict[str, list[Run]], plot_path: Path | None,
                      if vf else "–",
                      stat_text(vals(k, lambda r: r.summary.get("pages")), "{:.0f}")
                      if vf else "–",
+                     stat_text(vals(k, lambda r: r.summary.get("dma_bytes")), "{:.0f}")
+                     if vf else "–",
                      f"{early}/{len(results[k])}" if vf else "–",
                      f"{takeovers}/{len(results[k])}" if vf else "–"])
     sec.add(table(["configuration", "runs ok", "virsh migrate ms", "VM downtime ms",
                    "network downtime ms", "Save ms", "Load ms", "Save+Load ms",
-                   "state bytes", "DMA pages", "early", "takeovers"], rows))
+                   "state bytes", "DMA pages", "DMA bytes", "early", "takeovers"], rows))
     vio_net = vals(VIRTIO.key, lambda r: r.net_downtime_ms)
     vio_vm = vals(VIRTIO.key, lambda r: r.vm_downtime_ms)
     if vio_net and vio_vm:

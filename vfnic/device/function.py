@@ -329,29 +329,30 @@ class PciFunction:
     def save_state(self) -> bytes:
         return snapshot.save(self)
 
-    def load_state(self, image: bytes, pages: list[tuple[int, bytes]]) -> None:
+    def load_state(self, image: bytes, extents: list[tuple[int, bytes]]) -> None:
         # Everything is checked before anything is applied: the snapshot's every
-        # field, every page inside this function's writable mappings, the MAC
+        # field, every extent inside this function's writable mappings, the MAC
         # against the NIC's other functions.
         snapshot.check(self, image)
-        for iova, data in pages:
-            if iova % DMA_PAGE_SIZE:
-                raise SnapshotError(f"migration stream: page at {iova:#x} is not aligned")
+        for iova, data in extents:
+            if iova % DMA_PAGE_SIZE + len(data) > DMA_PAGE_SIZE:
+                raise SnapshotError(f"migration stream: extent at {iova:#x} crosses a page")
             try:
                 region = self.dma.find(iova, len(data))
             except VfnicError as exc:
-                raise SnapshotError(f"migration stream: page at {iova:#x} is outside "
+                raise SnapshotError(f"migration stream: extent at {iova:#x} is outside "
                                     "the destination's DMA mappings") from exc
             if not region.writable:
-                raise SnapshotError(f"migration stream: page at {iova:#x} is in a "
+                raise SnapshotError(f"migration stream: extent at {iova:#x} is in a "
                                     "read-only mapping")
         if self.nic is not None:
             self.nic.check_restore(self, snapshot.stored_mac(image))
         try:
-            for iova, data in pages:  # DMA-written pages QEMU could not have seen
+            for iova, data in extents:  # what the device wrote, which QEMU did not see
                 self.dma.write(iova, data)
         except VfnicError as exc:  # the client's memory went away meanwhile
-            raise SnapshotError(f"migration stream: writing pages failed: {exc}") from exc
+            raise SnapshotError(f"migration stream: writing DMA extents failed: {exc}") \
+                from exc
         host_link_state = self.link_state
         snapshot.apply(self, image)  # checked above, with the pages and the MAC
         if self.nic is not None:  # the destination host's VF settings apply
@@ -361,8 +362,8 @@ class PciFunction:
     def set_running(self, running: bool) -> None:
         self.running = running
 
-    def dirty_pages(self) -> list[tuple[int, bytes]]:
-        return self.dma.logged_pages()
+    def dma_extents(self) -> list[tuple[int, bytes]]:
+        return self.dma.logged_extents()
 
     def count_drop(self, stat: Register = T.MPC) -> None:
         """A frame lost: in a statistics register, or, while stopped for migration (when

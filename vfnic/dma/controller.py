@@ -76,6 +76,8 @@ class DmaController:
         # logging), and since logging started (carried by the migration stream).
         self.dirty_log: set[int] | None = None
         self.dirty_total: set[int] = set()
+        # Per dirty page, the byte spans [lo, hi) the device wrote in it since logging began.
+        self.spans: dict[int, list[tuple[int, int]]] = {}
         # fd -> file size, while a batch of accesses runs (None: fstat before each write)
         self._sizes: dict[int, int] | None = None
 
@@ -219,6 +221,23 @@ class DmaController:
             pages = range(address // PAGE_SIZE, (address + len(data) - 1) // PAGE_SIZE + 1)
             self.dirty_log.update(pages)
             self.dirty_total.update(pages)
+            self._log_spans(address, len(data))
+
+    def _log_spans(self, address: int, length: int) -> None:
+        """Add [address, address+length) to the written spans, merged per page."""
+        end = address + length
+        while address < end:
+            page, lo = divmod(address, PAGE_SIZE)
+            hi = min(end - page * PAGE_SIZE, PAGE_SIZE)
+            kept = []
+            for a, b in self.spans.get(page, ()):
+                if b < lo or a > hi:
+                    kept.append((a, b))
+                else:  # overlapping or touching: one span
+                    lo, hi = min(a, lo), max(b, hi)
+            kept.append((lo, hi))
+            self.spans[page] = kept
+            address = page * PAGE_SIZE + hi
 
     # -- dirty page logging (VFIO_DEVICE_FEATURE_DMA_LOGGING_*) ---------------------
 
@@ -240,6 +259,7 @@ class DmaController:
         # We track 4 KiB pages whatever the hint; reports are built at any size.
         self.dirty_log = set()
         self.dirty_total = set()
+        self.spans = {}
         return max(page_size, PAGE_SIZE)
 
     def stop_logging(self) -> None:
@@ -247,7 +267,8 @@ class DmaController:
         if self.dirty_log is None:
             raise ProtocolError("DMA logging is not started")
         self.dirty_log = None
-        self.dirty_total = set()  # logged_pages() reports nothing once logging stopped
+        self.dirty_total = set()  # logged_extents() reports nothing once logging stopped
+        self.spans = {}
 
     @staticmethod
     def bitmap_size(iova: int, length: int, page_size: int) -> int:
@@ -285,17 +306,21 @@ class DmaController:
         log.difference_update(reported)  # reported pages are cleared, as the kernel does
         return bytes(bitmap)
 
-    def logged_pages(self) -> list[tuple[int, bytes]]:
-        """(iova, contents) of every page written since logging started (none if
-        logging is off); pages unmapped since are left out."""
+    def logged_extents(self) -> list[tuple[int, bytes]]:
+        """(iova, current bytes) of every span written since logging started, one page
+        at most each, in address order (none if logging is off); the bytes are read
+        now, so they are the memory's latest whoever wrote it last. Spans unmapped
+        since are left out."""
         if self.dirty_log is None:
             return []
         out = []
-        for page in sorted(self.dirty_total):
-            try:
-                out.append((page * PAGE_SIZE, self.read(page * PAGE_SIZE, PAGE_SIZE)))
-            except VfnicError:
-                continue  # unmapped since: nothing to carry
+        for page in sorted(self.spans):
+            base = page * PAGE_SIZE
+            for lo, hi in sorted(self.spans[page]):
+                try:
+                    out.append((base + lo, self.read(base + lo, hi - lo)))
+                except VfnicError:
+                    continue  # unmapped since: nothing to carry
         return out
 
 def _check_fd(fd: int, flags: int, offset: int, size: int) -> None:

@@ -82,7 +82,8 @@ class Summary:
     save_ms: float | None = None  # the helper's Save, inside the source's pause
     load_ms: float | None = None  # the helper's Load, on the destination
     replay_ms: float | None = None  # PCI config back into the destination QEMU
-    device_pages: int = 0  # guest pages the VF wrote by DMA, carried in the state
+    device_pages: int = 0  # guest pages the VF wrote by DMA (its extents carried)
+    device_dma_bytes: int = 0  # the bytes of those extents
     ram_transferred: int = 0
     early_access: bool | None = None  # the guest ran before its VF's config was back
     suspend_us: int | None = None
@@ -106,7 +107,7 @@ class Summary:
             f"  Save / Load       {self.save_ms or 0:9.2f} ms / {self.load_ms or 0:.2f} ms",
             f"  config replay     {self.replay_ms or 0:9.1f} ms"
             f"{' (guest ran first!)' if self.early_access else ''}",
-            f"  DMA pages (device){self.device_pages:9d}",
+            f"  DMA pages (device){self.device_pages:9d} ({self.device_dma_bytes} bytes)",
             f"  RAM transferred   {self.ram_transferred / 2**20:9.1f} MiB",
         ]
         if self.suspend_us is not None or self.resume_us is not None:
@@ -308,6 +309,7 @@ class Orchestrator:
             s.save_ms = s.source.get("save_ms")
             s.device_state_bytes = s.source.get("bytes", 0)
             s.device_pages = s.source.get("pages", 0)
+            s.device_dma_bytes = s.source.get("dma_bytes", 0)
             s.suspend_us = s.source.get("suspend_driver_us")
             s.suspend_ms = s.source.get("suspend_mailbox_ms")
         if dst:

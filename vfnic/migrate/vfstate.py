@@ -6,9 +6,10 @@ are what those calls do to the device, through the one vfio v2 state machine
 (``migration.Migration``) and the one MIG_DATA stream format (``stream``):
 
   save       RUNNING -> STOP_COPY, the whole stream read out: the snapshot, the
-             guest pages the VF wrote by DMA since dirty logging started, END
+             guest memory the VF wrote by DMA since dirty logging started (its bytes,
+             read now), END
   load       RESUMING, the stream written, STOP: checked whole (CRCs, version,
-             register layout, kind) before anything is applied, pages written
+             register layout, kind) before anything is applied, extents written
              into the destination's guest RAM
   run        back to RUNNING (the destination once restored; the source when QEMU
              resumes it after a failed or cancelled migration)
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
     from vfnic.device.function import PciFunction
 
 LIMIT = 1 << 20  # DBUS_VMSTATE_SIZE_LIMIT: bytes QEMU carries per Id
-PAGE_RECORD = 8 + stream.PAGE_SIZE  # one DMA-written page in a PAGES record
+PAGE_RECORD = stream.Extent.size + stream.PAGE_SIZE  # a whole DMA-written page, at most
 
 
 class StateTooLarge(MigrationError):
@@ -93,7 +94,7 @@ def save(fn: PciFunction, limit: int = LIMIT) -> bytes:
 
 
 def load(fn: PciFunction, data: bytes) -> None:
-    """Restore a stream made by :func:`save` (its pages written into guest RAM). A
+    """Restore a stream made by :func:`save` (its DMA extents written into guest RAM). A
     stream that is not complete and intact, or not of a function like ``fn``, is
     refused (SnapshotError) with the VF unchanged."""
     if len(data) > LIMIT:
@@ -111,7 +112,7 @@ def load(fn: PciFunction, data: bytes) -> None:
             mig.set_state(State.RESUMING)
             mig.write(data)
             # The whole stream is checked (records, CRCs, END, snapshot) before the
-            # snapshot is restored and the pages are written.
+            # snapshot is restored and the extents are written.
             mig.set_state(State.STOP)
         except BaseException:
             if mig.state != State.RUNNING:
@@ -131,16 +132,21 @@ def run(fn: PciFunction) -> None:
             mig.reset()
 
 
-def pages_in(data: bytes) -> int:
-    """How many DMA-written guest pages a stream carries."""
+def extents_in(data: bytes) -> list[tuple[int, bytes]]:
+    """The DMA-written extents a stream carries (none if it is not a whole stream)."""
     try:
-        recs = stream.records(data)
+        return stream.assemble(data)[1]
     except VfnicError:
-        return 0
-    return sum(len(p) // PAGE_RECORD for kind, p in recs if kind == stream.KIND_PAGES)
+        return []
+
+
+def pages_in(data: bytes) -> int:
+    """How many guest pages the DMA-written extents of a stream touch."""
+    return len({iova // stream.PAGE_SIZE for iova, _ in extents_in(data)})
 
 
 def max_pages(snapshot_bytes: int, limit: int = LIMIT) -> int:
-    """The most DMA-written pages a state can carry next to a snapshot of that size."""
+    """The most DMA-written pages a state can carry next to a snapshot of that size,
+    were every byte of them written by the device (the worst case)."""
     overhead = 3 * (stream.Header.size + 4) + 4
     return max(0, (limit - snapshot_bytes - overhead) // PAGE_RECORD)

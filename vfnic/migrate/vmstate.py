@@ -234,7 +234,9 @@ class VfLink:
         running: the replay task runs after this)."""
         with self.fn.lock:
             regs = {r.name: self.fn.bank.get(r.name) for r in self.fn.bank.table}
-        record.update(crc=zlib.crc32(data), pages=vfstate.pages_in(data), regs=regs)
+        extents = vfstate.extents_in(data)
+        record.update(crc=zlib.crc32(data), regs=regs, extents=len(extents),
+                      pages=vfstate.pages_in(data), dma_bytes=sum(len(b) for _, b in extents))
 
     # Save and Load run with QEMU's main loop blocked: no monitor call from here.
 

@@ -14,7 +14,7 @@ parsed here and done by the DMA controller (vfnic.dma.controller).
 
 Like libvfio-user's migration.c, the state machine owns the arcs and the data
 stream and reaches the device only through a small protocol, ``Device``: save
-its state, load a state, stop or start it, and the pages it wrote by DMA. The
+its state, load a state, stop or start it, and the memory it wrote by DMA. The
 snapshot layout is the device's own (vfnic.device.snapshot).
 """
 
@@ -59,8 +59,8 @@ class Device(Protocol):
         """A snapshot of everything the guest can observe."""
         ...
 
-    def load_state(self, image: bytes, pages: list[tuple[int, bytes]]) -> None:
-        """Restore ``image`` and write ``pages`` (iova, contents) to guest memory.
+    def load_state(self, image: bytes, extents: list[tuple[int, bytes]]) -> None:
+        """Restore ``image`` and write ``extents`` (iova, bytes) to guest memory.
         Raises SnapshotError, with the device unchanged, if ``image`` is refused."""
         ...
 
@@ -68,8 +68,9 @@ class Device(Protocol):
         """Start or stop the device: no DMA and no interrupts while stopped."""
         ...
 
-    def dirty_pages(self) -> list[tuple[int, bytes]]:
-        """(iova, contents) of the pages the device wrote since dirty logging began."""
+    def dma_extents(self) -> list[tuple[int, bytes]]:
+        """(iova, current bytes) of the guest memory the device wrote by DMA since dirty
+        logging began, as extents within one page each."""
         ...
 
 
@@ -220,15 +221,15 @@ class Migration:
                 self.out = stream.delta_record(self.precopy_base, final)
             else:
                 self.out = stream.full_record(final)
-            pages = dev.dirty_pages()
-            if pages:
-                self.out += stream.pages_record(pages)
+            extents = dev.dma_extents()
+            if extents:
+                self.out += stream.extents_record(extents)
             self.out += stream.end_record(final)
         elif new == S.RESUMING:
             self.incoming = bytearray()
         elif cur == S.RESUMING and new == S.STOP:
-            image, pages = stream.assemble(bytes(self.incoming))
-            dev.load_state(image, pages)  # checks everything before touching the device
+            image, extents = stream.assemble(bytes(self.incoming))
+            dev.load_state(image, extents)  # checks everything before touching the device
             self.incoming = bytearray()
         if cur in SAVING_STATES and new not in SAVING_STATES:
             self.out = b""  # the data transfer session ends

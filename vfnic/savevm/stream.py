@@ -4,8 +4,10 @@ Each record: magic "VFMR", version u16, kind u16, payload length u32, payload,
 CRC32 of all that. Kinds:
   FULL   a whole function snapshot (the device's own layout: vfnic.device.snapshot)
   DELTA  CRC32 of the base snapshot, then patches (offset u32, length u32, bytes)
-  PAGES  guest pages the device wrote by DMA: (iova u64, page bytes)*, written
-         into the destination's guest memory when the state is restored
+  EXTENTS the guest memory the device wrote by DMA: (iova u64, length u32,
+         bytes)*, each extent within one page, written into the destination's guest
+         memory when the state is restored (only the bytes the device wrote: the
+         rest of those pages is the CPU's, which QEMU's own RAM migration carries)
   END    CRC32 of the resulting snapshot
 A destination assembles FULL [DELTA] END and checks every CRC before the
 snapshot is restored, so a wrong version or a truncated or corrupted stream is
@@ -20,13 +22,14 @@ import zlib
 from vfnic.errors import SnapshotError
 
 MAGIC = b"VFMR"
-VERSION = 1
-KIND_FULL, KIND_DELTA, KIND_END, KIND_PAGES = 1, 2, 3, 4
+VERSION = 2  # 2: DMA-written extents (1 carried whole pages)
+KIND_FULL, KIND_DELTA, KIND_END, KIND_EXTENTS = 1, 2, 3, 5
 PAGE_SIZE = 4096
 MAX_STREAM = 16 << 20
 
 Header = struct.Struct("<4sHHI")
 Patch = struct.Struct("<II")
+Extent = struct.Struct("<QI")  # iova, length
 
 
 def _record(kind: int, payload: bytes) -> bytes:
@@ -55,8 +58,9 @@ def delta_record(base: bytes, image: bytes, chunk: int = 64) -> bytes:
     return _record(KIND_DELTA, struct.pack("<I", zlib.crc32(base)) + b"".join(patches))
 
 
-def pages_record(pages: list[tuple[int, bytes]]) -> bytes:
-    return _record(KIND_PAGES, b"".join(struct.pack("<Q", iova) + data for iova, data in pages))
+def extents_record(extents: list[tuple[int, bytes]]) -> bytes:
+    return _record(KIND_EXTENTS, b"".join(Extent.pack(iova, len(data)) + data
+                                          for iova, data in extents))
 
 
 def end_record(image: bytes) -> bytes:
@@ -86,10 +90,10 @@ def records(data: bytes) -> list[tuple[int, bytes]]:
 
 
 def assemble(data: bytes) -> tuple[bytes, list[tuple[int, bytes]]]:
-    """The snapshot and the DMA-written pages a complete stream describes
+    """The snapshot and the DMA-written extents a complete stream describes
     (SnapshotError if it is not complete)."""
     image: bytearray | None = None
-    pages: list[tuple[int, bytes]] = []
+    extents: list[tuple[int, bytes]] = []
     ended = False
     for kind, payload in records(data):
         if ended:
@@ -110,13 +114,18 @@ def assemble(data: bytes) -> tuple[bytes, list[tuple[int, bytes]]]:
                     raise SnapshotError("migration stream: patch out of range")
                 image[off : off + length] = payload[pos : pos + length]
                 pos += length
-        elif kind == KIND_PAGES:
-            step = 8 + PAGE_SIZE
-            if len(payload) % step:
-                raise SnapshotError("migration stream: bad pages record")
-            for pos in range(0, len(payload), step):
-                (iova,) = struct.unpack_from("<Q", payload, pos)
-                pages.append((iova, payload[pos + 8 : pos + step]))
+        elif kind == KIND_EXTENTS:
+            pos = 0
+            while pos < len(payload):
+                if pos + Extent.size > len(payload):
+                    raise SnapshotError("migration stream: bad extents record")
+                iova, length = Extent.unpack_from(payload, pos)
+                pos += Extent.size
+                if (not 0 < length <= PAGE_SIZE or pos + length > len(payload)
+                        or iova % PAGE_SIZE + length > PAGE_SIZE):
+                    raise SnapshotError(f"migration stream: bad extent {iova:#x}+{length:#x}")
+                extents.append((iova, payload[pos : pos + length]))
+                pos += length
         elif kind == KIND_END:
             if image is None or len(payload) != 4:
                 raise SnapshotError("migration stream: end without data")
@@ -128,4 +137,4 @@ def assemble(data: bytes) -> tuple[bytes, list[tuple[int, bytes]]]:
             raise SnapshotError(f"migration stream: unknown record kind {kind}")
     if not ended or image is None:
         raise SnapshotError("migration stream truncated (no end record)")
-    return bytes(image), pages
+    return bytes(image), extents
