@@ -197,7 +197,8 @@ def step_virsh(work: Path) -> None:
             regs = {r["name"]: r["value"] for r in
                     control_call(lab.nic_dir("b"), {"op": "regs", "function": "vf0"})}
             print(f"  host A's NIC: Save {src.get('save_ms')} ms, {src.get('bytes')} bytes "
-                  f"({src.get('pages')} DMA pages, {src.get('dma_bytes')} bytes written in them) in QEMU's stream, {src.get('result')}")
+                  f"({src.get('dma_bytes')} bytes the VF wrote by DMA, in {src.get('pages')} "
+                  f"pages) in QEMU's stream, {src.get('result')}")
             print(f"  host B's NIC: Load {dst.get('load_ms')} ms, PCI config back in QEMU in "
                   f"{dst.get('replay_ms')} ms, guest ran first: {dst.get('early_access')}, "
                   f"MAC announced: {dst.get('announced', False)}")

@@ -26,7 +26,13 @@ from typing import Any
 from qemu.qmp import EventListener, QMPClient
 
 from vfnic.errors import OperatorError, VfnicError
-from vfnic.host.qmp import MigrationInfo, query_migrate, query_migrate_parameters
+from vfnic.host.qmp import (
+    MigrationInfo,
+    StatusInfo,
+    query_migrate,
+    query_migrate_parameters,
+    query_status,
+)
 
 TERMINAL = ("completed", "failed", "cancelled")
 
@@ -74,6 +80,25 @@ async def wait_status(qmp: QMPClient, events: EventListener, want: set[str], tim
                 event: dict[str, Any] = dict(await asyncio.wait_for(events.get(), 0.1))
                 if event.get("data", {}).get("status") in want | {"failed", "cancelled"}:
                     break
+
+
+async def wait_runstate(qmp: QMPClient, until: Callable[[StatusInfo], bool],
+                        timeout: float | None, wake: EventListener | None = None,
+                        poll: float = 0.005) -> StatusInfo:
+    """The first query-status for which ``until`` holds, asked every ``poll`` seconds or
+    as soon as an event of ``wake`` comes; TimeoutError after ``timeout`` (None: none)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        st = await query_status(qmp)
+        if until(st):
+            return st
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"QEMU still {st.get('status')} after {timeout:g} s")
+        if wake is None:
+            await asyncio.sleep(poll)
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.get(), poll)
 
 
 async def wait_end(qmp: QMPClient, events: EventListener) -> str:

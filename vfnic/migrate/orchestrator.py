@@ -281,15 +281,15 @@ class Orchestrator:
                                  "(is its QEMU started with the dbus-vmstate object?)") from exc
 
     async def _wait_destination_paused(self) -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            st = await query_status(self.qb)
-            if st.get("status") in ("paused", "postmigrate", "prelaunch"):
-                return
-            if st.get("running"):
-                raise MigrationError("the destination runs already (start it with -S)")
-            await asyncio.sleep(0.005)
-        raise MigrationError("the destination did not finish loading the migration")
+        try:
+            st = await control.wait_runstate(
+                self.qb, lambda st: bool(st.get("running")) or st.get("status") in (
+                    "paused", "postmigrate", "prelaunch"), 60)
+        except TimeoutError:
+            raise MigrationError("the destination did not finish loading the migration") \
+                from None
+        if st.get("running"):
+            raise MigrationError("the destination runs already (start it with -S)")
 
     async def _collect(self) -> None:
         """The NICs' records of this migration into the summary."""
@@ -327,14 +327,11 @@ class Orchestrator:
             info = await query_migrate(self.qa)
             if info.get("status") in ("active", "setup", "device", "pre-switchover"):
                 await self.qa.execute("migrate_cancel")
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                st = await query_status(self.qa)
-                if st.get("running"):
-                    break
-                if st.get("status") == "postmigrate":  # no return-path: resume it ourselves
-                    await self.qa.execute("cont")
-                await asyncio.sleep(0.05)
+            st = await control.wait_runstate(
+                self.qa, lambda st: bool(st.get("running")) or st.get("status") == "postmigrate",
+                30, poll=0.05)
+            if not st.get("running"):  # postmigrate, no return-path: resume it ourselves
+                await self.qa.execute("cont")
         with contextlib.suppress(Exception):
             await self.qb.execute("quit")
 

@@ -422,14 +422,9 @@ class VfLink:
         if isinstance(self.address, int) and self.replay is None:
             record["early_access"] = not resumes.empty()
         record["restored_at"] = time.time()
-        if resumes.empty():
-            while True:
-                st = await query_status(qmp)
-                if st.get("running"):
-                    break
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(resumes.get(), 0.5)
-                    break
+        if resumes.empty():  # whoever sends `cont`: libvirt, `vfnic migrate`, a user
+            await control.wait_runstate(qmp, lambda st: bool(st.get("running")), None,
+                                        wake=resumes, poll=0.5)
         record["running_at"] = time.time()
         if self.fn.migration_mode == MIGRATION_COOPERATIVE:
             try:
