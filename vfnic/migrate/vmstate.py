@@ -410,18 +410,18 @@ class VfLink:
             log.error("%s: PCI config not restored in QEMU: %s", self.id, exc)
         vfstate.run(self.fn)
         record["replay_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+        # A RESUME before the command register's reply: the guest ran with its VF's
+        # config at reset (the monitor answers in order, events in between).
+        record["early_access"] = self.early
+        if isinstance(self.address, int) and self.replay is None:
+            record["early_access"] = not resumes.empty()
+        record["restored_at"] = time.time()  # `vfnic migrate` sends `cont` on this
         nic = self.service.server.nic
         if self.fn.migration_mode != MIGRATION_COOPERATIVE:
             # Transparent: the LAN learns the VF's new port now, while the guest is still
             # paused, so the first frames for it after `cont` already come here.
             await asyncio.to_thread(nic.switch.announce, self.fn, 1)
             record["announced_at"] = time.time()
-        # A RESUME before the command register's reply: the guest ran with its VF's
-        # config at reset (the monitor answers in order, events in between).
-        record["early_access"] = self.early
-        if isinstance(self.address, int) and self.replay is None:
-            record["early_access"] = not resumes.empty()
-        record["restored_at"] = time.time()
         if resumes.empty():  # whoever sends `cont`: libvirt, `vfnic migrate`, a user
             await control.wait_runstate(qmp, lambda st: bool(st.get("running")), None,
                                         wake=resumes, poll=0.5)
