@@ -47,6 +47,7 @@ static const struct {
 	VFNIC_SW_STAT(mbx_polled),
 	VFNIC_SW_STAT(pages_touched),
 	VFNIC_SW_STAT(config_restores),
+	VFNIC_SW_STAT(msix_restores),
 	VFNIC_SW_STAT(moves),
 	VFNIC_SW_STAT(suspends),
 	VFNIC_SW_STAT(resumes),

@@ -697,18 +697,28 @@ static void vfnic_check_function(struct vfnic_adapter *adapter, bool lost)
 	struct net_device *netdev = adapter->netdev;
 	struct pci_dev *pdev = adapter->pdev;
 	ktime_t t0 = ktime_get();
+	bool ours = vfnic_rd32(adapter, VFNIC_SCRATCH) == adapter->token;
+	bool msix_only = lost && ours;
 	s64 us;
 
 	if (lost) {
 		/*
 		 * QEMU does not migrate a vfio-user function's config or MSI-X
-		 * table: put back what we saved at probe (BARs, command, MSI-X).
+		 * table. BAR0 answering with our token: the host put the BARs
+		 * and command back, only the MSI-X state QEMU emulates is gone.
+		 * Else put back everything we saved at probe.
 		 */
-		pci_restore_state(pdev);
-		pci_save_state(pdev);
+		if (msix_only) {
+			pci_restore_msi_state(pdev);
+			adapter->stats.msix_restores++;
+		} else {
+			pci_restore_state(pdev);
+			pci_save_state(pdev);
+			ours = vfnic_rd32(adapter, VFNIC_SCRATCH) == adapter->token;
+		}
 		adapter->stats.config_restores++;
 	}
-	if (vfnic_rd32(adapter, VFNIC_SCRATCH) != adapter->token) {
+	if (!ours) {
 		if (vfnic_reinit(adapter)) {
 			netdev_err(netdev, "taking over the new VF failed\n");
 			return;
@@ -721,7 +731,8 @@ static void vfnic_check_function(struct vfnic_adapter *adapter, bool lost)
 		return;
 	}
 	if (lost) {
-		netdev_info(netdev, "PCI config restored in %lld us\n",
+		netdev_info(netdev, "%s restored in %lld us\n",
+			    msix_only ? "MSI-X" : "PCI config",
 			    ktime_us_delta(ktime_get(), t0));
 		/* interrupts raised while it was lost went nowhere */
 		while (vfnic_mbx_check_pf(adapter))

@@ -60,6 +60,7 @@ struct vfnic_sw_stats {
 	u64 mbx_polled;		/* PF messages found pending by the watchdog */
 	u64 pages_touched;	/* dummy writes while the PF migrates us */
 	u64 config_restores;	/* PCI config found lost and restored */
+	u64 msix_restores;	/* of those, only MSI-X (the host put the rest back) */
 	u64 moves;		/* taken over a fresh VF after a migration */
 	u64 suspends;
 	u64 resumes;
