@@ -72,11 +72,10 @@ class DmaController:
         self._keys: list[int] = []  # their addresses (bisected by find)
         self.message_read: MessageRead | None = None
         self.message_write: MessageWrite | None = None
-        # 4 KiB page numbers the device wrote: since the last report (None: not
-        # logging), and since logging started (carried by the migration stream).
+        # 4 KiB page numbers the device wrote since the last report (None: not logging),
+        # and per page written since logging started, the byte spans [lo, hi) it wrote
+        # there (carried by the migration stream).
         self.dirty_log: set[int] | None = None
-        self.dirty_total: set[int] = set()
-        # Per dirty page, the byte spans [lo, hi) the device wrote in it since logging began.
         self.spans: dict[int, list[tuple[int, int]]] = {}
         # fd -> file size, while a batch of accesses runs (None: fstat before each write)
         self._sizes: dict[int, int] | None = None
@@ -220,7 +219,6 @@ class DmaController:
         if self.dirty_log is not None and data:
             pages = range(address // PAGE_SIZE, (address + len(data) - 1) // PAGE_SIZE + 1)
             self.dirty_log.update(pages)
-            self.dirty_total.update(pages)
             self._log_spans(address, len(data))
 
     def _log_spans(self, address: int, length: int) -> None:
@@ -258,7 +256,6 @@ class DmaController:
                 raise ProtocolError(f"bad DMA logging range {iova:#x}+{length:#x}")
         # We track 4 KiB pages whatever the hint; reports are built at any size.
         self.dirty_log = set()
-        self.dirty_total = set()
         self.spans = {}
         return max(page_size, PAGE_SIZE)
 
@@ -267,8 +264,7 @@ class DmaController:
         if self.dirty_log is None:
             raise ProtocolError("DMA logging is not started")
         self.dirty_log = None
-        self.dirty_total = set()  # logged_extents() reports nothing once logging stopped
-        self.spans = {}
+        self.spans = {}  # logged_extents() reports nothing once logging stopped
 
     @staticmethod
     def bitmap_size(iova: int, length: int, page_size: int) -> int:

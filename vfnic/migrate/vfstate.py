@@ -59,7 +59,7 @@ def _needs_messages(fn: PciFunction) -> bool:
     """Whether some dirty page can only be reached by DMA_READ/WRITE messages, which the
     client cannot answer while QEMU's main loop is blocked in Save or Load."""
     dma = fn.dma
-    for page in dma.dirty_total:
+    for page in dma.spans:
         try:
             if dma.find(page * stream.PAGE_SIZE, stream.PAGE_SIZE).fd is None:
                 return True
@@ -83,7 +83,7 @@ def save(fn: PciFunction, limit: int = LIMIT) -> bytes:
             mig.set_state(State.STOP_COPY)
             data = mig.read(len(mig.out))
             if len(data) > limit:
-                pages = len(fn.dma.dirty_total)
+                pages = len(fn.dma.spans)
                 raise StateTooLarge(
                     f"{fn.name}: device state of {len(data)} bytes ({pages} DMA-written "
                     f"pages) exceeds QEMU's dbus-vmstate limit of {limit} bytes")
