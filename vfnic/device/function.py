@@ -348,8 +348,9 @@ class PciFunction:
         if self.nic is not None:
             self.nic.check_restore(self, snapshot.stored_mac(image))
         try:
-            for iova, data in extents:  # what the device wrote, which QEMU did not see
-                self.dma.write(iova, data)
+            with self.dma.batch():  # the client's file sizes read once
+                for iova, data in extents:  # what the device wrote, which QEMU did not see
+                    self.dma.write(iova, data)
         except VfnicError as exc:  # the client's memory went away meanwhile
             raise SnapshotError(f"migration stream: writing DMA extents failed: {exc}") \
                 from exc

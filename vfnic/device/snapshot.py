@@ -108,10 +108,16 @@ def check_fields(fn: PciFunction, data: bytes) -> None:
     pos = HEAD_SIZE
     cfg = data[pos : pos + CONFIG_SIZE]
     cur, wm, cm = fn.config.data, fn.config.wmask, fn.config.w1cmask
-    for i in range(CONFIG_SIZE):
-        if (cfg[i] ^ cur[i]) & ~(wm[i] | cm[i]) & 0xFF:
-            raise SnapshotError(f"snapshot changes read-only config byte {i:#x} "
-                                f"({cur[i]:#04x} -> {cfg[i]:#04x})")
+
+    def big(b: bytes | bytearray) -> int:
+        return int.from_bytes(b[:CONFIG_SIZE], "little")
+
+    # All bytes at once: which bits differ where the guest may not write.
+    ro_diff = (big(cfg) ^ big(cur)) & ~(big(wm) | big(cm))
+    if ro_diff:
+        i = ((ro_diff & -ro_diff).bit_length() - 1) // 8  # the first such byte
+        raise SnapshotError(f"snapshot changes read-only config byte {i:#x} "
+                            f"({cur[i]:#04x} -> {cfg[i]:#04x})")
     pos += CONFIG_SIZE
     for i, reg in enumerate(fn.bank.table):
         (value,) = struct.unpack_from("<I", data, pos + 4 * i)
