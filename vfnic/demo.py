@@ -46,7 +46,7 @@ ethtool -d vfnic0 raw on | python3 -m vfnic.regs.ethtool | grep -E '^(CTRL|STATU
 GUEST_WATCH = r"""
 ip -br addr show vfnic0
 ethtool -i vfnic0 | head -1
-keys='suspends|resumes|last_suspend_us|last_resume_us|config_restores|moves|pages_touched'
+keys='suspends|resumes|last_suspend_us|last_resume_us|config_restores|msix_restores|moves|pages_touched'
 while sleep 1; do
     echo "vfnic0 stats: $(ethtool -S vfnic0 | grep -E " ($keys):" | tr -s ' ' | tr '\n' ' ')"
 done
