@@ -247,7 +247,10 @@ class Orchestrator:
             if "error" in rec:
                 raise MigrationError(f"destination: {rec['error']}")
             self._mark("vf-restored")
-        await self._wait_destination_paused()
+        if not self.resumes.empty():  # it ran before anything was restored
+            raise MigrationError("the destination runs already (start it with -S)")
+        # With return-path the source completes once the destination has loaded; a
+        # `cont` still in its incoming state would start it at the end (autostart).
         await self.qb.execute("cont")
         self._mark("destination-running")
         if self.vf:
@@ -279,17 +282,6 @@ class Orchestrator:
         except UsageError as exc:  # the NIC's answer: nothing came in time
             raise MigrationError(f"the destination NIC did not report the VF {key} "
                                  "(is its QEMU started with the dbus-vmstate object?)") from exc
-
-    async def _wait_destination_paused(self) -> None:
-        try:
-            st = await control.wait_runstate(
-                self.qb, lambda st: bool(st.get("running")) or st.get("status") in (
-                    "paused", "postmigrate", "prelaunch"), 60)
-        except TimeoutError:
-            raise MigrationError("the destination did not finish loading the migration") \
-                from None
-        if st.get("running"):
-            raise MigrationError("the destination runs already (start it with -S)")
 
     async def _collect(self) -> None:
         """The NICs' records of this migration into the summary."""
