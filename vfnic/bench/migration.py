@@ -313,11 +313,10 @@ class PingPong:
                 raise RuntimeError(f"migration {summary.status}: {summary.error}")
             run.total_ms = summary.total_ms
             run.vm_downtime_ms = summary.vm_downtime_ms
-            # Guest pause: source stopped (STOP event) -> destination running: for the VF
-            # the orchestrator's mark after `cont` (the NIC follows that), for the
-            # baselines QEMU's RESUME event.
+            # Guest pause: source stopped (STOP event) -> destination running (RESUME
+            # event), both by QEMU's clock, for every configuration alike.
             tl = summary.timeline_ms
-            running = tl.get("destination-running" if vf else "destination-resumed")
+            running = tl.get("destination-resumed", tl.get("destination-running"))
             if "source-stopped" in tl and running is not None:
                 run.pause_ms = running - tl["source-stopped"]
             t_end = time.time()
@@ -568,8 +567,8 @@ def run(quick: bool = False, runs: int | None = None, plot_path: Path | None = N
             f"time*: the orchestrator's total, connecting to both QEMUs to the destination "
             f"running (VF: and resumed). *VM downtime*: "
             f"QEMU's `downtime` from `query-migrate`. *Guest pause*: source stopped (QMP "
-            f"STOP event) → destination running (VF: the orchestrator's mark after `cont`; "
-            f"baselines: the destination's RESUME event). *Network downtime*: "
+            f"STOP event) → destination running (its RESUME event), both by QEMU's clock. "
+            f"*Network downtime*: "
             f"the peer pings every {PING_INTERVAL * 1000:.0f} ms; the longest gap between two "
             f"replies minus the interval; watched for up to {window:.0f} s after the "
             f"migration returned. *GARP / RARP / NA*: frames announcing the guest's new "
