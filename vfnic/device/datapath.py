@@ -106,6 +106,8 @@ class DataPath:
             self.transmit(q)
         else:
             self.drain_backlog()
+            if self.fn.nic is not None:
+                self.fn.nic.rx_posted.set()  # an uplink reader may wait for descriptors
 
     # -- transmit -------------------------------------------------------------------------
 
@@ -161,6 +163,8 @@ class DataPath:
             error, why = T.QERR_DMA, exc
         self._set(T.TDH(q), head)
         if sent:
+            fn.counters["tx_batches"] += 1
+            fn.counters["tx_frames"] += sent
             self._count(T.GPTC, sent)
             self._count64(T.GOTCL, T.GOTCH, octets)
         nic = fn.nic
@@ -286,6 +290,8 @@ class DataPath:
                 why = exc
         if done:
             self._set(T.RDH(q), (head + done) % count)
+            fn.counters["rx_batches"] += 1
+            fn.counters["rx_frames"] += done
         if len_errors:
             self._count(T.RXERRC, len_errors)
         if good:
@@ -294,6 +300,8 @@ class DataPath:
         lost = len(frames) - done - (why is not None)  # the faulting frame is not a miss
         for _ in range(lost):
             fn.count_drop()
+        if lost:
+            fn.counters["rx_missed"] += lost
         if why is not None:
             self.queue_error(T.RX, q, T.QERR_DMA, why)
         elif done and fn.nic is not None:

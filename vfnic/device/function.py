@@ -8,6 +8,7 @@ VF BAR registers, no INTx (SR-IOV 1.1, 3.4.1).
 
 from __future__ import annotations
 
+import collections
 import errno
 import os
 import struct
@@ -56,6 +57,7 @@ CAP_EXP_SIZE = 0x3C
 EXT_SRIOV = 0x100
 
 BAR_SIZES = {0: BAR0_SIZE, MSIX_BAR: MSIX_BAR_SIZE}
+REG_AT = {r.offset: r.name for r in PF_TABLE}  # BAR0 offset -> register name (counters)
 
 
 class PciFunction:
@@ -88,6 +90,9 @@ class PciFunction:
         self.session: Session | None = None
         self.policy = VfPolicy()  # the host's VF settings (`vfnic link set DIR vf N ...`)
         self.tx_kick_pending = False  # a paced TX queue waits for its timer
+        # Host-side event counts (`{"op": "counters"}` on control.sock): BAR0 accesses by
+        # register, MSI-X signals by vector, RX/TX batches and their frames.
+        self.counters: collections.Counter[str] = collections.Counter()
         self._build_config()
         from vfnic.device.datapath import DataPath
 
@@ -213,6 +218,7 @@ class PciFunction:
         if index == wire.PciRegion.CONFIG:
             return self.config.read(offset, count)
         if index == 0:
+            self.counters["read." + REG_AT.get(offset, hex(offset))] += 1
             return self.bank.guest_read(offset, count)
         return bytes(self.msix[offset : offset + count])
 
@@ -221,6 +227,7 @@ class PciFunction:
         if index == wire.PciRegion.CONFIG:
             self.config_write(offset, data)
         elif index == 0:
+            self.counters["write." + REG_AT.get(offset, hex(offset))] += 1
             self.bank.guest_write(offset, data)
         else:
             self._msix_write(offset, data)
@@ -293,6 +300,7 @@ class PciFunction:
         if fd is None or (index, vector) in self.irq_masked or not self.running:
             return False
         os.write(fd, struct.pack("<Q", 1))
+        self.counters[f"signal.{index}.{vector}"] += 1
         return True
 
     def reset(self) -> None:

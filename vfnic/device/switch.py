@@ -44,6 +44,13 @@ IFF_UP = 0x1
 Port = tuple["PciFunction", bytes | None, bool]
 TPID = b"\x81\x00"  # 802.1Q tag protocol identifier
 UPLINK_BURST = 32  # frames read from the TAP and switched under one interrupt
+# A burst with frames that found no free RX descriptor: the reader waits this long (at
+# most) for a function to post some (RDT) before reading on, instead of reading and
+# dropping frames as fast as the peer sends them (CPU the guest needs). Meanwhile
+# frames wait in the TAP's queue, or the host kernel drops them there, cheaply. Frames
+# for other functions wait too, at most this long (QEMU's virtio-net stops reading its
+# TAP the same way when the guest has no buffers).
+UPLINK_STARVED_WAIT = 0.002
 
 
 class TapUplink:
@@ -96,7 +103,10 @@ class TapUplink:
             if not all(frames):
                 return
             self.rx_frames += len(frames)
-            switch.from_uplink_burst(frames)
+            posted = switch.nic.rx_posted
+            posted.clear()
+            if switch.from_uplink_burst(frames):
+                posted.wait(UPLINK_STARVED_WAIT)
 
     def start(self, switch: Switch) -> None:
         threading.Thread(target=self.run, args=(switch,), name=f"uplink-{self.name}",
@@ -232,10 +242,16 @@ class Switch:
             self.forward(fn, frame)
         return count
 
-    def from_uplink_burst(self, frames: list[bytes]) -> None:
+    def from_uplink_burst(self, frames: list[bytes]) -> bool:
         """Frames read from the uplink together: each receiving function is interrupted
-        once for the burst."""
-        with self.nic.lock, self.nic.one_interrupt():
-            ports = self.ports()
-            for frame in frames:
-                self.forward(None, frame, ports)
+        once for the burst. Returns whether frames were missed for lack of RX
+        descriptors (the uplink reader then waits a little for some)."""
+        with self.nic.lock:
+            fns = self.nic.functions
+            before = [fn.counters["rx_missed"] for fn in fns]
+            with self.nic.one_interrupt():
+                ports = self.ports()
+                for frame in frames:
+                    self.forward(None, frame, ports)
+            return any(fn.counters["rx_missed"] != lost for fn, lost in zip(fns, before,
+                                                                             strict=True))

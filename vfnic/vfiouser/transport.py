@@ -105,6 +105,7 @@ class Endpoint:
         # peer's next message then finds this thread awake, without the scheduler's
         # wakeup (~27 us across cores here). Costs a CPU while it spins; 0 = off.
         self.busy_poll = busy_poll
+        self.received: collections.Counter[int] = collections.Counter()  # commands by number
 
     # -- sending -------------------------------------------------------------------
 
@@ -228,6 +229,7 @@ class Endpoint:
                     return
             msg.close_fds()  # a reply nobody waits for
             return
+        self.received[msg.command] += 1
         if self._handling:
             self._deferred.append(msg)
             return
