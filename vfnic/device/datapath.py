@@ -37,6 +37,7 @@ class DataPath:
         self.fn = fn
         self.backlog: collections.deque[bytes] = collections.deque()
         self.pending: list[bytes] = []  # received during a burst, delivered at its end
+        self.tx_due: set[int] = set()  # TX queues whose doorbell waits for flush_tx
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -103,7 +104,14 @@ class DataPath:
             self.queue_error(ring, q, T.QERR_TAIL)
             return
         if ring is T.TX:
-            self.transmit(q)
+            session = self.fn.session
+            if session is not None and self.fn.in_serving_thread():
+                # A doorbell through the client's socket: sent once the messages queued
+                # behind it are handled (flush_tx), so queued doorbells are one batch.
+                self.tx_due.add(q)
+                session.endpoint.idle_due = True
+            else:
+                self.transmit(q)
         else:
             self.drain_backlog()
             if self.fn.nic is not None:
@@ -180,6 +188,12 @@ class DataPath:
             elif report:
                 nic.raise_cause(fn, T.EICR_RTXQ(q))
         return sent
+
+    def flush_tx(self) -> None:
+        """Send what deferred TX doorbells (``tx_due``) asked for."""
+        due, self.tx_due = self.tx_due, set()
+        for q in sorted(due):
+            self.transmit(q)
 
     def _pace(self, wait: float) -> None:
         """Come back to the TX queues in ``wait`` seconds (one timer at a time)."""
@@ -298,9 +312,8 @@ class DataPath:
             self._count(T.GPRC, good)
             self._count64(T.GORCL, T.GORCH, octets)
         lost = len(frames) - done - (why is not None)  # the faulting frame is not a miss
-        for _ in range(lost):
-            fn.count_drop()
         if lost:
+            fn.count_drop(n=lost)
             fn.counters["rx_missed"] += lost
         if why is not None:
             self.queue_error(T.RX, q, T.QERR_DMA, why)

@@ -58,6 +58,7 @@ EXT_SRIOV = 0x100
 
 BAR_SIZES = {0: BAR0_SIZE, MSIX_BAR: MSIX_BAR_SIZE}
 REG_AT = {r.offset: r.name for r in PF_TABLE}  # BAR0 offset -> register name (counters)
+TX_TAILS = frozenset(T.TDT(q).offset for q in range(T.NUM_QUEUES))
 
 
 class PciFunction:
@@ -215,6 +216,8 @@ class PciFunction:
 
     def region_read(self, index: int, offset: int, count: int) -> bytes:
         self._check_access(index, offset, count)
+        if self.datapath.tx_due:  # a read sees every write before it done
+            self.datapath.flush_tx()
         if index == wire.PciRegion.CONFIG:
             return self.config.read(offset, count)
         if index == 0:
@@ -224,6 +227,8 @@ class PciFunction:
 
     def region_write(self, index: int, offset: int, data: bytes) -> None:
         self._check_access(index, offset, len(data))
+        if self.datapath.tx_due and not (index == 0 and offset in TX_TAILS):
+            self.datapath.flush_tx()  # only doorbells merge; anything else comes after
         if index == wire.PciRegion.CONFIG:
             self.config_write(offset, data)
         elif index == 0:
@@ -312,6 +317,7 @@ class PciFunction:
         """CTRL.RST: the NIC's registers and queues, not PCI config (only FLR does that)."""
         self.bank.reset()
         self.datapath.backlog.clear()
+        self.datapath.tx_due.clear()
         self.load_mac(self.perm_mac)
 
     def function_reset(self) -> None:
@@ -372,13 +378,13 @@ class PciFunction:
     def dirty_pages(self) -> list[tuple[int, bytes]]:
         return self.dma.logged_pages()
 
-    def count_drop(self, stat: Register = T.MPC) -> None:
-        """A frame lost: in a statistics register, or, while stopped for migration (when
-        the device state must not change, vfio STOP), in a host-side counter."""
+    def count_drop(self, stat: Register = T.MPC, n: int = 1) -> None:
+        """``n`` frames lost: in a statistics register, or, while stopped for migration
+        (when the device state must not change, vfio STOP), in a host-side counter."""
         if self.running:
-            self.bank.set(stat, (self.bank.get(stat) + 1) & 0xFFFFFFFF)
+            self.bank.set(stat, (self.bank.get(stat) + n) & 0xFFFFFFFF)
         else:
-            self.stopped_drops += 1
+            self.stopped_drops += n
 
     def load_mac(self, mac: bytes) -> None:
         """Program the receive address (RAL/RAH, address valid) with ``mac``."""
@@ -388,6 +394,10 @@ class PciFunction:
 
     def in_serving_thread(self) -> bool:
         return self.serving_thread == threading.get_ident()
+
+    def flush_doorbells(self) -> None:
+        """The serving thread has no message waiting: send what TX doorbells deferred."""
+        self.datapath.flush_tx()
 
     def on_wake(self) -> None:
         """Run in the serving thread: deliver frames queued for fd-less DMA, resume
@@ -406,6 +416,7 @@ class PciFunction:
         self.dma.message_read = None
         self.dma.message_write = None
         self.datapath.backlog.clear()
+        self.datapath.tx_due.clear()  # its doorbells: nobody to send for any more
         self.session = None
         self.serving_thread = None
 

@@ -47,10 +47,12 @@ UPLINK_BURST = 32  # frames read from the TAP and switched under one interrupt
 # A burst with frames that found no free RX descriptor: the reader waits this long (at
 # most) for a function to post some (RDT) before reading on, instead of reading and
 # dropping frames as fast as the peer sends them (CPU the guest needs). Meanwhile
-# frames wait in the TAP's queue, or the host kernel drops them there, cheaply. Frames
-# for other functions wait too, at most this long (QEMU's virtio-net stops reading its
-# TAP the same way when the guest has no buffers).
-UPLINK_STARVED_WAIT = 0.002
+# frames wait in the TAP's queue, or the host kernel drops them there, cheaply. Only a
+# burst whose every receiver starved waits; frames for other functions queued behind it
+# wait too, at most this long (QEMU's virtio-net stops reading its TAP the same way
+# when the guest has no buffers).
+UPLINK_STARVED_WAIT = 0.005
+UPLINK_POLL_MS = 500  # the reader's wait for frames between checks of close()
 
 
 class TapUplink:
@@ -92,14 +94,21 @@ class TapUplink:
     def run(self, switch: Switch) -> None:
         poller = select.poll()
         poller.register(self.fd, select.POLLIN)
+        os.set_blocking(self.fd, False)  # one read per frame, until the queue is empty
         while not self._stop:
+            frames: list[bytes] = []
             try:
-                frames = [os.read(self.fd, 65536)]
-                # Whatever else is queued already: switched as one burst (one interrupt).
-                while len(frames) < UPLINK_BURST and poller.poll(0):
+                if not poller.poll(UPLINK_POLL_MS):
+                    continue
+                # Whatever is queued already: switched as one burst (one interrupt).
+                while len(frames) < UPLINK_BURST:
                     frames.append(os.read(self.fd, 65536))
+            except BlockingIOError:
+                pass
             except OSError:
                 return
+            if not frames:
+                continue
             if not all(frames):
                 return
             self.rx_frames += len(frames)
@@ -244,14 +253,21 @@ class Switch:
 
     def from_uplink_burst(self, frames: list[bytes]) -> bool:
         """Frames read from the uplink together: each receiving function is interrupted
-        once for the burst. Returns whether frames were missed for lack of RX
-        descriptors (the uplink reader then waits a little for some)."""
+        once for the burst. Returns whether the burst starved: frames were missed for
+        lack of RX descriptors, and every function that got frames missed some too (the
+        uplink reader then waits a little for descriptors; traffic for a function with
+        room never waits)."""
         with self.nic.lock:
             fns = self.nic.functions
-            before = [fn.counters["rx_missed"] for fn in fns]
+            before = [(fn.counters["rx_frames"], fn.counters["rx_missed"]) for fn in fns]
             with self.nic.one_interrupt():
                 ports = self.ports()
                 for frame in frames:
                     self.forward(None, frame, ports)
-            return any(fn.counters["rx_missed"] != lost for fn, lost in zip(fns, before,
-                                                                             strict=True))
+            starved = False
+            for fn, (got, lost) in zip(fns, before, strict=True):
+                missed = fn.counters["rx_missed"] != lost
+                if fn.counters["rx_frames"] != got and not missed:
+                    return False
+                starved = starved or missed
+            return starved
