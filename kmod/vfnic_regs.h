@@ -97,15 +97,12 @@
 	X(EICR, 0x0010) \
 	X(EIMS, 0x0014) \
 	X(EICS, 0x0018) \
+	X(EITR0, 0x0040) \
 	X(RAL, 0x0020) \
 	X(RAH, 0x0024) \
 	X(MTA, 0x0028) \
 	X(FCTRL, 0x002c) \
 	X(SCRATCH, 0x0030) \
-	X(EITR0, 0x0040) \
-	X(EITR1, 0x0044) \
-	X(EITR2, 0x0048) \
-	X(EITR3, 0x004c) \
 	X(VFMAILBOX, 0x0100) \
 	X(VFMBDOORBELL, 0x0104) \
 	X(VFMBMEM0, 0x0140) \
@@ -159,6 +156,9 @@
 	X(RXERRC, 0x2018) \
 	X(TXERRC, 0x201c) \
 	X(MPC, 0x2020) \
+	X(EITR1, 0x0044) \
+	X(EITR2, 0x0048) \
+	X(EITR3, 0x004c) \
 
 #define VFNIC_NUM_REGS             67
 

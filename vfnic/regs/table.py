@@ -176,10 +176,11 @@ MPC = R("MPC", 0x2020, RO, doc="missed packets (dropped: no RX descriptor or dev
 QUEUE_REGS = (RDBAL, RDBAH, RDLEN, RDH, RDT, RXDCTL,
               TDBAL, TDBAH, TDLEN, TDH, TDT, TXDCTL, QERR)
 COMMON: list[Register] = [
-    CTRL, STATUS, EICR, EIMS, EICS, RAL, RAH, MTA, FCTRL, SCRATCH, *EITR.registers,
+    CTRL, STATUS, EICR, EIMS, EICS, EITR(0), RAL, RAH, MTA, FCTRL, SCRATCH,
     VFMAILBOX, VFMBDOORBELL, *VFMBMEM.registers,
     *[arr(q) for q in range(NUM_QUEUES) for arr in QUEUE_REGS],
     GPRC, GPTC, GORCL, GORCH, GOTCL, GOTCH, RXERRC, TXERRC, MPC,
+    *EITR.registers[1:],  # after the rest: the register dump keeps its older order
 ]
 
 # PF-only registers: the PF side of each VF's mailbox, VF enables, uplink state.
