@@ -1,5 +1,5 @@
 """A quick loop over the datapath benchmark's guest rows (vfnic.bench.datapath), for
-iterating on the VF's per-frame path: 64 B frames only, both directions, ping first,
+iterating on the VF's per-frame path: 64 B frames (--payloads), both directions, ping first,
 guests one after the other on one `vfnic serve` in a fresh lab, with the per-frame
 costs (server counters, guest interrupts) of each row.
 
@@ -27,9 +27,10 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dur", type=float, default=4.0, help="seconds per UDP row")
     p.add_argument("--json", help="write the raw results here")
+    p.add_argument("--payloads", default="18", help="UDP payload sizes, comma-separated")
     p.add_argument("kinds", nargs="+")
     args = p.parse_args()
-    dp.PAYLOADS = (18,)  # type: ignore[assignment]
+    dp.PAYLOADS = tuple(int(x) for x in args.payloads.split(","))  # type: ignore[assignment]
     plain = vm.guest_net_args
     results: list[tuple[str, dict[str, Any]]] = []
     with short_tmpdir("vfq-") as tmp:

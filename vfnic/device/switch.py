@@ -95,13 +95,14 @@ class TapUplink:
         poller = select.poll()
         poller.register(self.fd, select.POLLIN)
         os.set_blocking(self.fd, False)  # one read per frame, until the queue is empty
+        burst = UPLINK_BURST
         while not self._stop:
             frames: list[bytes] = []
             try:
                 if not poller.poll(UPLINK_POLL_MS):
                     continue
                 # Whatever is queued already: switched as one burst (one interrupt).
-                while len(frames) < UPLINK_BURST:
+                while len(frames) < burst:
                     frames.append(os.read(self.fd, 65536))
             except BlockingIOError:
                 pass
@@ -114,8 +115,9 @@ class TapUplink:
             self.rx_frames += len(frames)
             posted = switch.nic.rx_posted
             posted.clear()
-            if switch.from_uplink_burst(frames):
-                posted.wait(UPLINK_STARVED_WAIT)
+            burst = UPLINK_BURST
+            if switch.from_uplink_burst(frames) and not posted.wait(UPLINK_STARVED_WAIT):
+                burst = 1  # still no descriptors: probe with one frame, not a burst to drop
 
     def start(self, switch: Switch) -> None:
         threading.Thread(target=self.run, args=(switch,), name=f"uplink-{self.name}",
