@@ -170,7 +170,43 @@ static void vfnic_get_channels(struct net_device *netdev,
 	ch->other_count = 2;
 }
 
+/*
+ * Interrupt moderation: EITR of the queue vector, the minimum interval (us)
+ * between two of its interrupts. The vector carries RX and TX causes, so
+ * rx-usecs moderates both; 0 turns moderation off.
+ */
+static int vfnic_get_coalesce(struct net_device *netdev,
+			      struct ethtool_coalesce *ec,
+			      struct kernel_ethtool_coalesce *kec,
+			      struct netlink_ext_ack *extack)
+{
+	struct vfnic_adapter *adapter = netdev_priv(netdev);
+
+	ec->rx_coalesce_usecs = adapter->rx_itr_us;
+	return 0;
+}
+
+static int vfnic_set_coalesce(struct net_device *netdev,
+			      struct ethtool_coalesce *ec,
+			      struct kernel_ethtool_coalesce *kec,
+			      struct netlink_ext_ack *extack)
+{
+	struct vfnic_adapter *adapter = netdev_priv(netdev);
+
+	if (ec->rx_coalesce_usecs > VFNIC_EITR_MAX_US) {
+		NL_SET_ERR_MSG_MOD(extack, "rx-usecs above the EITR maximum ("
+				   __stringify(VFNIC_EITR_MAX_US) ")");
+		return -EINVAL;
+	}
+	adapter->rx_itr_us = ec->rx_coalesce_usecs;
+	vfnic_write_itr(adapter);
+	return 0;
+}
+
 static const struct ethtool_ops vfnic_ethtool_ops = {
+	.supported_coalesce_params = ETHTOOL_COALESCE_RX_USECS,
+	.get_coalesce		= vfnic_get_coalesce,
+	.set_coalesce		= vfnic_set_coalesce,
 	.get_drvinfo		= vfnic_get_drvinfo,
 	.get_regs_len		= vfnic_get_regs_len,
 	.get_regs		= vfnic_get_regs,

@@ -31,6 +31,14 @@ static unsigned int watchdog_ms = VFNIC_WATCHDOG_MS;
 module_param(watchdog_ms, uint, 0644);
 MODULE_PARM_DESC(watchdog_ms, "interval of the lost-config, move and mailbox checks (ms)");
 
+static unsigned int rx_usecs = VFNIC_DEFAULT_ITR_US;
+module_param(rx_usecs, uint, 0444);
+MODULE_PARM_DESC(rx_usecs, "initial queue interrupt throttle, EITR (us); ethtool -C rx-usecs changes it");
+
+static bool tx_bql = true;
+module_param(tx_bql, bool, 0444);
+MODULE_PARM_DESC(tx_bql, "byte queue limits on TX (burst doorbells through xmit_more)");
+
 #define QERR_CHECK_TICKS	10	/* QERR read every 10th watchdog tick */
 
 static inline u16 vfnic_tx_unused(struct vfnic_ring *ring)
@@ -297,6 +305,9 @@ static bool vfnic_clean_tx(struct vfnic_adapter *adapter, int budget,
 		vfnic_unmap_tx(adapter, &ring->buf[i], budget);
 	}
 	smp_store_release(&ring->next_to_clean, done);
+	if (tx_bql)
+		netdev_tx_completed_queue(netdev_get_tx_queue(adapter->netdev, 0),
+					  packets, bytes);
 	u64_stats_update_begin(&adapter->syncp);
 	adapter->stats.tx_packets += packets;
 	adapter->stats.tx_bytes += bytes;
@@ -321,15 +332,19 @@ static void vfnic_drop_tx(struct vfnic_adapter *adapter)
 		adapter->stats.tx_dropped++;
 		ring->next_to_clean = (ring->next_to_clean + 1) % ring->count;
 	}
+	netdev_tx_reset_queue(netdev_get_tx_queue(adapter->netdev, 0));
 }
 
 static netdev_tx_t vfnic_xmit_frame(struct sk_buff *skb,
 				    struct net_device *netdev)
 {
 	struct vfnic_adapter *adapter = netdev_priv(netdev);
+	struct netdev_queue *txq = netdev_get_tx_queue(netdev, 0);
 	struct vfnic_ring *ring = &adapter->tx_ring;
 	struct vfnic_tx_desc *desc;
+	unsigned int len = skb->len;
 	dma_addr_t dma;
+	bool kick;
 	u16 i;
 
 	if (skb->len < VFNIC_MIN_FRAME || skb->len > VFNIC_MAX_FRAME ||
@@ -356,10 +371,6 @@ static netdev_tx_t vfnic_xmit_frame(struct sk_buff *skb,
 	desc->css = 0;
 	desc->vlan = 0;
 	desc->status = 0;
-	/* RS (a write-back and an interrupt) once per VFNIC_TX_RS_EVERY frames */
-	desc->cmd = VFNIC_CMD_EOP;
-	if ((i + 1) % ring->rs_every == 0)
-		desc->cmd |= VFNIC_CMD_RS;
 	ring->next_to_use = (i + 1) % ring->count;
 	skb_tx_timestamp(skb);
 
@@ -369,8 +380,24 @@ static netdev_tx_t vfnic_xmit_frame(struct sk_buff *skb,
 		if (vfnic_tx_unused(ring) >= 2)
 			netif_start_queue(netdev);
 	}
-	/* The doorbell: the device sends [TDH, TDT). Once per batch. */
-	if (!netdev_xmit_more() || netif_queue_stopped(netdev))
+	/*
+	 * Byte queue limits: frames the device has not reported stop the queue
+	 * beyond a limit; the stack then queues and hands them over in bursts
+	 * (xmit_more), one doorbell each. kick: no more coming, or stopped.
+	 */
+	if (tx_bql)
+		kick = __netdev_tx_sent_queue(txq, len, netdev_xmit_more());
+	else
+		kick = !netdev_xmit_more() || netif_xmit_stopped(txq);
+	/*
+	 * RS (a write-back and an interrupt) once per VFNIC_TX_RS_EVERY frames,
+	 * and on the frame that stopped the queue: its report restarts it.
+	 */
+	desc->cmd = VFNIC_CMD_EOP;
+	if ((i + 1) % ring->rs_every == 0 || netif_xmit_stopped(txq))
+		desc->cmd |= VFNIC_CMD_RS;
+	/* The doorbell: the device sends [TDH, TDT). Once per burst. */
+	if (kick)
 		vfnic_wr32(adapter, VFNIC_TDT(VFNIC_QUEUE), ring->next_to_use);
 	return NETDEV_TX_OK;
 drop:
@@ -495,6 +522,12 @@ static void vfnic_set_rar(struct vfnic_adapter *adapter, const u8 *mac)
 	vfnic_wr32(adapter, VFNIC_RAH, mac[4] | mac[5] << 8 | VFNIC_RAH_AV);
 }
 
+/* EITR of the queue vector: the minimum interval between its interrupts. */
+void vfnic_write_itr(struct vfnic_adapter *adapter)
+{
+	vfnic_wr32(adapter, VFNIC_EITR(VFNIC_VEC_RTXQ0), adapter->rx_itr_us);
+}
+
 static u32 vfnic_eims(struct vfnic_adapter *adapter)
 {
 	if (test_bit(__VFNIC_DOWN, &adapter->state))
@@ -523,6 +556,7 @@ static int vfnic_reset_hw(struct vfnic_adapter *adapter, u8 *mac)
 	}
 	vfnic_wr32(adapter, VFNIC_EIMS, 0);
 	vfnic_wr32(adapter, VFNIC_EICR, ~0U);
+	vfnic_write_itr(adapter);
 	vfnic_wr32(adapter, VFNIC_VFMAILBOX, VFNIC_MBX_PFSTS | VFNIC_MBX_PFACK);
 	do {
 		adapter->token = get_random_u32();
@@ -558,6 +592,7 @@ static void vfnic_start_queues(struct vfnic_adapter *adapter, bool program)
 	vfnic_wr32(adapter, VFNIC_TXDCTL(VFNIC_QUEUE), VFNIC_QCTL_ENABLE);
 	vfnic_wr32(adapter, VFNIC_RXDCTL(VFNIC_QUEUE), VFNIC_QCTL_ENABLE);
 	vfnic_wr32(adapter, VFNIC_RDT(VFNIC_QUEUE), rx->count - 1);
+	netdev_tx_reset_queue(netdev_get_tx_queue(adapter->netdev, 0));
 	napi_enable(&adapter->napi);
 	netif_tx_wake_all_queues(adapter->netdev);
 }
@@ -941,6 +976,7 @@ static int vfnic_probe(struct pci_dev *pdev, const struct pci_device_id *ent)
 	adapter->rx_ring_count = VFNIC_DEFAULT_RING;
 	adapter->tx_ring_count = VFNIC_DEFAULT_RING;
 	adapter->tx_idle_ntc = -1;
+	adapter->rx_itr_us = min(rx_usecs, (unsigned int)VFNIC_EITR_MAX_US);
 	set_bit(__VFNIC_DOWN, &adapter->state);
 	mutex_init(&adapter->mbx_lock);
 	u64_stats_init(&adapter->syncp);

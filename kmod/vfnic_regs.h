@@ -27,6 +27,8 @@
 #define VFNIC_QUEUE_BASE               4096
 #define VFNIC_QUEUE_STRIDE             64
 #define VFNIC_MBX_WORDS                16
+#define VFNIC_NUM_VECTORS              4
+#define VFNIC_EITR_MAX_US              4095
 
 /* BAR0 registers (vfnic/regs/table.py), 82599 8.2 style */
 #define VFNIC_CTRL             0x0000	/* RW: device control */
@@ -34,7 +36,6 @@
 #define VFNIC_EICR             0x0010	/* W1C: interrupt cause */
 #define VFNIC_EIMS             0x0014	/* RW: interrupt mask: 1 = cause enabled */
 #define VFNIC_EICS             0x0018	/* WO: interrupt cause set */
-#define VFNIC_EITR             0x001c	/* RW: interrupt throttle */
 #define VFNIC_RAL              0x0020	/* RW: receive address low */
 #define VFNIC_RAH              0x0024	/* RW: receive address high */
 #define VFNIC_MTA              0x0028	/* RW: multicast filter enable bits */
@@ -51,6 +52,7 @@
 #define VFNIC_RXERRC           0x2018	/* RO: receive errors */
 #define VFNIC_TXERRC           0x201c	/* RO: transmit errors */
 #define VFNIC_MPC              0x2020	/* RO: missed packets */
+#define VFNIC_EITR(n)          (0x0040 + (n) * 0x0004)	/* RW, n < 4 */
 #define VFNIC_VFMBMEM(n)       (0x0140 + (n) * 0x0004)	/* RW, n < 16 */
 #define VFNIC_RDBAL(n)         (0x1000 + (n) * 0x0040)	/* RW, n < 2 */
 #define VFNIC_RDBAH(n)         (0x1004 + (n) * 0x0040)	/* RW, n < 2 */
@@ -95,7 +97,7 @@
 	X(EICR, 0x0010) \
 	X(EIMS, 0x0014) \
 	X(EICS, 0x0018) \
-	X(EITR, 0x001c) \
+	X(EITR0, 0x0040) \
 	X(RAL, 0x0020) \
 	X(RAH, 0x0024) \
 	X(MTA, 0x0028) \
@@ -154,8 +156,11 @@
 	X(RXERRC, 0x2018) \
 	X(TXERRC, 0x201c) \
 	X(MPC, 0x2020) \
+	X(EITR1, 0x0044) \
+	X(EITR2, 0x0048) \
+	X(EITR3, 0x004c) \
 
-#define VFNIC_NUM_REGS             64
+#define VFNIC_NUM_REGS             67
 
 /* Descriptors (vfnic/regs/descriptors.py), 82599 legacy style */
 #define VFNIC_DESC_SIZE                16

@@ -24,6 +24,7 @@
 #define VFNIC_RST_TIMEOUT_US	1000000
 #define VFNIC_WATCHDOG_MS	10	/* lost PCI config, moves, pending mailbox */
 #define VFNIC_TX_RS_EVERY	32	/* TX descriptors per report (RS) */
+#define VFNIC_DEFAULT_ITR_US	50	/* EITR of the queue vector (ethtool -C rx-usecs) */
 
 /* The interrupt causes the driver enables (EIMS) */
 #define VFNIC_EIMS_ENABLED	(BIT(VFNIC_QUEUE) | VFNIC_EICR_MAILBOX | VFNIC_EICR_LSC)
@@ -97,6 +98,7 @@ struct vfnic_adapter {
 	struct delayed_work watchdog_task;
 	unsigned int watchdog_ticks;
 	int tx_idle_ntc;		/* next_to_clean at the last watchdog tick */
+	u32 rx_itr_us;			/* EITR of the queue vector: ethtool -C rx-usecs */
 
 	struct u64_stats_sync syncp;
 	struct vfnic_sw_stats stats;
@@ -124,6 +126,7 @@ u32 vfnic_suspend(struct vfnic_adapter *adapter);
 u32 vfnic_resume(struct vfnic_adapter *adapter, bool notify);
 int vfnic_open(struct net_device *netdev);
 int vfnic_close(struct net_device *netdev);
+void vfnic_write_itr(struct vfnic_adapter *adapter);
 
 /* ethtool.c */
 void vfnic_set_ethtool_ops(struct net_device *netdev);

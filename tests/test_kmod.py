@@ -142,6 +142,13 @@ ethtool -d vfnic0 | head -3
 ethtool -d vfnic0 raw on | python3 -m vfnic.regs.ethtool
 ethtool -g vfnic0
 ethtool -l vfnic0
+# interrupt moderation: EITR of the queue vector (ethtool -c/-C rx-usecs)
+ethtool -c vfnic0 | grep -E '^rx-usecs:' | sed 's/^/default /'
+ethtool -C vfnic0 rx-usecs 200 && ethtool -c vfnic0 | grep -E '^rx-usecs:' | sed 's/^/set /'
+ethtool -d vfnic0 raw on | python3 -m vfnic.regs.ethtool | grep -E '^EITR0 ' | sed 's/^/set: /'
+ethtool -C vfnic0 rx-usecs 5000 2>/dev/null; echo "rx-usecs 5000 rc=$?"
+ethtool -C vfnic0 rx-usecs 0 && ping -c 2 -i 0.2 -W 5 {PEER_IP} > /dev/null && echo "itr 0: ping ok"
+ethtool -C vfnic0 rx-usecs 50
 # MAC and multicast through the PF mailbox (SET_MAC, SET_MULTICAST)
 ip maddr add 01:00:5e:01:02:03 dev vfnic0
 ip link set vfnic0 address 02:56:46:00:00:77 && echo "mac set"
@@ -168,6 +175,10 @@ def test_guest_kernel_driver_pings_and_udp_both_ways(
     assert int(stats["GPRC"]) >= 51 and int(stats["GPTC"]) >= 51
     assert int(stats["rx_packets"]) >= 51 and int(stats["tx_packets"]) >= 51
     assert "config_restores" in stats and "last_resume_us" in stats
+    # ethtool -c/-C: EITR0, the queue vector's throttle, default 50 us, at most 4095
+    assert "default rx-usecs: 50" in output and "set rx-usecs: 200" in output
+    assert re.search(r"^set: EITR0\s+0x0040 RW\s+0x000000c8$", output, re.M), output
+    assert re.search(r"rx-usecs 5000 rc=[1-9]", output) and "itr 0: ping ok" in output
     # ethtool -d, named by the register table (vfnic.regs.ethtool decodes the raw dump)
     assert re.search(r"^RAL\s+0x0020 RW\s+0x00465602$", output, re.M), output
     assert re.search(r"^RAH\s+0x0024 RW\s+0x80000100$", output, re.M)

@@ -260,6 +260,52 @@ def guest_rows(kind: str, r: dict[str, Any]) -> list[list[object]]:
     return rows
 
 
+def _nic_irqs(counters: dict[str, int]) -> int:
+    """The guest's interrupts of the NIC under test: the VF's queue vector, or
+    virtio-net's input/output vectors (not virtio-blk's)."""
+    return sum(v for k, v in counters.items() if k.startswith("irq.")
+               and (k.startswith("irq.vfnic_vf-rxtx") or "-input." in k or "-output." in k))
+
+
+def _per(n: float, frames: int) -> str:
+    return f"{n / frames:.3f}"
+
+
+def cost_rows(kind: str, r: dict[str, Any]) -> list[list[object]]:
+    """Per frame the guest moved (VF: GPTC/GPRC; virtio-net: the interface's packets):
+    what it cost on the bus and in the server, from the server's counters
+    (`{"op": "counters"}`) and the guest's /proc/interrupts."""
+    rows: list[list[object]] = []
+    ifname = "vfnic0" if kind != "virtio" else str(r.get("ifname", "eth0"))
+    for key, direction in (("tx", "guest → peer"), ("rx", "peer → guest")):
+        for payload in PAYLOADS:
+            t = r.get(f"{key}{payload}")
+            if not t:
+                continue
+            c = t["guest"].get("counters", {})
+            dev, srv = t.get("device"), t.get("server")
+            frames = (dev["GPTC" if key == "tx" else "GPRC"] if dev else
+                      c.get(f"{ifname}.{key}_packets", 0))
+            if not frames:
+                continue
+
+            per = partial(_per, frames=frames)
+            irqs = per(_nic_irqs(c))
+            if srv is None:
+                rows.append([GUEST_NAMES[kind], direction, label(payload), f"{frames:,}",
+                             "–", "–", "–", "–", irqs, "–"])
+                continue
+            msgs = sum(v for k, v in srv.items() if k.startswith("message."))
+            bell = srv.get("write.TDT0" if key == "tx" else "write.RDT0", 0)
+            batches = srv.get(f"{key}_batches", 0)
+            signals = sum(v for k, v in srv.items() if k.startswith("signal."))
+            rows.append([GUEST_NAMES[kind], direction, label(payload), f"{frames:,}",
+                         per(msgs), per(bell),
+                         f"{srv.get(f'{key}_frames', 0) / max(batches, 1):.1f}",
+                         per(signals), irqs, f"{srv.get('server_cpu_us', 0) / frames:.1f}"])
+    return rows
+
+
 # -- the section --------------------------------------------------------------------------
 
 
@@ -345,6 +391,22 @@ def run(quick: bool = False) -> Section:
                 prow.append([GUEST_NAMES[kind],
                              f"{p['min']:.3f}", f"{p['avg']:.3f}", f"{p['max']:.3f}",
                              f"{p['mdev']:.3f}", f"{p.get('received', '?')}/{p.get('sent', '?')}"])
+        crow: list[list[object]] = []
+        for kind in GUEST_KINDS:
+            if kind in guest:
+                crow += cost_rows(kind, guest[kind])
+        if crow:
+            sec.add("What each frame cost, over the same rows (per frame the VF moved, GPTC "
+                    "or GPRC; for virtio-net the interface's packets): vfio-user messages "
+                    "from QEMU to `vfnic serve` (posted register writes and reads), doorbells "
+                    "(TDT writes for TX, RDT for RX), frames per batch the server moved (one "
+                    "transmit or one RX delivery), MSI-X signals the server sent, interrupts "
+                    "of the NIC in the guest (/proc/interrupts), and the server process's "
+                    "CPU time (all its threads, user + system, including the TAP syscalls) "
+                    "per frame. From the server's `{\"op\": \"counters\"}` on control.sock.")
+            sec.add(table(["guest NIC", "direction", "frame", "frames", "messages/frame",
+                           "doorbells/frame", "frames/batch", "MSI-X/frame",
+                           "guest irqs/frame", "server CPU µs/frame"], crow))
         if prow:
             sec.add("Ping RTT, peer → guest, before the UDP runs (`ping -i 0.05`), ms:")
             sec.add(table(["guest NIC", "min", "avg", "max", "mdev", "replies"], prow))

@@ -46,6 +46,28 @@ def counters() -> dict[str, int]:
         rows = [line.split() for line in f if line.startswith("Udp:")]
     for k, v in zip(rows[0][1:], rows[1][1:], strict=True):
         out["udp." + k] = int(v)
+    out.update(interrupts())
+    return out
+
+
+def interrupts() -> dict[str, int]:
+    """The NICs' interrupts (/proc/interrupts lines named vfnic*/virtio*, all CPUs) and
+    the NET_RX/NET_TX softirqs (/proc/softirqs) the guest handled."""
+    out: dict[str, int] = {}
+    try:
+        with open("/proc/interrupts") as f:
+            ncpu = len(f.readline().split())
+            for line in f:
+                fields = line.split()
+                if len(fields) > ncpu + 1 and fields[-1].startswith(("vfnic", "virtio")):
+                    out["irq." + fields[-1]] = sum(int(x) for x in fields[1:ncpu + 1])
+        with open("/proc/softirqs") as f:
+            for line in f:
+                fields = line.split()
+                if fields and fields[0] in ("NET_RX:", "NET_TX:"):
+                    out["softirq." + fields[0][:-1]] = sum(int(x) for x in fields[1:])
+    except OSError:
+        pass
     return out
 
 

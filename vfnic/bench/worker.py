@@ -296,12 +296,25 @@ def device_stats(nic_dir: str | None, function: str = "vf0") -> dict[str, int]:
     return {r["name"]: int(r["value"]) for r in regs if r["name"] in DEVICE_STATS}
 
 
+def server_counters(nic_dir: str | None, function: str = "vf0") -> dict[str, int]:
+    """The server's event counts for the VF (BAR0 accesses by register, vfio-user
+    messages, MSI-X signals, RX/TX batches): `{"op": "counters"}` on control.sock."""
+    if not nic_dir:
+        return {}
+    from vfnic.device.nic import control_call
+
+    return {str(k): int(v) for k, v in control_call(nic_dir, {"op": "counters",
+                                                          "function": function}).items()}
+
+
 def _with_device(nic_dir: str | None, fn: Any, *args: Any) -> dict[str, Any]:
-    before = device_stats(nic_dir)
+    before, sbefore = device_stats(nic_dir), server_counters(nic_dir)
     res: dict[str, Any] = fn(*args)
     if nic_dir:
-        after = device_stats(nic_dir)
+        after, safter = device_stats(nic_dir), server_counters(nic_dir)
         res["device"] = {k: (after[k] - before[k]) & 0xFFFFFFFF for k in after}
+        res["server"] = {k: v - sbefore.get(k, 0) for k, v in safter.items()
+                         if v != sbefore.get(k, 0)}
     return res
 
 

@@ -37,6 +37,7 @@ class DataPath:
         self.fn = fn
         self.backlog: collections.deque[bytes] = collections.deque()
         self.pending: list[bytes] = []  # received during a burst, delivered at its end
+        self.tx_due: set[int] = set()  # TX queues whose doorbell waits for flush_tx
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -103,9 +104,18 @@ class DataPath:
             self.queue_error(ring, q, T.QERR_TAIL)
             return
         if ring is T.TX:
-            self.transmit(q)
+            session = self.fn.session
+            if session is not None and self.fn.in_serving_thread():
+                # A doorbell through the client's socket: sent once the messages queued
+                # behind it are handled (flush_tx), so queued doorbells are one batch.
+                self.tx_due.add(q)
+                session.endpoint.idle_due = True
+            else:
+                self.transmit(q)
         else:
             self.drain_backlog()
+            if self.fn.nic is not None:
+                self.fn.nic.rx_posted.set()  # an uplink reader may wait for descriptors
 
     # -- transmit -------------------------------------------------------------------------
 
@@ -161,6 +171,8 @@ class DataPath:
             error, why = T.QERR_DMA, exc
         self._set(T.TDH(q), head)
         if sent:
+            fn.counters["tx_batches"] += 1
+            fn.counters["tx_frames"] += sent
             self._count(T.GPTC, sent)
             self._count64(T.GOTCL, T.GOTCH, octets)
         nic = fn.nic
@@ -176,6 +188,12 @@ class DataPath:
             elif report:
                 nic.raise_cause(fn, T.EICR_RTXQ(q))
         return sent
+
+    def flush_tx(self) -> None:
+        """Send what deferred TX doorbells (``tx_due``) asked for."""
+        due, self.tx_due = self.tx_due, set()
+        for q in sorted(due):
+            self.transmit(q)
 
     def _pace(self, wait: float) -> None:
         """Come back to the TX queues in ``wait`` seconds (one timer at a time)."""
@@ -206,20 +224,14 @@ class DataPath:
     # -- receive --------------------------------------------------------------------------
 
     def receive(self, frame: bytes) -> None:
-        """A frame for this function (from the switch). DMA through messages may
-        only be done by the thread serving the client: queue it and wake that thread.
-        Inside a burst (Nic.one_interrupt) the frame waits for the burst's end and is
-        delivered with the others (``flush``)."""
+        """A frame for this function (from the switch). Inside a burst
+        (Nic.one_interrupt) the frame waits for the burst's end and is delivered with
+        the others (``flush``). DMA through messages may only be done by the thread
+        serving the client: frames whose ring or buffer needs it wait for that thread
+        (``_defer``); the others are delivered by whichever thread has them."""
         fn = self.fn
         if not fn.running or fn.session is None or not self.enabled(T.RX, 0):
             fn.count_drop()
-            return
-        if fn.dma.has_message_regions() and not fn.in_serving_thread():
-            if len(self.backlog) >= RX_BACKLOG:
-                fn.count_drop()
-                return
-            self.backlog.append(frame)
-            fn.session.endpoint.wake()
             return
         if fn.nic is not None and fn.nic.in_burst:
             self.pending.append(frame)
@@ -231,6 +243,26 @@ class DataPath:
         if self.pending:
             frames, self.pending = self.pending, []
             self._deliver(frames)
+
+    def _defer(self, frames: list[bytes]) -> None:
+        """Queue frames for the serving thread (DMA through messages) and wake it."""
+        fn = self.fn
+        room = max(RX_BACKLOG - len(self.backlog), 0)
+        self.backlog.extend(frames[:room])
+        fn.counters["rx_backlog"] += min(room, len(frames))
+        if len(frames) > room:
+            fn.count_drop(n=len(frames) - room)
+        if fn.session is not None:
+            fn.session.endpoint.wake()
+
+    def _direct(self, address: int, length: int) -> bool:
+        """Whether [address, address+length) is reached without DMA messages (a bad
+        address counts as direct: the DMA that follows reports it)."""
+        try:
+            r = self.fn.dma.find(address, length)
+        except DmaError:
+            return True
+        return r.fd is not None or r.view is not None
 
     def drain_backlog(self) -> None:
         if self.backlog:
@@ -250,9 +282,16 @@ class DataPath:
                 fn.count_drop()
             return 0
         base, count = self.ring(T.RX, q)
+        # Off the serving thread, DMA messages are out of reach: frames go to the backlog
+        # from the first one that needs them (and all of them while it is not empty).
+        direct_only = fn.dma.has_message_regions() and not fn.in_serving_thread()
+        if direct_only and (self.backlog or not self._direct(base, count * D.DESC_SIZE)):
+            self._defer(frames)
+            return 0
         head, tail = self._reg(T.RDH(q)), self._reg(T.RDT(q))
         n = min(len(frames), (tail - head) % count)
         done = good = octets = len_errors = 0
+        deferred: list[bytes] = []
         why: DmaError | None = None
         if n:
             try:
@@ -263,6 +302,9 @@ class DataPath:
                     try:
                         for i, frame in enumerate(frames[:n]):
                             (addr,) = ADDR.unpack_from(descs, i * D.DESC_SIZE)
+                            if direct_only and not self._direct(addr, len(frame)):
+                                deferred = frames[i:]
+                                break
                             if len(frame) > D.RX_BUFFER_SIZE:
                                 len_errors += 1
                                 D.RX_DESC.pack_into(wb, i * D.DESC_SIZE, addr, 0, 0,
@@ -286,14 +328,20 @@ class DataPath:
                 why = exc
         if done:
             self._set(T.RDH(q), (head + done) % count)
+            fn.counters["rx_batches"] += 1
+            fn.counters["rx_frames"] += done
         if len_errors:
             self._count(T.RXERRC, len_errors)
         if good:
             self._count(T.GPRC, good)
             self._count64(T.GORCL, T.GORCH, octets)
-        lost = len(frames) - done - (why is not None)  # the faulting frame is not a miss
-        for _ in range(lost):
-            fn.count_drop()
+        if deferred:
+            self._defer(deferred)
+        # the faulting frame is not a miss, nor are frames left for the serving thread
+        lost = len(frames) - done - len(deferred) - (why is not None)
+        if lost:
+            fn.count_drop(n=lost)
+            fn.counters["rx_missed"] += lost
         if why is not None:
             self.queue_error(T.RX, q, T.QERR_DMA, why)
         elif done and fn.nic is not None:

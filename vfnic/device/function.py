@@ -8,6 +8,7 @@ VF BAR registers, no INTx (SR-IOV 1.1, 3.4.1).
 
 from __future__ import annotations
 
+import collections
 import errno
 import os
 import struct
@@ -56,6 +57,8 @@ CAP_EXP_SIZE = 0x3C
 EXT_SRIOV = 0x100
 
 BAR_SIZES = {0: BAR0_SIZE, MSIX_BAR: MSIX_BAR_SIZE}
+REG_AT = {r.offset: r.name for r in PF_TABLE}  # BAR0 offset -> register name (counters)
+TX_TAILS = frozenset(T.TDT(q).offset for q in range(T.NUM_QUEUES))
 
 
 class PciFunction:
@@ -88,6 +91,9 @@ class PciFunction:
         self.session: Session | None = None
         self.policy = VfPolicy()  # the host's VF settings (`vfnic link set DIR vf N ...`)
         self.tx_kick_pending = False  # a paced TX queue waits for its timer
+        # Host-side event counts (`{"op": "counters"}` on control.sock): BAR0 accesses by
+        # register, MSI-X signals by vector, RX/TX batches and their frames.
+        self.counters: collections.Counter[str] = collections.Counter()
         self._build_config()
         from vfnic.device.datapath import DataPath
 
@@ -210,17 +216,23 @@ class PciFunction:
 
     def region_read(self, index: int, offset: int, count: int) -> bytes:
         self._check_access(index, offset, count)
+        if self.datapath.tx_due:  # a read sees every write before it done
+            self.datapath.flush_tx()
         if index == wire.PciRegion.CONFIG:
             return self.config.read(offset, count)
         if index == 0:
+            self.counters["read." + REG_AT.get(offset, hex(offset))] += 1
             return self.bank.guest_read(offset, count)
         return bytes(self.msix[offset : offset + count])
 
     def region_write(self, index: int, offset: int, data: bytes) -> None:
         self._check_access(index, offset, len(data))
+        if self.datapath.tx_due and not (index == 0 and offset in TX_TAILS):
+            self.datapath.flush_tx()  # only doorbells merge; anything else comes after
         if index == wire.PciRegion.CONFIG:
             self.config_write(offset, data)
         elif index == 0:
+            self.counters["write." + REG_AT.get(offset, hex(offset))] += 1
             self.bank.guest_write(offset, data)
         else:
             self._msix_write(offset, data)
@@ -293,6 +305,7 @@ class PciFunction:
         if fd is None or (index, vector) in self.irq_masked or not self.running:
             return False
         os.write(fd, struct.pack("<Q", 1))
+        self.counters[f"signal.{index}.{vector}"] += 1
         return True
 
     def reset(self) -> None:
@@ -304,6 +317,7 @@ class PciFunction:
         """CTRL.RST: the NIC's registers and queues, not PCI config (only FLR does that)."""
         self.bank.reset()
         self.datapath.backlog.clear()
+        self.datapath.tx_due.clear()
         self.load_mac(self.perm_mac)
 
     def function_reset(self) -> None:
@@ -366,13 +380,13 @@ class PciFunction:
     def dma_extents(self) -> list[tuple[int, bytes]]:
         return self.dma.logged_extents()
 
-    def count_drop(self, stat: Register = T.MPC) -> None:
-        """A frame lost: in a statistics register, or, while stopped for migration (when
-        the device state must not change, vfio STOP), in a host-side counter."""
+    def count_drop(self, stat: Register = T.MPC, n: int = 1) -> None:
+        """``n`` frames lost: in a statistics register, or, while stopped for migration
+        (when the device state must not change, vfio STOP), in a host-side counter."""
         if self.running:
-            self.bank.set(stat, (self.bank.get(stat) + 1) & 0xFFFFFFFF)
+            self.bank.set(stat, (self.bank.get(stat) + n) & 0xFFFFFFFF)
         else:
-            self.stopped_drops += 1
+            self.stopped_drops += n
 
     def load_mac(self, mac: bytes) -> None:
         """Program the receive address (RAL/RAH, address valid) with ``mac``."""
@@ -382,6 +396,10 @@ class PciFunction:
 
     def in_serving_thread(self) -> bool:
         return self.serving_thread == threading.get_ident()
+
+    def flush_doorbells(self) -> None:
+        """The serving thread has no message waiting: send what TX doorbells deferred."""
+        self.datapath.flush_tx()
 
     def on_wake(self) -> None:
         """Run in the serving thread: deliver frames queued for fd-less DMA, resume
@@ -400,6 +418,7 @@ class PciFunction:
         self.dma.message_read = None
         self.dma.message_write = None
         self.datapath.backlog.clear()
+        self.datapath.tx_due.clear()  # its doorbells: nobody to send for any more
         self.session = None
         self.serving_thread = None
 

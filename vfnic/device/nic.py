@@ -16,6 +16,7 @@ import os
 import socket
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,6 +33,7 @@ from vfnic.device.policy import (
     MIGRATION_MODES,
 )
 from vfnic.device.switch import Switch
+from vfnic.device.throttle import Throttle
 from vfnic.errors import (
     FolderError,
     PolicyError,
@@ -111,6 +113,8 @@ class Nic:
         ]
         self.switch = Switch(self)
         self.pf_agent = PfAgent(self)
+        self.throttle = Throttle(self._deferred_interrupt)  # EITRn
+        self.rx_posted = threading.Event()  # a function posted RX descriptors (RDT)
         for fn in self.functions:
             self._wire(fn)
             self._update_link(fn)
@@ -194,12 +198,26 @@ class Nic:
             return
         msix_on = fn.config.get(CAP_MSIX + pci.MSIX_FLAGS, 2) & pci.MSIX_FLAGS_ENABLE
         if msix_on:
+            now = time.monotonic()
             for bit, vector in VECTOR_OF_CAUSE.items():
-                if pending & (1 << bit):
+                if pending & (1 << bit) and self.throttle.allow(
+                        fn, vector, fn.bank.get(T.EITR(vector)), now):
                     fn.signal(wire.PciIrq.MSIX, vector)
         elif not fn.signal(wire.PciIrq.MSI, 0) and fn.is_pf:
             if not fn.config.get(pci.COMMAND, 2) & pci.COMMAND_INTX_DISABLE:
                 fn.signal(wire.PciIrq.INTX, 0)
+
+    def _deferred_interrupt(self, fn: PciFunction, vector: int) -> None:
+        """A vector's EITR interval ended with an interrupt held back: signal it if
+        one of its causes is still pending and enabled."""
+        with self.lock:
+            pending = fn.bank.get(T.EICR) & fn.bank.get(T.EIMS)
+            msix_on = fn.config.get(CAP_MSIX + pci.MSIX_FLAGS, 2) & pci.MSIX_FLAGS_ENABLE
+            if not msix_on or not any(pending & (1 << bit) for bit, v in
+                                      VECTOR_OF_CAUSE.items() if v == vector):
+                return
+            if self.throttle.allow(fn, vector, fn.bank.get(T.EITR(vector)), time.monotonic()):
+                fn.signal(wire.PciIrq.MSIX, vector)
 
     def set_link_state(self, vf: int, state: str) -> None:
         names = {v: k for k, v in LINK_STATE_NAMES.items()}
@@ -414,6 +432,19 @@ class Nic:
                  "value": fn.bank.get(r.name)}
                 for r in fn.bank.table
             ]
+
+    def counters(self, name: str) -> dict[str, int]:
+        """The function's host-side event counts (PciFunction.counters) and the
+        vfio-user commands its client sent (``message.<COMMAND>``), since it started."""
+        fn = self.function(name)
+        with self.lock:
+            out = dict(fn.counters)
+            out["server_cpu_us"] = int(time.process_time() * 1e6)  # the whole server
+            session = fn.session
+            if session is not None:
+                for cmd, n in session.endpoint.received.items():
+                    out["message." + wire.command_name(cmd).removeprefix("VFIO_USER_")] = n
+        return out
 
     def config_dump(self, name: str) -> str:
         """The function's whole config space (4 KiB) in `lspci -xxxx` form, which
@@ -667,6 +698,8 @@ class NicServer:
             return self.nic.regs(str(req.get("function")))
         if op == "config":
             return self.nic.config_dump(str(req.get("function")))
+        if op == "counters":
+            return self.nic.counters(str(req.get("function")))
         if op == "vf-state":
             state = str(req.get("state"))
             vf = int(req.get("vf", -1))

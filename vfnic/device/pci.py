@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import struct
 
+from vfnic.regs import table as T
+
 CONFIG_SIZE = 4096  # PCIe extended configuration space
 
 # MSI-X of every vfnic function: table and PBA in their own BAR
 MSIX_BAR = 3
 MSIX_BAR_SIZE = 0x4000
-MSIX_VECTORS = 4  # queue 0, queue 1, mailbox, link/other
+MSIX_VECTORS = T.NUM_VECTORS  # queue 0, queue 1, mailbox, link/other
 MSIX_TABLE_OFFSET = 0x0000
 MSIX_PBA_OFFSET = 0x2000
 MSIX_ENTRY = 16

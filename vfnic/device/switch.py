@@ -44,6 +44,15 @@ IFF_UP = 0x1
 Port = tuple["PciFunction", bytes | None, bool]
 TPID = b"\x81\x00"  # 802.1Q tag protocol identifier
 UPLINK_BURST = 32  # frames read from the TAP and switched under one interrupt
+# A burst with frames that found no free RX descriptor: the reader waits this long (at
+# most) for a function to post some (RDT) before reading on, instead of reading and
+# dropping frames as fast as the peer sends them (CPU the guest needs). Meanwhile
+# frames wait in the TAP's queue, or the host kernel drops them there, cheaply. Only a
+# burst whose every receiver starved waits; frames for other functions queued behind it
+# wait too, at most this long (QEMU's virtio-net stops reading its TAP the same way
+# when the guest has no buffers).
+UPLINK_STARVED_WAIT = 0.005
+UPLINK_POLL_MS = 500  # the reader's wait for frames between checks of close()
 
 
 class TapUplink:
@@ -85,18 +94,30 @@ class TapUplink:
     def run(self, switch: Switch) -> None:
         poller = select.poll()
         poller.register(self.fd, select.POLLIN)
+        os.set_blocking(self.fd, False)  # one read per frame, until the queue is empty
+        burst = UPLINK_BURST
         while not self._stop:
+            frames: list[bytes] = []
             try:
-                frames = [os.read(self.fd, 65536)]
-                # Whatever else is queued already: switched as one burst (one interrupt).
-                while len(frames) < UPLINK_BURST and poller.poll(0):
+                if not poller.poll(UPLINK_POLL_MS):
+                    continue
+                # Whatever is queued already: switched as one burst (one interrupt).
+                while len(frames) < burst:
                     frames.append(os.read(self.fd, 65536))
+            except BlockingIOError:
+                pass
             except OSError:
                 return
+            if not frames:
+                continue
             if not all(frames):
                 return
             self.rx_frames += len(frames)
-            switch.from_uplink_burst(frames)
+            posted = switch.nic.rx_posted
+            posted.clear()
+            burst = UPLINK_BURST
+            if switch.from_uplink_burst(frames) and not posted.wait(UPLINK_STARVED_WAIT):
+                burst = 1  # still no descriptors: probe with one frame, not a burst to drop
 
     def start(self, switch: Switch) -> None:
         threading.Thread(target=self.run, args=(switch,), name=f"uplink-{self.name}",
@@ -232,10 +253,23 @@ class Switch:
             self.forward(fn, frame)
         return count
 
-    def from_uplink_burst(self, frames: list[bytes]) -> None:
+    def from_uplink_burst(self, frames: list[bytes]) -> bool:
         """Frames read from the uplink together: each receiving function is interrupted
-        once for the burst."""
-        with self.nic.lock, self.nic.one_interrupt():
-            ports = self.ports()
-            for frame in frames:
-                self.forward(None, frame, ports)
+        once for the burst. Returns whether the burst starved: frames were missed for
+        lack of RX descriptors, and every function that got frames missed some too (the
+        uplink reader then waits a little for descriptors; traffic for a function with
+        room never waits)."""
+        with self.nic.lock:
+            fns = self.nic.functions
+            before = [(fn.counters["rx_frames"], fn.counters["rx_missed"]) for fn in fns]
+            with self.nic.one_interrupt():
+                ports = self.ports()
+                for frame in frames:
+                    self.forward(None, frame, ports)
+            starved = False
+            for fn, (got, lost) in zip(fns, before, strict=True):
+                missed = fn.counters["rx_missed"] != lost
+                if fn.counters["rx_frames"] != got and not missed:
+                    return False
+                starved = starved or missed
+            return starved

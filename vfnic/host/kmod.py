@@ -39,7 +39,8 @@ SOURCE_FILES = ("Kbuild", "Makefile", "dkms.conf")
 _SETUP_HINT = "run `make setup`"
 
 # Module-level constants copied into the header, by module.
-_TABLE_CONSTS = ("BAR0_SIZE", "NUM_QUEUES", "QUEUE_BASE", "QUEUE_STRIDE", "MBX_WORDS")
+_TABLE_CONSTS = ("BAR0_SIZE", "NUM_QUEUES", "QUEUE_BASE", "QUEUE_STRIDE", "MBX_WORDS",
+                  "NUM_VECTORS", "EITR_MAX_US")
 _TABLE_BIT_PREFIXES = ("CTRL_", "RAH_", "STATUS_", "EICR_", "MBX_", "QCTL_", "QERR_")
 _DESC_CONSTS = ("DESC_SIZE", "RX_BUFFER_SIZE", "MAX_FRAME", "MIN_FRAME")
 _DESC_BIT_PREFIXES = ("STAT_", "CMD_", "RXERR_")

@@ -45,6 +45,8 @@ NUM_QUEUES = 2
 QUEUE_BASE = 0x1000
 QUEUE_STRIDE = 0x40
 MBX_WORDS = 16
+NUM_VECTORS = 4  # MSI-X vectors: queue 0, queue 1, mailbox, link
+EITR_MAX_US = 0xFFF  # EITRn interval field
 MAX_VFS = 8  # TotalVFs: PF mailbox slots
 
 # CTRL bits
@@ -131,13 +133,20 @@ STATUS = R("STATUS", 0x0008, RO, 0, doc="device status (LU: link up)")
 EICR = R("EICR", 0x0010, W1C, 0, doc="interrupt cause (write 1 to clear)")
 EIMS = R("EIMS", 0x0014, RW, 0, doc="interrupt mask: 1 = cause enabled")
 EICS = R("EICS", 0x0018, WO, 0, doc="interrupt cause set (software trigger)")
-EITR = R("EITR", 0x001C, RW, 0, 0xFFF, doc="interrupt throttle (us)")
 RAL = R("RAL", 0x0020, RW, 0, doc="receive address low (MAC bytes 0-3)")
 RAH = R("RAH", 0x0024, RW, 0, 0x8000FFFF, doc="receive address high (MAC bytes 4-5, bit31 AV)")
 MTA = R("MTA", 0x0028, RW, 0, doc="multicast filter enable bits")
 FCTRL = R("FCTRL", 0x002C, RW, 0, 0x00000700, doc="filter control (MPE, UPE, BAM)")
 SCRATCH = R("SCRATCH", 0x0030, RW, doc="software scratch: the device never changes it (the VF "
             "driver keeps a token there to recognise its VF)")
+# EITRn (82599 8.2.3.5.12 style, in microseconds): the minimum interval between two
+# interrupts of MSI-X vector n. A cause that becomes pending once the interval since
+# the vector's last interrupt has passed is signalled at once (a lone frame is not
+# delayed); one pending earlier is signalled at the interval's end, if it is still
+# pending and enabled (EICR & EIMS) then. 0: no throttling (the reset value).
+EITR = RegisterArray("EITR", 0x0040, 4, NUM_VECTORS, RW, 0, EITR_MAX_US,
+                     "interrupt throttle of vector {n}: minimum interval between its "
+                     "interrupts (us)")
 VFMAILBOX = R("VFMAILBOX", 0x0100, W1C, 0, 0xFF, doc="mailbox control/status")
 VFMBDOORBELL = R("VFMBDOORBELL", 0x0104, WO, 0, doc="mailbox doorbell: REQ/ACK to the PF")
 VFMBMEM = RegisterArray("VFMBMEM", 0x0140, 4, MBX_WORDS, RW, doc="mailbox word {n}")
@@ -167,10 +176,11 @@ MPC = R("MPC", 0x2020, RO, doc="missed packets (dropped: no RX descriptor or dev
 QUEUE_REGS = (RDBAL, RDBAH, RDLEN, RDH, RDT, RXDCTL,
               TDBAL, TDBAH, TDLEN, TDH, TDT, TXDCTL, QERR)
 COMMON: list[Register] = [
-    CTRL, STATUS, EICR, EIMS, EICS, EITR, RAL, RAH, MTA, FCTRL, SCRATCH,
+    CTRL, STATUS, EICR, EIMS, EICS, EITR(0), RAL, RAH, MTA, FCTRL, SCRATCH,
     VFMAILBOX, VFMBDOORBELL, *VFMBMEM.registers,
     *[arr(q) for q in range(NUM_QUEUES) for arr in QUEUE_REGS],
     GPRC, GPTC, GORCL, GORCH, GOTCL, GOTCH, RXERRC, TXERRC, MPC,
+    *EITR.registers[1:],  # after the rest: the register dump keeps its older order
 ]
 
 # PF-only registers: the PF side of each VF's mailbox, VF enables, uplink state.

@@ -67,6 +67,7 @@ class Device(Protocol):
     def client_attached(self, session: Session) -> None: ...
     def client_detached(self) -> None: ...
     def on_wake(self) -> None: ...
+    def flush_doorbells(self) -> None: ...  # work deferred while messages were queued
 
 
 class Session:
@@ -91,6 +92,7 @@ class Session:
         self.primary = primary
         self.endpoint = Endpoint(sock, self.dispatch, DEFAULT_MAX_DATA_XFER, SERVER_MAX_MSG_FDS,
                                  busy_poll)
+        self.endpoint.on_idle = self.flush_doorbells
         self.negotiated = False
         self.client_max_data_xfer = DEFAULT_MAX_DATA_XFER
         self.cut_off = False  # the client missed a DMA reply bound: no more DMA to it
@@ -132,8 +134,13 @@ class Session:
                 wire.Command.DMA_MAP, wire.Command.DEVICE_SET_IRQS
             ):
                 raise ProtocolError(f"{wire.command_name(msg.command)} takes no fds")
+            if self.endpoint.idle_due and msg.command not in (
+                    wire.Command.REGION_WRITE, wire.Command.REGION_WRITE_MULTI):
+                self.flush_doorbells()  # what came before this message is done first
             reply = handler(msg)
             if not msg.no_reply:
+                if self.endpoint.idle_due:
+                    self.flush_doorbells()  # a non-posted write is done when answered
                 self.endpoint.reply(msg, reply)
         except ConnectionClosed:
             raise
@@ -147,6 +154,14 @@ class Session:
             log.exception("%s: internal error", wire.command_name(msg.command))
             if not msg.no_reply:
                 self.endpoint.reply_error(msg, errno.EIO)
+
+    def flush_doorbells(self) -> None:
+        """Do the device work that posted writes deferred (TX doorbells): the serving
+        thread calls this once the messages queued behind them are handled, so a burst
+        of doorbells is one transmit."""
+        self.endpoint.idle_due = False
+        with self.device.lock:
+            self.device.flush_doorbells()
 
     def _check_readonly(self, msg: Message) -> None:
         """A read-only session may look, never change the device (AccessDenied)."""

@@ -105,6 +105,11 @@ class Endpoint:
         # peer's next message then finds this thread awake, without the scheduler's
         # wakeup (~27 us across cores here). Costs a CPU while it spins; 0 = off.
         self.busy_poll = busy_poll
+        self.received: collections.Counter[int] = collections.Counter()  # commands by number
+        # Work a handler deferred until no message is waiting (idle_due set): on_idle,
+        # in the serving thread, once the socket has nothing more to read.
+        self.idle_due = False
+        self.on_idle: Callable[[], None] | None = None
 
     # -- sending -------------------------------------------------------------------
 
@@ -228,6 +233,7 @@ class Endpoint:
                     return
             msg.close_fds()  # a reply nobody waits for
             return
+        self.received[msg.command] += 1
         if self._handling:
             self._deferred.append(msg)
             return
@@ -291,6 +297,9 @@ class Endpoint:
                             self._as_handler(self.on_wake)
                     if self.sock.fileno() in ready:
                         self._dispatch_one()
+                        if (self.idle_due and self.on_idle is not None
+                                and not select.select([self.sock], [], [], 0)[0]):
+                            self._as_handler(self.on_idle)
         except ConnectionClosed:
             pass
         finally:
