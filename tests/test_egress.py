@@ -332,3 +332,19 @@ def test_cli_link_speed_and_rate_errors() -> None:
         proc.terminate()
         proc.wait(10)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_the_destinations_rates_apply_after_a_migration() -> None:
+    from vfnic.savevm.migration import State
+
+    src_nic, dst_nic = Nic(1, nic_id=1, link_speed=100), Nic(1, nic_id=2, link_speed=50)
+    src_nic.set_vf(0, {"min_tx_rate": 80, "max_tx_rate": 90})
+    dst_nic.set_vf(0, {"min_tx_rate": 20})
+    src, dst = src_nic.vfs[0], dst_nic.vfs[0]
+    src.migration.set_state(State.STOP_COPY)
+    data = src.migration.read(1 << 20)
+    dst.migration.set_state(State.RESUMING)
+    dst.migration.write(data)
+    dst.migration.set_state(State.STOP)
+    assert (dst.policy.min_tx_rate, dst.policy.max_tx_rate) == (20, 0)  # the host's own
+    assert dst_nic.egress.link_speed == 50
