@@ -205,6 +205,8 @@ def test_a_vf_with_min_tx_rate_gets_it_and_the_others_share_the_rest(
         assert rate == pytest.approx(LINK / 3, rel=0.25), fair
     control_call(nic.dir, {"op": "vf-set", "vf": 0, "settings": {"min_tx_rate": 6}})
     rates, wire = measure(nic, [0, 1, 2])
+    shares = [v["tx_share"] for v in control_call(nic.dir, {"op": "link-show"})["vfs"]]
+    assert shares == pytest.approx([6, 2, 2], abs=0.01)  # all three still blasting
     assert rates[0] >= 6 * (1 - TOL), rates  # its floor, above its fair share
     assert sum(rates) == pytest.approx(LINK, rel=TOL), rates
     assert rates[1] == pytest.approx(rates[2], rel=0.35), rates  # the rest, shared

@@ -408,6 +408,8 @@ class Nic:
                     "vlan": pol.vlan, "qos": pol.qos,
                     "spoofchk": pol.spoofchk, "trust": pol.trust,
                     "max_tx_rate": pol.max_tx_rate, "min_tx_rate": pol.min_tx_rate,
+                    # Mbit/s the uplink's scheduler gives it now (0: no frames waiting)
+                    "tx_share": round(self.egress.allocated.get(fn, 0.0) * 8 / 1e6, 3),
                     "spoof_dropped": pol.spoof_dropped, "vlan_dropped": pol.vlan_dropped,
                     "mac_refused": pol.mac_refused,
                     "readonly_sessions": len(srv.readonly) if srv else 0,
