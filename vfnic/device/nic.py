@@ -389,7 +389,7 @@ class Nic:
         def one(fn: PciFunction) -> dict[str, Any]:
             srv = (servers or {}).get(fn.name)
             mac = fn.mac if fn.is_pf else fn.rx_mac
-            info = {
+            info: dict[str, Any] = {
                 "function": fn.name,
                 "mac": ":".join(f"{b:02x}" for b in mac),
                 "link": "up" if fn.bank.get(T.STATUS) & T.STATUS_LU else "down",
