@@ -120,8 +120,10 @@ def nic() -> Iterator[NicServer]:
 class Blaster:
     """A VF driver keeping its TX ring full of frames for the uplink, in a thread."""
 
-    def __init__(self, server: NicServer, vf: int, dst: bytes = FAR_MAC) -> None:
-        self.drv = VfDriver(HostBus(str(server.dir / f"vf{vf}.sock"), fd_backed=True), 64)
+    def __init__(self, server: NicServer, vf: int, dst: bytes = FAR_MAC,
+                 fd_backed: bool = True) -> None:
+        bus = HostBus(str(server.dir / f"vf{vf}.sock"), fd_backed=fd_backed)
+        self.drv = VfDriver(bus, 64)
         self.drv.init()
         self.frame = dst + self.drv.mac + ETH_TEST.to_bytes(2, "big") + bytes(FRAME - 14)
         self.stop = threading.Event()
@@ -179,8 +181,8 @@ Blast = Callable[..., Blaster]
 def blast(nic: NicServer) -> Iterator[Blast]:
     started: list[Blaster] = []
 
-    def start(vf: int, dst: bytes = FAR_MAC) -> Blaster:
-        b = Blaster(nic, vf, dst).start()
+    def start(vf: int, dst: bytes = FAR_MAC, fd_backed: bool = True) -> Blaster:
+        b = Blaster(nic, vf, dst, fd_backed).start()
         started.append(b)
         return b
 
@@ -211,6 +213,47 @@ def test_a_vf_with_min_tx_rate_gets_it_and_the_others_share_the_rest(
     assert sum(rates) == pytest.approx(LINK, rel=TOL), rates
     assert rates[1] == pytest.approx(rates[2], rel=0.35), rates  # the rest, shared
     assert rates[1] + rates[2] == pytest.approx(LINK - 6, rel=0.3), rates
+
+
+def test_the_guarantee_holds_with_dma_through_messages(nic: NicServer, blast: Blast) -> None:
+    """Guest memory without an fd (QEMU without share=on): the device's DMA goes
+    through DMA_READ/DMA_WRITE messages, and a paced queue is resumed by the VF's
+    serving thread (its wake), not by the timer."""
+    nic.nic.set_vf(0, {"min_tx_rate": 6})
+    blast(0, fd_backed=False)
+    blast(1, fd_backed=False)
+    blast(2)
+    rates, _ = measure(nic, [0, 1, 2])
+    assert rates[0] >= 6 * (1 - TOL), rates
+    assert rates[1] == pytest.approx(2, rel=0.35), rates
+    assert sum(rates) == pytest.approx(LINK, rel=TOL), rates
+
+
+def test_max_tx_rate_alone_on_fd_less_memory_does_not_stall() -> None:
+    """Without a link speed: a VF paced by max_tx_rate whose memory has no fd. Its
+    serving thread's wake ran DMA messages that read what the socket held; it then
+    blocked in recv on the data it had already read (0 Mbit/s before the fix)."""
+    folder = tempfile.mkdtemp(prefix="vfegm-", dir="/tmp")
+    server = NicServer(folder, num_vfs=1)
+    server.start()
+    try:
+        server.nic.set_vf(0, {"max_tx_rate": 5})
+        b = Blaster(server, 0, fd_backed=False).start()
+        try:
+            (rate,), _ = measure_gotc_only(server)
+        finally:
+            b.close()
+        assert rate == pytest.approx(5, rel=TOL), rate
+    finally:
+        server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def measure_gotc_only(server: NicServer) -> tuple[list[float], None]:
+    time.sleep(WARMUP)
+    before, t0 = octets(server, 0), time.monotonic()
+    time.sleep(WINDOW)
+    return [mbps(octets(server, 0) - before, time.monotonic() - t0)], None
 
 
 def test_max_tx_rate_caps_a_vf_and_its_unused_share_goes_to_the_others(
