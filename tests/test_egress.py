@@ -345,10 +345,11 @@ def vfnic(*args: str) -> subprocess.CompletedProcess[str]:
 def test_cli_link_speed_and_rate_errors() -> None:
     folder = tempfile.mkdtemp(prefix="vfegc-", dir="/tmp")
     d = Path(folder) / "nic"
-    for bad in ("-5", "100001"):
+    for bad in ("-5", "100001", "fast", "1.5"):
         out = vfnic("serve", "--dir", str(d), "--link-speed", bad)
         assert out.returncode != 0
         assert out.stderr.strip().count("\n") == 0 and "--link-speed" in out.stderr, out.stderr
+        assert not d.exists()  # refused before anything was created
     proc = subprocess.Popen([sys.executable, "-m", "vfnic.cli", "serve", "--dir", str(d),
                              "--vfs", "2", "--link-speed", "100"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
