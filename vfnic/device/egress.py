@@ -23,15 +23,15 @@ only if the function's max_tx_rate bucket holds it.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from vfnic.device.policy import MAX_RATE, TokenBucket
+from vfnic.device.policy import BURST_S, MAX_RATE, TokenBucket
 from vfnic.errors import PolicyError, UsageError
 
 if TYPE_CHECKING:
     from vfnic.device.function import PciFunction
 
-BURST_S = 0.020  # credit a bucket may hold: 20 ms of its rate (late timers lose nothing)
 PRUNE_S = 0.1  # how often members that stopped having frames are looked for
 
 
@@ -67,7 +67,9 @@ def allocate(capacity: float, flows: list[tuple[float, float]]) -> list[float]:
 class EgressScheduler:
     """One per NIC; every method runs under the NIC lock."""
 
-    def __init__(self, link_speed: int = 0) -> None:
+    def __init__(self, link_speed: int = 0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
         self.link_speed = 0  # Mbit/s; 0: no line rate, nothing is scheduled
         self.rate = 0.0  # bytes/s
         self.port = TokenBucket()
@@ -88,7 +90,7 @@ class EgressScheduler:
                              "Mbit/s")
         self.link_speed = link_speed
         self.rate = mbit(link_speed)
-        self.port.configure(link_speed, BURST_S)
+        self.port.configure(link_speed, BURST_S, self.clock())
         self.shares.clear()
         self.allocated.clear()
         self._buckets.clear()
@@ -104,7 +106,7 @@ class EgressScheduler:
     def reallocate(self) -> None:
         """Share the line among the backlogged functions (after a join or leave, or
         a change of their rates)."""
-        now = time.monotonic()
+        now = self.clock()
         members = list(self.shares)
         flows = []
         for fn in members:
@@ -119,7 +121,7 @@ class EgressScheduler:
         bucket = self._buckets.get(fn)
         if bucket is None:  # full credit at first: a function's first frames go at once
             bucket = self._buckets[fn] = TokenBucket()
-            bucket.configure(0, BURST_S)
+            bucket.configure(0, BURST_S, self.clock())
         self.shares[fn] = bucket
         self.reallocate()
         return bucket
@@ -151,7 +153,7 @@ class EgressScheduler:
         cap = fn.policy.bucket
         if not uplink:
             return cap.take(nbytes)
-        now = time.monotonic()
+        now = self.clock()
         if now - self._pruned > PRUNE_S:
             self._prune(now)
         if cap.rate:

@@ -23,6 +23,10 @@ MAX_VLAN = 4094
 MAX_QOS = 7
 MAX_RATE = 100_000  # Mbit/s
 FULL_FRAME = 1518.0  # bytes: a bucket always holds at least two
+# Credit a rate bucket may hold: 20 ms of its rate. Paced queues come back on a timer;
+# a timer late by less than this loses the queue nothing (with 2 ms, a 13 Mbit/s
+# max_tx_rate gave 5.4 Mbit/s when timers were 3.7 ms late: tests/test_egress.py).
+BURST_S = 0.020
 
 
 @dataclass
@@ -35,12 +39,11 @@ class TokenBucket:
     tokens: float = 0.0
     stamp: float = field(default_factory=time.monotonic)
 
-    def configure(self, mbit: int, burst_s: float = 0.002) -> None:
+    def configure(self, mbit: int, burst_s: float = BURST_S, now: float | None = None) -> None:
         self.rate = mbit * 1_000_000 / 8
-        # 2 ms of line rate, at least two full frames: smooth pacing, few timer wakeups.
         self.burst = max(self.rate * burst_s, 2 * FULL_FRAME)
         self.tokens = self.burst
-        self.stamp = time.monotonic()
+        self.stamp = time.monotonic() if now is None else now
 
     def set_rate(self, rate: float, burst_s: float, now: float) -> None:
         """Change the rate (bytes/s) from ``now`` on; the credit earned so far is kept."""
