@@ -23,6 +23,10 @@ def register(sub: Any) -> None:
     p.add_argument("--vfs", type=int, default=4, help="number of VFs (default 4, at most 8)")
     p.add_argument("--uplink", metavar="TAP", help="host TAP device for the PF's uplink port")
     p.add_argument("--nic-id", type=int, default=0, help="number in the default MACs (0-255)")
+    p.add_argument("--link-speed", type=int, default=0, metavar="MBPS",
+                   help="line rate of the uplink port in Mbit/s: the VFs' frames to the "
+                   "uplink share it by min_tx_rate/max_tx_rate (default 0: unlimited, "
+                   "nothing is scheduled)")
     p.add_argument("--busy-poll", type=int, default=0, metavar="USEC",
                    help="keep polling a client's socket this long after each message "
                    "before sleeping (lower latency for bursts, costs a CPU; default 0)")
@@ -66,6 +70,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
     from vfnic.device.nic import NicServer
+    from vfnic.device.policy import MAX_RATE
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -74,9 +79,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.getLogger("vfnic.vmstate").setLevel(logging.INFO)  # migrations, whoever drives them
     if not 0 <= args.busy_poll <= 1_000_000:
         raise UsageError("--busy-poll must be between 0 and 1000000 microseconds")
+    if not 0 <= args.link_speed <= MAX_RATE:
+        raise UsageError(f"--link-speed must be between 0 (unlimited) and {MAX_RATE} Mbit/s")
     try:
         server = NicServer(args.dir, args.vfs, args.uplink, args.nic_id, args.busy_poll,
-                           args.group)
+                           args.group, args.link_speed)
     except OSError as exc:
         raise UsageError(f"cannot serve in {args.dir}: {exc.strerror or exc}") from exc
     # The migration layer sits above the NIC: wired in here, not by the NIC server.
@@ -123,6 +130,12 @@ def format_vf(vf: dict[str, Any]) -> str:
     return out
 
 
+def format_speed(pf: dict[str, Any]) -> str:
+    """The uplink's line rate, as ethtool prints Speed (Mb/s; unlimited if none)."""
+    speed = pf.get("speed") or 0
+    return f"speed {speed}Mb/s" if speed else "speed unlimited"
+
+
 def cmd_link_show(args: argparse.Namespace) -> int:
     from vfnic.device.nic import control_call
 
@@ -131,7 +144,7 @@ def cmd_link_show(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     pf = info["pf"]
-    print(f"pf: link/ether {pf['mac']} link {pf['link']}"
+    print(f"pf: link/ether {pf['mac']} link {pf['link']}, {format_speed(pf)}"
           f"{' (attached)' if pf['attached'] else ''}")
     for vf in info["vfs"]:
         print(format_vf(vf))

@@ -171,11 +171,13 @@ def short_tmpdir(prefix: str) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def serve(directory: Path, vfs: int = 2, cpus: str | None = None,
-          nic_id: int = 0, busy_poll_us: int = 0) -> Iterator[Path]:
+          nic_id: int = 0, busy_poll_us: int = 0, link_speed: int = 0) -> Iterator[Path]:
     """`python -m vfnic.cli serve` as a separate process (optionally pinned with taskset)."""
     directory.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "vfnic.cli", "serve", "--dir", str(directory),
             "--vfs", str(vfs), "--nic-id", str(nic_id), "--busy-poll", str(busy_poll_us)]
+    if link_speed:
+        argv += ["--link-speed", str(link_speed)]
     if cpus is not None:
         argv = ["taskset", "-c", cpus, *argv]
     logf = open(directory / "serve.log", "wb")  # closed below

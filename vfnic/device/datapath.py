@@ -148,6 +148,12 @@ class DataPath:
         why: object = None
         frames: list[bytes] = []
         bucket = fn.policy.bucket
+        nic = fn.nic
+        # The uplink's line rate (--link-speed): its egress scheduler decides per frame.
+        egress = switch = None
+        if nic is not None and nic.egress.rate:
+            egress, switch = nic.egress, nic.switch
+        ports = switch.ports() if switch is not None else []
         try:
             dma = fn.check_dma()
             with dma.batch():
@@ -156,11 +162,20 @@ class DataPath:
                     if not D.MIN_FRAME <= length <= D.MAX_FRAME:
                         error = T.QERR_LEN
                         break
-                    wait = bucket.take(length)
-                    if wait:  # max_tx_rate: the descriptor stays the device's until then
-                        self._pace(wait)
-                        break
-                    frames.append(dma.read(addr, length))
+                    if egress is None:
+                        wait = bucket.take(length)
+                        if wait:  # max_tx_rate: the descriptor stays the device's until then
+                            self._pace(wait)
+                            break
+                        frames.append(dma.read(addr, length))
+                    else:
+                        data = dma.read(addr, length)
+                        uplink = switch is None or switch.to_uplink(fn, data, ports)
+                        wait = egress.take(fn, length, uplink)
+                        if wait:  # not its turn on the uplink: the descriptor stays ours
+                            self._pace(wait)
+                            break
+                        frames.append(data)
                     if cmd & D.CMD_RS:
                         dma.write(base + head * D.DESC_SIZE + D.STATUS_OFFSET, DD_BYTE)
                         report = True
@@ -175,7 +190,8 @@ class DataPath:
             fn.counters["tx_frames"] += sent
             self._count(T.GPTC, sent)
             self._count64(T.GOTCL, T.GOTCH, octets)
-        nic = fn.nic
+        if egress is not None and fn in egress.shares and not self.tx_backlogged():
+            egress.leave(fn)  # nothing more for the uplink: its share goes to the others
         if nic is None:
             return sent
         with nic.one_interrupt():
@@ -214,6 +230,12 @@ class DataPath:
                 session.endpoint.wake()  # DMA messages: only the serving thread may
                 return
             self.resume_tx()
+
+    def tx_backlogged(self) -> bool:
+        """Whether an enabled TX queue still holds descriptors to send."""
+        return self.fn.running and any(
+            self.enabled(T.TX, q) and self._reg(T.TDH(q)) != self._reg(T.TDT(q))
+            for q in range(T.NUM_QUEUES))
 
     def resume_tx(self) -> None:
         """Transmit what paced queues still hold."""

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from vfnic.device import pci
+from vfnic.device.egress import EgressScheduler
 from vfnic.device.function import CAP_MSIX, PciFunction
 from vfnic.device.pfagent import PfAgent
 from vfnic.device.policy import (
@@ -100,9 +101,12 @@ class Nic:
     pf_agent: PfAgent
     switch: Switch
 
-    def __init__(self, num_vfs: int = DEFAULT_VFS, nic_id: int = 0) -> None:
+    def __init__(self, num_vfs: int = DEFAULT_VFS, nic_id: int = 0, link_speed: int = 0) -> None:
         if not 0 <= num_vfs <= T.MAX_VFS:
             raise UsageError(f"--vfs must be between 0 and {T.MAX_VFS}")
+        # The uplink port's line rate (Mbit/s, 0: unlimited) and its egress scheduler,
+        # which gives min_tx_rate / max_tx_rate their meaning under contention.
+        self.egress = EgressScheduler(link_speed)
         self.lock = threading.RLock()
         self._held: set[PciFunction] | None = None  # functions whose interrupt waits (burst)
         self.nic_id = nic_id
@@ -348,6 +352,9 @@ class Nic:
             mn = pol.min_tx_rate if min_rate is None else min_rate
             if mx and mn > mx:
                 raise PolicyError(f"min_tx_rate {mn} exceeds max_tx_rate {mx}")
+            if min_rate is not None:  # the floors must fit in the line (ice's rule)
+                self.egress.check_min_rates(
+                    mn + sum(v.policy.min_tx_rate for v in self.vfs if v is not fn))
             # checked: apply
             if clear_mac:
                 pol.mac = None
@@ -369,6 +376,8 @@ class Nic:
                 pol.bucket.configure(max_rate)
             if min_rate is not None:
                 pol.min_tx_rate = min_rate
+            if fn in self.egress.shares and (max_rate, min_rate) != (None, None):
+                self.egress.reallocate()
             if state is not None:
                 fn.link_state = names[state]
                 self._update_link(fn)
@@ -398,7 +407,7 @@ class Nic:
         def one(fn: PciFunction) -> dict[str, Any]:
             srv = (servers or {}).get(fn.name)
             mac = fn.mac if fn.is_pf else fn.rx_mac
-            info = {
+            info: dict[str, Any] = {
                 "function": fn.name,
                 "mac": ":".join(f"{b:02x}" for b in mac),
                 "link": "up" if fn.bank.get(T.STATUS) & T.STATUS_LU else "down",
@@ -408,6 +417,8 @@ class Nic:
                 "migration_mode": fn.migration_mode,
                 "dropped_while_stopped": fn.stopped_drops,
             }
+            if fn.is_pf:  # the uplink port: line rate (Mbit/s, 0: unlimited)
+                info["speed"] = self.egress.link_speed
             if not fn.is_pf:
                 pol = fn.policy
                 info |= {
@@ -415,6 +426,8 @@ class Nic:
                     "vlan": pol.vlan, "qos": pol.qos,
                     "spoofchk": pol.spoofchk, "trust": pol.trust,
                     "max_tx_rate": pol.max_tx_rate, "min_tx_rate": pol.min_tx_rate,
+                    # Mbit/s the uplink's scheduler gives it now (0: no frames waiting)
+                    "tx_share": round(self.egress.allocated.get(fn, 0.0) * 8 / 1e6, 3),
                     "spoof_dropped": pol.spoof_dropped, "vlan_dropped": pol.vlan_dropped,
                     "mac_refused": pol.mac_refused,
                     "readonly_sessions": len(srv.readonly) if srv else 0,
@@ -543,13 +556,13 @@ class NicServer:
 
     def __init__(self, directory: str | os.PathLike[str], num_vfs: int = DEFAULT_VFS,
                  uplink: str | None = None, nic_id: int = 0, busy_poll_us: int = 0,
-                 group: str | None = None) -> None:
+                 group: str | None = None, link_speed: int = 0) -> None:
         self.dir = Path(directory)
         gid = group_id(group)
         mode = 0o660 if gid is not None else 0o600
         self._lock_fd = prepare_folder(self.dir, gid)
         try:
-            self._setup(num_vfs, uplink, nic_id, busy_poll_us, mode, gid)
+            self._setup(num_vfs, uplink, nic_id, busy_poll_us, mode, gid, link_speed)
         except BaseException:
             for srv in getattr(self, "servers", {}).values():
                 srv.stop()
@@ -557,8 +570,8 @@ class NicServer:
             raise
 
     def _setup(self, num_vfs: int, uplink: str | None, nic_id: int, busy_poll_us: int,
-               mode: int, gid: int | None) -> None:
-        self.nic = Nic(num_vfs, nic_id)
+               mode: int, gid: int | None, link_speed: int) -> None:
+        self.nic = Nic(num_vfs, nic_id, link_speed)
         if uplink:
             from vfnic.device.switch import TapUplink
 

@@ -194,6 +194,35 @@ class Switch:
             return frame
         return None
 
+    @staticmethod
+    def _member(fn: PciFunction, vid: int | None) -> bool:
+        """Whether ``fn`` receives frames of VLAN domain ``vid`` (as ``_egress``)."""
+        if fn.is_pf:
+            return True
+        pol = fn.policy
+        if pol.vlan:
+            return vid == pol.vlan
+        return vid is None or pol.trust
+
+    def to_uplink(self, src: PciFunction, frame: bytes, ports: list[Port]) -> bool:
+        """Whether ``forward`` sends ``src``'s frame out of the uplink port, where the
+        egress scheduler meters it: broadcast and multicast, and unicast to no function
+        of its VLAN domain. (A frame the switch drops counts as one for the uplink.)"""
+        dst = frame[:6]
+        if dst[0] & 1:
+            return True
+        pol = src.policy
+        if not src.is_pf and pol.vlan:
+            vid: int | None = pol.vlan
+        elif self._tagged(frame):
+            vid = int.from_bytes(frame[14:16], "big") & 0xFFF
+        else:
+            vid = None
+        for fn, address, _up in ports:
+            if fn is not src and address == dst and self._member(fn, vid):
+                return False
+        return True
+
     def ports(self) -> list[Port]:
         """Every function with its receive address and link state, as the switch sees
         them now (they change only under the NIC lock): looked up once for a burst of

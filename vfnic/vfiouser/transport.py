@@ -295,6 +295,13 @@ class Endpoint:
                             pass
                         if self.on_wake is not None:
                             self._as_handler(self.on_wake)
+                            # Its DMA messages may have read what the socket held:
+                            # look again rather than block in recv.
+                            try:
+                                if not select.select([self.sock], [], [], 0)[0]:
+                                    continue
+                            except (ValueError, OSError):  # closed by stop()
+                                return
                     if self.sock.fileno() in ready:
                         self._dispatch_one()
                         if (self.idle_due and self.on_idle is not None
