@@ -1,9 +1,11 @@
 """Section 4 of BENCHMARKS.md: `virsh migrate` between the lab's two libvirtds.
 
-One guest, defined in libvirt on host a, moved a -> b -> a ... with `virsh migrate
---live`; the peer pings it every 10 ms. The VF guest's runs alternate between the
-VF's transparent and cooperative modes (`vfnic link set ... migration`), both
-carrying the VF in QEMU's stream (dbus-vmstate); then a virtio-net guest. Per run:
+Two guests side by side, a VF guest and a virtio-net guest (each at its own address),
+defined in libvirt on host a and moved a -> b -> a ... with `virsh migrate --live`;
+the peer pings the one moving every 10 ms. Every round migrates each configuration
+once, in an order rotated round by round: the VF guest in the VF's transparent and in
+its cooperative mode (`vfnic link set ... migration`), both carrying the VF in QEMU's
+stream (dbus-vmstate), and the virtio-net guest. Per run:
 the wall time of the virsh command, libvirt's own elapsed time and QEMU's downtime
 (`virsh domjobinfo --completed` on the destination), the network downtime, and what
 the two NICs recorded (Save and Load inside QEMU's pause, bytes, DMA pages and bytes
@@ -38,7 +40,8 @@ def jobinfo(text: str) -> dict[str, float]:
     return out
 
 
-def migrate_once(lab: Any, src: Any, dst: Any, run: Run, window: float) -> None:
+def migrate_once(lab: Any, src: Any, dst: Any, run: Run, window: float, target: str) -> None:
+    """One `virsh migrate --live` of the run's guest (answering at ``target``)."""
     from vfnic.device.nic import control_call
     from vfnic.migrate.lab import LabError, Pinger
 
@@ -49,7 +52,7 @@ def migrate_once(lab: Any, src: Any, dst: Any, run: Run, window: float) -> None:
         control_call(lab.nic_dir(src.host), {"op": "vf-migration", "vf": 0, "mode": mode})
         seen = {h: max((r["seq"] for r in control_call(lab.nic_dir(h), {"op": "migrations"})),
                        default=0) for h in "ab"}
-    pinger = Pinger(lab)
+    pinger = Pinger(lab, target)
     pinger.start()
     try:
         time.sleep(1.0)
@@ -61,7 +64,7 @@ def migrate_once(lab: Any, src: Any, dst: Any, run: Run, window: float) -> None:
         if done.returncode != 0:
             raise RuntimeError(f"virsh migrate: {done.stderr.strip()}")
         try:
-            lab.wait_reachable(window)
+            lab.wait_reachable(window, target=target)
             run.recovered = True
         except LabError:
             run.recovered = False
@@ -105,7 +108,7 @@ def migrate_once(lab: Any, src: Any, dst: Any, run: Run, window: float) -> None:
 
 def run(quick: bool = False, runs: int | None = None, plot_path: Path | None = None) -> Section:
     from vfnic.libvirt.lab import LibvirtHost, lab_domain
-    from vfnic.migrate.lab import VIRTIO_NETSETUP, Lab, require_root
+    from vfnic.migrate.lab import GUEST_IP, VIRTIO_GUEST_IP, Lab, require_root, virtio_netsetup
 
     sec = Section("virsh", "virsh migrate")
     nruns = runs or (2 if quick else 10)
@@ -125,36 +128,46 @@ def run(quick: bool = False, runs: int | None = None, plot_path: Path | None = N
             xmls = {CONFIG.key: lab_domain(lab, NAMES[CONFIG.key],
                                            "exec tail -F /run/vfnic-driver.log\n"),
                     VIRTIO.key: lab_domain(lab, NAMES[VIRTIO.key],
-                                           VIRTIO_NETSETUP + "exec sleep 1000000\n",
-                                           virtio_bridge=bridge)}
+                                           virtio_netsetup(VIRTIO_GUEST_IP)
+                                           + "exec sleep 1000000\n", virtio_bridge=bridge)}
+            ips = {CONFIG.key: GUEST_IP, COOP.key: GUEST_IP, VIRTIO.key: VIRTIO_GUEST_IP}
+            plan = [CONFIG, COOP, VIRTIO]
             with LibvirtHost(lab, "a") as a, LibvirtHost(lab, "b") as b:
-                # One guest at a time (both answer at GUEST_IP): the VF guest's runs, then
-                # the virtio-net guest's, each starting on a.
-                for cfg, plan in ((CONFIG, [CONFIG, COOP] * nruns), (VIRTIO, [VIRTIO] * nruns)):
-                    name = NAMES[cfg.key]
-                    a.virsh("define", str(xmls[cfg.key]))
-                    a.virsh("start", name)
-                    lab.wait_reachable(180, f"the {cfg.label} guest")
-                    src, dst = a, b
-                    for j, this in enumerate(plan):  # VF: the two modes interleaved
-                        i = j // (len(plan) // nruns)
-                        r = Run(this.key, i, direction=f"{src.host}→{dst.host}",
-                                window_s=window)
-                        log(f"virsh: {this.label}, run {i + 1}/{nruns} {r.direction}")
-                        try:
-                            migrate_once(lab, src, dst, r, window)
-                        except Exception as exc:  # recorded; the next run goes on
-                            r.error = f"{type(exc).__name__}: {exc}"
-                        results[this.key].append(r)
-                        log(f"virsh: {r.direction}: " + (
-                            f"{r.total_ms:.0f} ms, VM downtime {r.vm_downtime_ms} ms, "
-                            f"network downtime {r.net_downtime_ms} ms" if r.ok
-                            else f"FAILED {r.error}"))
-                        if r.total_ms is not None:  # the guest moved
-                            src, dst = dst, src
-                    src.virsh("destroy", name, check=False)
-                    for host in (a, b):
-                        host.virsh("undefine", name, check=False)
+                # Both guests run side by side (each at its own address), and every round
+                # migrates each configuration once, in an order rotated round by round:
+                # they share the machine's moments and each moves a -> b and b -> a.
+                where: dict[str, tuple[Any, Any]] = {}  # domain -> (its host, the other)
+                try:
+                    for cfg in (CONFIG, VIRTIO):
+                        a.virsh("define", str(xmls[cfg.key]))
+                        a.virsh("start", NAMES[cfg.key])
+                        where[NAMES[cfg.key]] = (a, b)
+                    for cfg in (CONFIG, VIRTIO):
+                        lab.wait_reachable(180, f"the {cfg.label} guest", target=ips[cfg.key])
+                    for i in range(nruns):
+                        k = i % len(plan)
+                        for this in plan[k:] + plan[:k]:
+                            name = NAMES[this.key]
+                            src, dst = where[name]
+                            r = Run(this.key, i, direction=f"{src.host}→{dst.host}",
+                                    window_s=window)
+                            log(f"virsh: {this.label}, run {i + 1}/{nruns} {r.direction}")
+                            try:
+                                migrate_once(lab, src, dst, r, window, ips[this.key])
+                            except Exception as exc:  # recorded; the next run goes on
+                                r.error = f"{type(exc).__name__}: {exc}"
+                            results[this.key].append(r)
+                            log(f"virsh: {r.direction}: " + (
+                                f"{r.total_ms:.0f} ms, VM downtime {r.vm_downtime_ms} ms, "
+                                f"network downtime {r.net_downtime_ms} ms" if r.ok
+                                else f"FAILED {r.error}"))
+                            if r.total_ms is not None:  # the guest moved
+                                where[name] = (dst, src)
+                finally:
+                    for name, (host, _) in where.items():
+                        host.virsh("destroy", name, check=False)
+                        for h in (a, b):
+                            h.virsh("undefine", name, check=False)
         finally:
             lab.down()
     report(sec, results, plot_path, window)
@@ -171,15 +184,17 @@ def report(sec: Section, results: dict[str, list[Run]], plot_path: Path | None,
     def vals(key: str, get: Any) -> list[float]:
         return [float(v) for v in (get(r) for r in results[key] if r.ok) if v is not None]
 
-    sec.add("The lab's guest (512 MiB, 1 vCPU, TCG) defined in libvirt on host a and moved "
+    sec.add("Two lab guests (512 MiB, 1 vCPU, TCG each), side by side at their own addresses, "
+            "defined in libvirt on host a and each moved "
             "back and forth with `virsh -c <host> migrate --live <guest> <other host> "
             "--migrateuri tcp://<other host>:<port>` between the two lab libvirtds (libvirt "
             "12.8 from the sid root, one per host: vfnic/libvirt/lab.py); the peer pings the "
             "guest every 10 ms. The VF guest's VF state rides QEMU's own migration stream "
             "(the domain's dbus-vmstate object; each host's `vfnic serve` offers the VF's "
-            "VMState1 helper); its runs alternate between the VF's transparent and "
-            "cooperative modes. Then a virtio-net guest whose NIC is a libvirt TAP on a bridge "
-            "in each host, cabled to the same LAN (QEMU announces it after the move). Median "
+            "VMState1 helper), in the VF's transparent and cooperative modes; the other is a "
+            "virtio-net guest whose NIC is a libvirt TAP on a bridge in each host, cabled to "
+            "the same LAN (QEMU announces it after the move). Every round migrates each "
+            "configuration once, in an order rotated round by round. Median "
             "(min–max). *virsh migrate*: wall time of the command. *VM downtime*: `virsh "
             "domjobinfo --completed` on the destination. *Network downtime*: longest gap "
             "between two ping replies minus the interval. *Save*/*Load*: the helpers' "

@@ -81,7 +81,10 @@ def lab_domain(lab: Lab, name: str = "g1", guest_command: str | None = None,
     fns = [] if virtio_bridge else [VfioUserFunction(nic / "vf0.sock", "vf0")]
     bridges = [(virtio_bridge, VIRTIO_MAC)] if virtio_bridge else []
     path = lab.workdir / f"{name}.xml"
-    path.write_text(domain_xml(name, fns, kernel_args=kargs, console_log=nic / "console.log",
+    # The VF guest's console is the NIC dir's console.log; a virtio-net guest (which
+    # may run beside it) has its own.
+    console = nic / (f"console-{name}.log" if virtio_bridge else "console.log")
+    path.write_text(domain_xml(name, fns, kernel_args=kargs, console_log=console,
                                bridges=bridges))
     return path
 
