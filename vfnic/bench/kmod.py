@@ -32,7 +32,8 @@ from vfnic.bench.datapath import (
 
 SUSPEND_CYCLES = 20
 # Migrations measured here: the VF guest runs the guest's default driver (the kernel one).
-MIGRATION_CONFIGS = ("vf-transparent", "vf-cooperative", "virtio")
+MIGRATION_CONFIGS = ("vf-transparent", "vf-cooperative", "virtio", "vf-transparent-dl30",
+                     "virtio-dl30")
 
 
 def suspend_resume(nic_dir: Path, cycles: int) -> dict[str, Any]:
@@ -73,23 +74,24 @@ def migrations(lab: Any, nic_dirs: dict[str, Path], runs: int, sec: Section) -> 
 
     cfgs = [c for c in CONFIGS if c.key in MIGRATION_CONFIGS]
     out: dict[str, Any] = {c.key: [] for c in cfgs}
-    for kind in ("vf", "virtio"):
-        pp = PingPong(lab, kind, nic_dirs)
-        try:
-            group = [c for c in cfgs if c.guest == kind]
-            for i in range(runs):
-                k = i % len(group)
-                for cfg in group[k:] + group[:k]:
-                    log(f"kmod: migration {cfg.label}, run {i + 1}/{runs}")
-                    try:
-                        r = pp.migrate(cfg, i, 5.0)
-                    except Exception as exc:  # reported, the runs go on
-                        sec.fail(f"migration {cfg.key} run {i + 1}", exc)
-                        continue
-                    if not r.ok:
-                        sec.failures.append(f"migration {cfg.key} run {i + 1}: {r.error}")
-                    out[cfg.key].append(r)
-        finally:
+    # Both guests side by side (each at its own address), every configuration once per
+    # round in a rotated order, as in the migration section.
+    pps = {kind: PingPong(lab, kind, nic_dirs) for kind in ("vf", "virtio")}
+    try:
+        for i in range(runs):
+            k = i % len(cfgs)
+            for cfg in cfgs[k:] + cfgs[:k]:
+                log(f"kmod: migration {cfg.label}, run {i + 1}/{runs}")
+                try:
+                    r = pps[cfg.guest].migrate(cfg, i, 5.0)
+                except Exception as exc:  # reported, the runs go on
+                    sec.fail(f"migration {cfg.key} run {i + 1}", exc)
+                    continue
+                if not r.ok:
+                    sec.failures.append(f"migration {cfg.key} run {i + 1}: {r.error}")
+                out[cfg.key].append(r)
+    finally:
+        for pp in pps.values():
             pp.close()
     return out
 
@@ -209,18 +211,23 @@ def run(quick: bool = False, rounds: int | None = None) -> Section:
                                          if r.vm_downtime_ms is not None], "{:.0f}")])
         sec.add("Network downtime per migration (`vfnic migrate` between the lab's hosts a "
                 "and b, back and forth, the peer pinging the guest every 10 ms; the "
-                "migration section's runner, the VF guest with its default driver, vfnic_vf), "
-                "ms, median (min–max):")
+                "migration section's runner, the VF guest with its default driver, vfnic_vf, "
+                "and the virtio-net guest side by side, every configuration once per round in "
+                "a rotated order; at QEMU's default downtime-limit and at 30 ms, where QEMU's "
+                "final RAM pass no longer outweighs the devices: see section 3), ms, median "
+                "(min–max):")
         sec.add(table(["configuration", "runs ok", "network downtime ms", "VM downtime ms"],
                       mrows))
         sec.data["migrations"] = {k: [r.__dict__ for r in v] for k, v in moves.items()}
         down = {k: [r.net_downtime_ms for r in v if r.ok and r.recovered and
                     r.net_downtime_ms is not None] for k, v in moves.items()}
-        if down.get("vf-transparent") and down.get("virtio"):
-            t, v = statistics.median(down["vf-transparent"]), statistics.median(down["virtio"])
-            targets.append(f"- network downtime, transparent mode, kernel driver: {t:.0f} ms, "
-                           f"virtio-net {v:.0f} ms: {t / v:.2f}× (target ≤ 1.0×) "
-                           f"{met(t <= v)}")
+        for vf_key, base_key, limit in (("vf-transparent", "virtio", "QEMU's default"),
+                                        ("vf-transparent-dl30", "virtio-dl30", "30 ms")):
+            if down.get(vf_key) and down.get(base_key):
+                t, v = statistics.median(down[vf_key]), statistics.median(down[base_key])
+                targets.append(f"- network downtime, transparent mode, kernel driver "
+                               f"(downtime-limit {limit}): {t:.0f} ms, virtio-net {v:.0f} ms: "
+                               f"{t / v:.2f}× (target ≤ 1.0×) {met(t <= v)}")
     ksr = [r["before"] for r in results["kvf"] if isinstance(r.get("before"), dict)]
     for state in ("suspend", "resume"):
         us = [v for sr in ksr for v in sr[f"{state}_us"]]
