@@ -68,6 +68,16 @@ def percentile(values: Sequence[float], p: float) -> float:
     return vals[k]
 
 
+def rotated_rounds(configs: Sequence[T], rounds: int) -> Iterator[tuple[int, T]]:
+    """(round, configuration): every round has each configuration once, its order
+    rotated round by round, so that configurations share the machine's moments and
+    none is always first (e.g. always the one migrating a -> b)."""
+    for i in range(rounds):
+        k = i % len(configs)
+        for cfg in [*configs[k:], *configs[:k]]:
+            yield i, cfg
+
+
 def met(flag: bool | None) -> str:
     return "n/a" if flag is None else ("**met**" if flag else "**not met**")
 

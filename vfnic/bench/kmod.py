@@ -20,7 +20,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from vfnic.bench.common import Section, log, met, short_tmpdir, stat_text, table
+from vfnic.bench.common import Section, log, met, rotated_rounds, short_tmpdir, stat_text, table
 from vfnic.bench.datapath import (
     GUEST_KINDS,
     GUEST_NAMES,
@@ -78,18 +78,16 @@ def migrations(lab: Any, nic_dirs: dict[str, Path], runs: int, sec: Section) -> 
     # round in a rotated order, as in the migration section.
     pps = {kind: PingPong(lab, kind, nic_dirs) for kind in ("vf", "virtio")}
     try:
-        for i in range(runs):
-            k = i % len(cfgs)
-            for cfg in cfgs[k:] + cfgs[:k]:
-                log(f"kmod: migration {cfg.label}, run {i + 1}/{runs}")
-                try:
-                    r = pps[cfg.guest].migrate(cfg, i, 5.0)
-                except Exception as exc:  # reported, the runs go on
-                    sec.fail(f"migration {cfg.key} run {i + 1}", exc)
-                    continue
-                if not r.ok:
-                    sec.failures.append(f"migration {cfg.key} run {i + 1}: {r.error}")
-                out[cfg.key].append(r)
+        for i, cfg in rotated_rounds(cfgs, runs):
+            log(f"kmod: migration {cfg.label}, run {i + 1}/{runs}")
+            try:
+                r = pps[cfg.guest].migrate(cfg, i, 5.0)
+            except Exception as exc:  # reported, the runs go on
+                sec.fail(f"migration {cfg.key} run {i + 1}", exc)
+                continue
+            if not r.ok:
+                sec.failures.append(f"migration {cfg.key} run {i + 1}: {r.error}")
+            out[cfg.key].append(r)
     finally:
         for pp in pps.values():
             pp.close()

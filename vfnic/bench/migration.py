@@ -36,6 +36,7 @@ from vfnic.bench.common import (
     Worker,
     log,
     met,
+    rotated_rounds,
     serve,
     short_tmpdir,
     stat_text,
@@ -171,23 +172,24 @@ def pause_steps(src_log: Path, dst_log: Path) -> dict[str, float]:
     sent = first(src, "migration_return_path_end_before")
     if ram_end is not None and sent is not None:
         out["devices_ms"] = (sent - ram_end) * 1000
-    pre = first(src, "dbus_vmstate_pre_save")
-    saving = first(src, "dbus_vmstate_saving")
-    if pre is not None and saving is not None:
-        after = first(src, "vmstate_save", after=saving)
-        out["vf_find_src_ms"] = (saving - pre) * 1000
-        if after is not None:
-            out["vf_save_ms"] = (after - saving) * 1000
+    def helper_step(events: list[tuple[float, str, str]], start: str, call: str, next_: str,
+                    find_key: str, call_key: str) -> None:
+        """dbus-vmstate's step: QEMU finding the helpers (start -> call), then the
+        call itself (until the next device's vmstate)."""
+        t0, t1 = first(events, start), first(events, call)
+        if t0 is not None and t1 is not None:
+            out[find_key] = (t1 - t0) * 1000
+            t2 = first(events, next_, after=t1)
+            if t2 is not None:
+                out[call_key] = (t2 - t1) * 1000
+
+    helper_step(src, "dbus_vmstate_pre_save", "dbus_vmstate_saving", "vmstate_save",
+                "vf_find_src_ms", "vf_save_ms")
     shut = first(src, "source_return_path_thread_shut")
     if sent is not None and shut is not None:
         out["dest_wait_ms"] = (shut - sent) * 1000
-    post = first(dst, "dbus_vmstate_post_load")
-    loading = first(dst, "dbus_vmstate_loading")
-    if post is not None and loading is not None:
-        after = first(dst, "vmstate_load", after=loading)
-        out["vf_find_dst_ms"] = (loading - post) * 1000
-        if after is not None:
-            out["vf_load_ms"] = (after - loading) * 1000
+    helper_step(dst, "dbus_vmstate_post_load", "dbus_vmstate_loading", "vmstate_load",
+                "vf_find_dst_ms", "vf_load_ms")
     cleanup = first(src, "savevm_state_cleanup")
     if cleanup is not None:
         out["stop_to_end_ms"] = (cleanup - t_stop) * 1000
@@ -522,22 +524,20 @@ def run(quick: bool = False, runs: int | None = None, plot_path: Path | None = N
             pps = {kind: PingPong(lab, kind, nic_dirs) for kind in kinds}
             foreign = ForeignCpu()
             try:
-                for i in range(nruns):
-                    k = i % len(CONFIGS)
-                    for cfg in CONFIGS[k:] + CONFIGS[:k]:
-                        log(f"migration: {cfg.label}, run {i + 1}/{nruns}")
-                        try:
-                            r = pps[cfg.guest].migrate(cfg, i, window)
-                        except Exception as exc:  # e.g. the guest did not boot
-                            r = Run(cfg.key, i, error=f"{type(exc).__name__}: {exc}")
-                            log(f"migration: {cfg.key} run {i} FAILED: {r.error}")
-                        results[cfg.key].append(r)
-                        if r.ok:
-                            log(f"migration: {cfg.key}: total {r.total_ms:.0f} ms, VM "
-                                f"downtime {r.vm_downtime_ms} ms, network "
-                                + (f"{r.net_downtime_ms:.0f} ms" if r.net_downtime_ms
-                                   is not None else ("n/a" if r.recovered is None
-                                                     else "no recovery")))
+                for i, cfg in rotated_rounds(CONFIGS, nruns):
+                    log(f"migration: {cfg.label}, run {i + 1}/{nruns}")
+                    try:
+                        r = pps[cfg.guest].migrate(cfg, i, window)
+                    except Exception as exc:  # e.g. the guest did not boot
+                        r = Run(cfg.key, i, error=f"{type(exc).__name__}: {exc}")
+                        log(f"migration: {cfg.key} run {i} FAILED: {r.error}")
+                    results[cfg.key].append(r)
+                    if r.ok:
+                        log(f"migration: {cfg.key}: total {r.total_ms:.0f} ms, VM "
+                            f"downtime {r.vm_downtime_ms} ms, network "
+                            + (f"{r.net_downtime_ms:.0f} ms" if r.net_downtime_ms
+                               is not None else ("n/a" if r.recovered is None
+                                                 else "no recovery")))
             finally:
                 group_load["all"] = foreign.text()
                 for kind, pp in pps.items():

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vfnic.bench.common import Section, log, short_tmpdir, stat_text, table
+from vfnic.bench.common import Section, log, rotated_rounds, short_tmpdir, stat_text, table
 from vfnic.bench.migration import Config, Run
 
 CONFIG = Config("virsh", "VF transparent, virsh migrate", "vf", "transparent")
@@ -144,25 +144,23 @@ def run(quick: bool = False, runs: int | None = None, plot_path: Path | None = N
                         where[NAMES[cfg.key]] = (a, b)
                     for cfg in (CONFIG, VIRTIO):
                         lab.wait_reachable(180, f"the {cfg.label} guest", target=ips[cfg.key])
-                    for i in range(nruns):
-                        k = i % len(plan)
-                        for this in plan[k:] + plan[:k]:
-                            name = NAMES[this.key]
-                            src, dst = where[name]
-                            r = Run(this.key, i, direction=f"{src.host}→{dst.host}",
-                                    window_s=window)
-                            log(f"virsh: {this.label}, run {i + 1}/{nruns} {r.direction}")
-                            try:
-                                migrate_once(lab, src, dst, r, window, ips[this.key])
-                            except Exception as exc:  # recorded; the next run goes on
-                                r.error = f"{type(exc).__name__}: {exc}"
-                            results[this.key].append(r)
-                            log(f"virsh: {r.direction}: " + (
-                                f"{r.total_ms:.0f} ms, VM downtime {r.vm_downtime_ms} ms, "
-                                f"network downtime {r.net_downtime_ms} ms" if r.ok
-                                else f"FAILED {r.error}"))
-                            if r.total_ms is not None:  # the guest moved
-                                where[name] = (dst, src)
+                    for i, this in rotated_rounds(plan, nruns):
+                        name = NAMES[this.key]
+                        src, dst = where[name]
+                        r = Run(this.key, i, direction=f"{src.host}→{dst.host}",
+                                window_s=window)
+                        log(f"virsh: {this.label}, run {i + 1}/{nruns} {r.direction}")
+                        try:
+                            migrate_once(lab, src, dst, r, window, ips[this.key])
+                        except Exception as exc:  # recorded; the next run goes on
+                            r.error = f"{type(exc).__name__}: {exc}"
+                        results[this.key].append(r)
+                        log(f"virsh: {r.direction}: " + (
+                            f"{r.total_ms:.0f} ms, VM downtime {r.vm_downtime_ms} ms, "
+                            f"network downtime {r.net_downtime_ms} ms" if r.ok
+                            else f"FAILED {r.error}"))
+                        if r.total_ms is not None:  # the guest moved
+                            where[name] = (dst, src)
                 finally:
                     for name, (host, _) in where.items():
                         host.virsh("destroy", name, check=False)

@@ -140,9 +140,14 @@ def extents_in(data: bytes) -> list[tuple[int, bytes]]:
         return []
 
 
+def pages_of(extents: list[tuple[int, bytes]]) -> int:
+    """How many guest pages DMA-written extents touch (each lies within one page)."""
+    return len({iova // stream.PAGE_SIZE for iova, _ in extents})
+
+
 def pages_in(data: bytes) -> int:
     """How many guest pages the DMA-written extents of a stream touch."""
-    return len({iova // stream.PAGE_SIZE for iova, _ in extents_in(data)})
+    return pages_of(extents_in(data))
 
 
 def max_pages(snapshot_bytes: int, limit: int = LIMIT) -> int:

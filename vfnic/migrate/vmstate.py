@@ -236,7 +236,7 @@ class VfLink:
             regs = {r.name: self.fn.bank.get(r.name) for r in self.fn.bank.table}
         extents = vfstate.extents_in(data)
         record.update(crc=zlib.crc32(data), regs=regs, extents=len(extents),
-                      pages=vfstate.pages_in(data), dma_bytes=sum(len(b) for _, b in extents))
+                      pages=vfstate.pages_of(extents), dma_bytes=sum(len(b) for _, b in extents))
 
     # Save and Load run with QEMU's main loop blocked: no monitor call from here.
 
