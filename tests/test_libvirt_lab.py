@@ -158,6 +158,8 @@ def test_virsh_migrate_carries_the_vf_in_qemus_stream(lab: Lab, mode: str) -> No
     assert s["regs"] == d["regs"]  # B's VF registers equal A's at the stop
     assert regs_b["GPRC"] >= s["regs"]["GPRC"] and regs_b["GPTC"] > s["regs"]["GPTC"]
     assert d["early_access"] in (False, True)  # counted, reported by the bench
+    # MSI-X table and Message Control read from A's QEMU, carried, written into B's
+    assert s["msix_table"] == "carried" and d["msix_restored"] is True, (s, d)
     assert "migrated onto a new VF" not in console_b  # no takeover: the state was carried
     if mode == "cooperative":
         assert s.get("suspend_mailbox_ms") is not None and d.get("resume_mailbox_ms") is not None

@@ -105,9 +105,10 @@ def test_pinging_guest_keeps_connectivity_across_migration(lab: Lab, mode: str) 
     assert "DUP" not in pinger.output
     assert got == sorted(set(got)), "a frame was delivered twice or out of order"
     assert len(on_b) > 0, "nothing arrived on B"
-    # On B the driver found its function's config lost and restored it, once: only its
-    # MSI-X state, since B's NIC had put the BARs and command back in QEMU.
-    assert restores and restores[-1] == (1, 1), restores[-5:]
+    # B's NIC put the config and the MSI-X table (carried in the state) back into QEMU
+    # before the guest ran: the driver's own recovery (its fallback) found nothing lost.
+    assert summary.destination.get("msix_restored") is True, summary.source
+    assert restores and restores[-1] == (0, 0), restores[-5:]
     # Frames are lost only in one outage window (the switchover, and in cooperative
     # mode the suspension, when the driver has stopped its queues by design), never
     # elsewhere: a frame the guest had received is not lost after the move.

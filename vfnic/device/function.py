@@ -440,6 +440,53 @@ class PciFunction:
     def dma_write(self, address: int, data: bytes) -> None:
         self.check_dma().write(address, data)
 
+    # -- the MSI-X table its client emulates ---------------------------------------------
+    # QEMU keeps a vfio-user function's MSI-X table itself (only PBA reads are forwarded,
+    # hw/vfio-user/pci.c) and migrates none of it: this function's own copy (self.msix)
+    # is brought in line from the client before a migration and written back into the
+    # destination's client, both as DMA to this function's own BAR3 (peer to peer
+    # through the client's bus master address space, so bus mastering must be on).
+
+    def msix_table_address(self) -> int:
+        """Bus address of the MSI-X table as the guest mapped BAR3 (DmaError if the
+        BAR is unassigned or memory decoding is off)."""
+        cmd = self.config.get(pci.COMMAND, 2)
+        base = self.config.get(pci.BAR0 + 4 * MSIX_BAR, 4) & 0xFFFFFFF0
+        if not cmd & pci.COMMAND_MEMORY or not base:
+            raise DmaError(f"{self.name}: BAR{MSIX_BAR} is not mapped", errno.ENODEV)
+        return base + MSIX_TABLE_OFFSET
+
+    def pull_msix(self, ecam: int) -> None:
+        """Copy the client's MSI-X table into this function's MSI-X BAR, and the MSI-X
+        Message Control bits it emulates into this function's config space, read
+        through the enhanced configuration mechanism at ``ecam`` (PCIe 4.0 section
+        7.2.2: this function's 4 KiB of config in the client's memory space). DmaError
+        if the client cannot be read there."""
+        self.check_dma()
+        read = self.dma.message_read
+        if read is None:
+            raise DmaError(f"{self.name}: no client to read", errno.ENODEV)
+        size = MSIX_VECTORS * MSIX_ENTRY
+        table = read(self.msix_table_address(), size)
+        (control,) = struct.unpack("<H", read(ecam + CAP_MSIX + pci.MSIX_FLAGS, 2))
+        if control == 0xFFFF:
+            raise DmaError(f"{self.name}: no config space at {ecam:#x}", errno.ENODEV)
+        bits = pci.MSIX_FLAGS_ENABLE | pci.MSIX_FLAGS_MASKALL
+        with self.lock:
+            self.msix[MSIX_TABLE_OFFSET : MSIX_TABLE_OFFSET + size] = table
+            flags = self.config.get(CAP_MSIX + pci.MSIX_FLAGS, 2) & ~bits
+            self.config.set(CAP_MSIX + pci.MSIX_FLAGS, 2, flags | control & bits)
+
+    def push_msix_table(self) -> None:
+        """Write this function's MSI-X table into its client's (DmaError if refused)."""
+        self.check_dma()
+        if self.dma.message_write is None:
+            raise DmaError(f"{self.name}: no client to write", errno.ENODEV)
+        size = MSIX_VECTORS * MSIX_ENTRY
+        with self.lock:
+            table = bytes(self.msix[MSIX_TABLE_OFFSET : MSIX_TABLE_OFFSET + size])
+        self.dma.message_write(self.msix_table_address(), table)
+
     @property
     def mac(self) -> bytes:
         ral, rah = self.bank.get(T.RAL), self.bank.get(T.RAH)

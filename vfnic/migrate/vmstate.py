@@ -19,10 +19,11 @@ Through the monitor: the device dirty log starts when the source starts migratin
 a cooperative VF's driver is told (vfnic.migrate.control); when the migration fails
 the source VF goes back to RUNNING. On the destination, once Load has returned (never
 from inside it: QEMU's main loop is blocked there), the PCI config QEMU does not
-migrate for vfio-user (BARs, command register) is written back into the destination
-QEMU, the VF set RUNNING, and when the guest runs the VF's MAC is announced
-(transparent) or the driver told `resume` (cooperative). A guest that ran before the
-config was back is counted (``early_access``).
+migrate for vfio-user (BARs, command register, MSI-X Message Control) is written back
+into the destination QEMU, then the MSI-X table (read from the source QEMU when the
+migration started, carried in the state), the VF set RUNNING, and when the guest runs
+the VF's MAC is announced (transparent) or the driver told `resume` (cooperative). A
+guest that ran before the config was back is counted (``early_access``).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ from dbus_fast.errors import DBusError
 from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, method
 from qemu.qmp import EventListener, QMPClient, Runstate
 
-from vfnic.device.function import PciFunction
+from vfnic.device.function import CAP_MSIX, PciFunction
+from vfnic.device.pci import MSIX_FLAGS_ENABLE
 from vfnic.device.policy import MIGRATION_COOPERATIVE
 from vfnic.errors import VfnicError
 from vfnic.host.qmp import query_migrate, query_pci, query_status
@@ -219,6 +221,7 @@ class VfLink:
         self.address: int | Exception | None = None  # of the VF in its QEMU (destination)
         self.replay: asyncio.Task[None] | None = None
         self.early = False  # the guest ran before the replay's last write was done
+        self.msix_restored = False  # the MSI-X table is back in the destination QEMU
         self.record: dict[str, Any] | None = None  # the migration in progress
 
     def _new_record(self, role: str) -> dict[str, Any]:
@@ -356,6 +359,13 @@ class VfLink:
         t0 = time.perf_counter()
         record = self._new_record("source")
         vfstate.start_dirty_log(self.fn)
+        try:  # QEMU's MSI-X state into the VF's own, so that the state carries it
+            ecam = await self._ecam(qmp)
+            await asyncio.to_thread(self.fn.pull_msix, ecam)
+            record["msix_table"] = "carried"
+        except Exception as exc:  # VfnicError, QMP errors: the driver's fallback then
+            record["msix_table"] = f"not carried: {exc}"
+            log.warning("%s: MSI-X state not carried: %s", self.id, exc)
         coop = None
         if self.fn.migration_mode == MIGRATION_COOPERATIVE:
             coop = control.CooperativeSource(qmp, self._mailbox)
@@ -410,6 +420,7 @@ class VfLink:
             log.error("%s: PCI config not restored in QEMU: %s", self.id, exc)
         vfstate.run(self.fn)
         record["replay_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+        record["msix_restored"] = self.msix_restored
         # A RESUME before the command register's reply: the guest ran with its VF's
         # config at reset (the monitor answers in order, events in between).
         record["early_access"] = self.early
@@ -438,6 +449,14 @@ class VfLink:
             record["announced"] = True
         record["result"] = "completed"
 
+    async def _ecam(self, qmp: QMPClient) -> int:
+        """Where the VF's config space lies in its QEMU's memory (q35's MMCONFIG)."""
+        base = await qmp.execute("qom-get", {"path": "/machine/q35", "property": "MCFG"})
+        if not isinstance(base, int) or base in (0, (1 << 64) - 1):
+            raise VfnicError(f"no MMCONFIG window in this QEMU ({base})")
+        address = await self._find_device(qmp)  # 0x80000000 | bus << 16 | devfn << 8
+        return base + ((address >> 8 & 0xFFFF) << 12)
+
     async def _find_device(self, qmp: QMPClient) -> int:
         """The VF's bus/device/function in its QEMU, as a config address (0xcf8)."""
         buses = await query_pci(qmp)
@@ -455,13 +474,16 @@ class VfLink:
         are sent at once, in order (one monitor runs them in order): they are all queued
         before anyone's `cont`, which libvirt sends only once the source has completed."""
         with self.fn.lock:
-            config = bytes(self.fn.config.data[:0x40])
+            config = bytes(self.fn.config.data[:0x100])
 
         def dword(off: int) -> int:
             return int.from_bytes(config[off:off + 4], "little")
 
         words = [(off, dword(off)) for off in REPLAYED_CONFIG if dword(off)]
         words.append((0x04, dword(0x04) & 0xFFFF))
+        msix = bool(dword(CAP_MSIX) >> 16 & MSIX_FLAGS_ENABLE)
+        if msix:  # MSI-X Message Control, after the BARs and the command register
+            words.append((CAP_MSIX, dword(CAP_MSIX)))
         lines = ["i /w 0xcf8"]
         for off, value in words:
             lines += [f"o /w 0xcf8 {address | off:#x}", f"o /w 0xcfc {value:#x}"]
@@ -471,6 +493,9 @@ class VfLink:
             replies = await asyncio.gather(*(
                 qmp.execute("human-monitor-command", {"command-line": line})
                 for line in lines))
+            if msix:  # then the table, by DMA to BAR3 (the monitor has no memory write)
+                await asyncio.to_thread(self.fn.push_msix_table)
+                self.msix_restored = True
             self.early = not resumes.empty()
         finally:
             qmp.remove_listener(resumes)
