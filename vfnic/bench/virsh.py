@@ -74,7 +74,7 @@ def migrate_once(lab: Any, src: Any, dst: Any, run: Run, window: float, target: 
     info = jobinfo(dst.virsh("domjobinfo", name, "--completed", check=False).stdout)
     rec: dict[str, Any] = {"result": "completed"}  # virtio-net: no VF
     drec: dict[str, Any] = {}
-    takeovers = 0
+    takeovers = recoveries = 0
     if vf:
         srecs = control_call(lab.nic_dir(src.host),
                              {"op": "migrations", "settle": 10, "since": seen[src.host]})
@@ -85,6 +85,7 @@ def migrate_once(lab: Any, src: Any, dst: Any, run: Run, window: float, target: 
         console = (lab.nic_dir(dst.host) / "console.log").read_text(errors="replace")
         # The driver's own fallback (a VF found at reset, taken over): counted apart.
         takeovers = len(re.findall(r"taken over in ([0-9.]+) ms", console))
+        recoveries = len(re.findall(r"(?:MSI-X|PCI config) restored in", console))
     run.total_ms = wall * 1000
     run.vm_downtime_ms = info.get("Total downtime")
     run.net_downtime_ms = pinger.downtime_ms() if run.recovered else None
@@ -96,6 +97,8 @@ def migrate_once(lab: Any, src: Any, dst: Any, run: Run, window: float, target: 
                    "replay_ms": drec.get("replay_ms"),
                    "early_access": drec.get("early_access"),
                    "driver_takeovers": takeovers,
+                   "msix_restored": drec.get("msix_restored"),
+                   "driver_recoveries": recoveries,
                    "suspended_at_ms": rec.get("suspended_at_ms"),
                    "suspend_mailbox_ms": rec.get("suspend_mailbox_ms"),
                    "resume_mailbox_ms": drec.get("resume_mailbox_ms"),
@@ -199,8 +202,11 @@ def report(sec: Section, results: dict[str, list[Run]], plot_path: Path | None,
             "own time inside QEMU's pause (source Save, destination Load). *State*: bytes "
             "QEMU carried for the VF, and the guest pages the VF wrote by DMA among them. "
             "*Early*: migrations where the destination guest ran before its VF's PCI config "
-            "was back in QEMU (goal 0). *Takeovers*: migrations where the guest driver fell "
-            "back to taking over a VF found at reset.")
+            "was back in QEMU (goal 0). *MSI-X back*: migrations where the destination NIC "
+            "wrote the guest's MSI-X table and Message Control back into QEMU before it ran. "
+            "*Takeovers*: migrations where the guest driver fell back to taking over a VF "
+            "found at reset; *recoveries*: where it restored a lost MSI-X/config itself (both "
+            "counted from the destination's console since the lab started).")
     rows = []
     for cfg in configs:
         k = cfg.key
@@ -210,6 +216,8 @@ def report(sec: Section, results: dict[str, list[Run]], plot_path: Path | None,
                 and r.summary.get("load_ms") is not None]
         early = sum(1 for r in results[k] if r.summary.get("early_access"))
         takeovers = sum(1 for r in results[k] if r.summary.get("driver_takeovers"))
+        recoveries = sum(1 for r in results[k] if r.summary.get("driver_recoveries"))
+        msix = sum(1 for r in results[k] if r.summary.get("msix_restored"))
         rows.append([cfg.label, f"{len(vals(k, lambda r: r.total_ms))}/{len(results[k])}",
                      stat_text(vals(k, lambda r: r.total_ms), "{:.0f}"),
                      stat_text(vals(k, lambda r: r.vm_downtime_ms), "{:.0f}"),
@@ -226,10 +234,13 @@ def report(sec: Section, results: dict[str, list[Run]], plot_path: Path | None,
                      stat_text(vals(k, lambda r: r.summary.get("dma_bytes")), "{:.0f}")
                      if vf else "–",
                      f"{early}/{len(results[k])}" if vf else "–",
-                     f"{takeovers}/{len(results[k])}" if vf else "–"])
+                     f"{msix}/{len(results[k])}" if vf else "–",
+                     f"{takeovers}/{len(results[k])}" if vf else "–",
+                     f"{recoveries}/{len(results[k])}" if vf else "–"])
     sec.add(table(["configuration", "runs ok", "virsh migrate ms", "VM downtime ms",
                    "network downtime ms", "Save ms", "Load ms", "Save+Load ms",
-                   "state bytes", "DMA pages", "DMA bytes", "early", "takeovers"], rows))
+                   "state bytes", "DMA pages", "DMA bytes", "early", "MSI-X back",
+                   "takeovers", "recoveries"], rows))
     vio_net = vals(VIRTIO.key, lambda r: r.net_downtime_ms)
     vio_vm = vals(VIRTIO.key, lambda r: r.vm_downtime_ms)
     if vio_net and vio_vm:
