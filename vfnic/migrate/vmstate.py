@@ -222,6 +222,7 @@ class VfLink:
         self.replay: asyncio.Task[None] | None = None
         self.early = False  # the guest ran before the replay's last write was done
         self.msix_restored = False  # the MSI-X table is back in the destination QEMU
+        self.undescribed: tuple[dict[str, Any], bytes] | None = None  # a Load's record
         self.record: dict[str, Any] | None = None  # the migration in progress
 
     def _new_record(self, role: str) -> dict[str, Any]:
@@ -283,7 +284,12 @@ class VfLink:
         # wait in the monitor until QEMU's main loop runs again, ahead of any `cont`.
         self.loaded.set()
         self._queue_replay()
-        asyncio.get_running_loop().call_soon(self._describe, record, data)
+        # Bookkeeping once the guest runs (it would hold the GIL while the replay's
+        # config writes wait for this server); at once if no monitor is followed.
+        if self.att.monitor is None:
+            asyncio.get_running_loop().call_soon(self._describe, record, data)
+        else:
+            self.undescribed = (record, data)
 
     def _queue_replay(self) -> None:
         """Queue the config replay once both the stream is loaded and the VF's address
@@ -437,6 +443,9 @@ class VfLink:
             await control.wait_runstate(qmp, lambda st: bool(st.get("running")), None,
                                         wake=resumes, poll=0.5)
         record["running_at"] = time.time()
+        if self.undescribed is not None:
+            self._describe(*self.undescribed)
+            self.undescribed = None
         if self.fn.migration_mode == MIGRATION_COOPERATIVE:
             try:
                 ack = await self._mailbox("resume", [0])
