@@ -232,14 +232,17 @@ class VfLink:
         self.record = record
         return record
 
-    def _describe(self, record: dict[str, Any], data: bytes) -> None:
-        """The stream's CRC and page count, and the VF's registers (BAR0) as the stream
-        left them: at the stop (source, still stopped), restored (destination, not yet
-        running: the replay task runs after this)."""
+    def _regs(self, record: dict[str, Any]) -> None:
+        """The VF's registers (BAR0) as the stream left them: at the stop (source, still
+        stopped), restored (destination, before the replay lets it run)."""
         with self.fn.lock:
-            regs = {r.name: self.fn.bank.get(r.name) for r in self.fn.bank.table}
+            record["regs"] = {r.name: self.fn.bank.get(r.name) for r in self.fn.bank.table}
+
+    @staticmethod
+    def _describe(record: dict[str, Any], data: bytes) -> None:
+        """The stream's CRC, extents and page count."""
         extents = vfstate.extents_in(data)
-        record.update(crc=zlib.crc32(data), regs=regs, extents=len(extents),
+        record.update(crc=zlib.crc32(data), extents=len(extents),
                       pages=vfstate.pages_of(extents), dma_bytes=sum(len(b) for _, b in extents))
 
     # Save and Load run with QEMU's main loop blocked: no monitor call from here.
@@ -266,7 +269,9 @@ class VfLink:
         record.update(save_ms=round((time.perf_counter() - t0) * 1000, 3), bytes=len(data),
                       saved=True)
         # Bookkeeping after the reply, outside QEMU's pause (the VF stays stopped).
-        asyncio.get_running_loop().call_soon(self._describe, record, data)
+        loop = asyncio.get_running_loop()
+        loop.call_soon(self._regs, record)
+        loop.call_soon(self._describe, record, data)
         return data
 
     def load(self, data: bytes) -> None:
@@ -282,6 +287,9 @@ class VfLink:
                       mode=self.fn.migration_mode)  # as the source's VF had it
         # The config replay, queued now: its commands go out right behind this reply and
         # wait in the monitor until QEMU's main loop runs again, ahead of any `cont`.
+        # Registers as restored, right after this reply (the VF runs only once the
+        # replay, queued next, is done).
+        asyncio.get_running_loop().call_soon(self._regs, record)
         self.loaded.set()
         self._queue_replay()
         # Bookkeeping once the guest runs (it would hold the GIL while the replay's
