@@ -39,6 +39,7 @@ import struct
 import threading
 import time
 import zlib
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -262,6 +263,7 @@ class VfLink:
             data = vfstate.save(self.fn, limit)
         except VfnicError as exc:
             record["error"] = str(exc)
+            self.service.changed()
             raise
         if fault == "corrupt":
             mid = len(data) // 2
@@ -281,6 +283,7 @@ class VfLink:
             vfstate.load(self.fn, data)
         except VfnicError as exc:
             record.update(error=str(exc), result="refused")
+            self.service.changed()
             raise
         record.update(load_ms=round((time.perf_counter() - t0) * 1000, 3), bytes=len(data),
                       loaded_at=time.time(),
@@ -398,6 +401,7 @@ class VfLink:
                 await coop.release()
         result = await control.wait_end(qmp, events)
         record.update(result=result, total_ms=round((time.perf_counter() - t0) * 1000, 1))
+        self.service.changed()
         if result in ("failed", "cancelled"):
             # QEMU resumed the source (return-path): the VF goes on where it stopped.
             vfstate.run(self.fn)
@@ -441,6 +445,7 @@ class VfLink:
         if isinstance(self.address, int) and self.replay is None:
             record["early_access"] = not resumes.empty()
         record["restored_at"] = time.time()  # `vfnic migrate` sends `cont` on this
+        self.service.changed()
         nic = self.service.server.nic
         if self.fn.migration_mode != MIGRATION_COOPERATIVE:
             # Transparent: the LAN learns the VF's new port now, while the guest is still
@@ -465,6 +470,7 @@ class VfLink:
             await asyncio.to_thread(nic.switch.announce, self.fn, 2)
             record["announced"] = True
         record["result"] = "completed"
+        self.service.changed()
 
     async def _ecam(self, qmp: QMPClient) -> int:
         """Where the VF's config space lies in its QEMU's memory (q35's MMCONFIG)."""
@@ -510,16 +516,20 @@ class VfLink:
             replies = await asyncio.gather(*(
                 qmp.execute("human-monitor-command", {"command-line": line})
                 for line in lines))
-            if msix:  # then the table, by DMA to BAR3 (the monitor has no memory write)
-                await asyncio.to_thread(self.fn.push_msix_table)
-                self.msix_restored = True
+            # Then, side by side: 0xcf8 as the guest left it, and the MSI-X table by DMA
+            # to BAR3 (the monitor has no guest-physical write).
+            saved = re.findall(r"0x[0-9a-fA-F]+", str(replies[0]))
+            last: list[Awaitable[Any]] = []
+            if saved:
+                last.append(qmp.execute("human-monitor-command",
+                                        {"command-line": f"o /w 0xcf8 {saved[-1]}"}))
+            if msix:
+                last.append(asyncio.to_thread(self.fn.push_msix_table))
+            await asyncio.gather(*last)
+            self.msix_restored = msix
             self.early = not resumes.empty()
         finally:
             qmp.remove_listener(resumes)
-        saved = re.findall(r"0x[0-9a-fA-F]+", str(replies[0]))
-        if saved:
-            await qmp.execute("human-monitor-command",
-                              {"command-line": f"o /w 0xcf8 {saved[-1]}"})
 
 
 # -- the service: every VF of one NIC ------------------------------------------------------
@@ -534,6 +544,7 @@ class VmStateService:
         self.seq = 0  # every record's number, never reused (history keeps the last 100)
         self.faults: dict[int, str] = {}  # test hook: VF -> "corrupt" | "oversize" (next Save)
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # a record got a result or a mark
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="vfnic-vmstate", daemon=True)
 
@@ -552,29 +563,37 @@ class VmStateService:
             self.history.append(record)
             del self.history[:-100]
 
+    def changed(self) -> None:
+        """Wake whoever waits for a record (a result, an error, the restore)."""
+        with self._changed:
+            self._changed.notify_all()
+
     def records(self, settle: float = 0.0, since: int = 0) -> list[dict[str, Any]]:
         """The migrations seen so far (those numbered after ``since``); with ``settle``,
         first wait up to that many seconds for the newest one to have its result."""
         deadline = time.monotonic() + settle
-        while True:
-            with self._lock:
+        with self._changed:
+            while True:
                 done = not self.history or "result" in self.history[-1]
-                if done or time.monotonic() >= deadline:
+                left = deadline - time.monotonic()
+                if done or left <= 0:
                     return [dict(r) for r in self.history if r["seq"] > since]
-            time.sleep(0.02)
+                self._changed.wait(min(left, 0.05))
 
     def wait_record(self, role: str, key: str, since: int, timeout: float) -> dict[str, Any]:
         """The newest record of ``role`` numbered after ``since`` once it has ``key`` (or
         an error), waiting up to ``timeout`` s: one request instead of a polling client."""
         deadline = time.monotonic() + min(timeout, MAX_WAIT)
-        while True:
-            with self._lock:
+        with self._changed:
+            while True:
                 mine = [r for r in self.history if r["seq"] > since and r["role"] == role]
                 if mine and (key in mine[-1] or "error" in mine[-1]):
                     return dict(mine[-1])
-            if time.monotonic() >= deadline:
-                raise VfnicError(f"no {role} record with {key!r} after {timeout:g} s")
-            time.sleep(0.001)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise VfnicError(f"no {role} record with {key!r} after {timeout:g} s")
+                # woken by changed(); the bound covers keys set without a wake-up
+                self._changed.wait(min(left, 0.05))
 
     def control(self, req: dict[str, Any]) -> Any:
         """The management operations this layer adds to `vfnic serve`."""
