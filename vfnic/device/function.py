@@ -477,6 +477,13 @@ class PciFunction:
             flags = self.config.get(CAP_MSIX + pci.MSIX_FLAGS, 2) & ~bits
             self.config.set(CAP_MSIX + pci.MSIX_FLAGS, 2, flags | control & bits)
 
+    def msix_programmed(self) -> bool:
+        """Whether this function's MSI-X table holds a message address (one read from
+        the client, or written by a client that forwards table writes)."""
+        with self.lock:
+            return any(self.msix[v * MSIX_ENTRY : v * MSIX_ENTRY + 4] != bytes(4)
+                       for v in range(MSIX_VECTORS))
+
     def push_msix_table(self) -> None:
         """Write this function's MSI-X table into its client's (DmaError if refused)."""
         self.check_dma()

@@ -61,7 +61,7 @@ class Options:
     timeout: float = 600.0
     quit_source: bool = True
     cancel_at: str | None = None  # fault injection: cancel when this phase starts
-    save_fault: str | None = None  # fault injection: "corrupt" | "oversize" (source Save)
+    save_fault: str | None = None  # fault injection: "corrupt" | "oversize" | "no-msix"
     kill_destination_at: str | None = None  # fault injection: kill the destination QEMU
     destination_pid: int | None = None
 

@@ -377,6 +377,9 @@ class VfLink:
         record = self._new_record("source")
         vfstate.start_dirty_log(self.fn)
         try:  # QEMU's MSI-X state into the VF's own, so that the state carries it
+            if self.service.faults.get(self.fn.index) == "no-msix":
+                del self.service.faults[self.fn.index]
+                raise VfnicError("not read (fault injected)")
             ecam = await self._ecam(qmp)
             await asyncio.to_thread(self.fn.pull_msix, ecam)
             record["msix_table"] = "carried"
@@ -504,7 +507,9 @@ class VfLink:
 
         words = [(off, dword(off)) for off in REPLAYED_CONFIG if dword(off)]
         words.append((0x04, dword(0x04) & 0xFFFF))
-        msix = bool(dword(CAP_MSIX) >> 16 & MSIX_FLAGS_ENABLE)
+        # MSI-X only if the state carries the guest's table (read from the source QEMU);
+        # else it stays off here and the guest driver restores its own (the fallback).
+        msix = bool(dword(CAP_MSIX) >> 16 & MSIX_FLAGS_ENABLE) and self.fn.msix_programmed()
         if msix:  # MSI-X Message Control, after the BARs and the command register
             words.append((CAP_MSIX, dword(CAP_MSIX)))
         lines = ["i /w 0xcf8"]
@@ -542,7 +547,9 @@ class VmStateService:
         self.server = server
         self.history: list[dict[str, Any]] = []
         self.seq = 0  # every record's number, never reused (history keeps the last 100)
-        self.faults: dict[int, str] = {}  # test hook: VF -> "corrupt" | "oversize" (next Save)
+        # test hook: VF -> "corrupt" | "oversize" (next Save) | "no-msix" (next migration
+        # does not read QEMU's MSI-X state: the guest driver's fallback restores it)
+        self.faults: dict[int, str] = {}
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # a record got a result or a mark
         self._stop = threading.Event()
@@ -603,7 +610,7 @@ class VmStateService:
             return self.wait_record(str(req.get("role")), str(req.get("key")),
                                     int(req.get("since", 0)), float(req.get("timeout", 10.0)))
         fault = str(req.get("fault"))
-        if fault not in ("corrupt", "oversize", "none"):
+        if fault not in ("corrupt", "oversize", "no-msix", "none"):
             raise VfnicError(f"unknown vmstate fault {fault!r}")
         vf = self.server.nic.vf(int(req.get("vf", -1))).index
         if fault == "none":
