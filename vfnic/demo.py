@@ -200,8 +200,9 @@ def step_virsh(work: Path) -> None:
                   f"({src.get('dma_bytes')} bytes the VF wrote by DMA, in {src.get('pages')} "
                   f"pages) in QEMU's stream, {src.get('result')}")
             print(f"  host B's NIC: Load {dst.get('load_ms')} ms, PCI config back in QEMU in "
-                  f"{dst.get('replay_ms')} ms, guest ran first: {dst.get('early_access')}, "
-                  f"MAC announced: {dst.get('announced', False)}")
+                  f"{dst.get('replay_ms')} ms, MSI-X table back: "
+                  f"{dst.get('msix_restored', False)}, guest ran first: "
+                  f"{dst.get('early_access')}, MAC announced: {dst.get('announced', False)}")
             at_stop = src.get("regs", {})
             print(f"  VF counters at the stop on A: GPRC {at_stop.get('GPRC')} GPTC "
                   f"{at_stop.get('GPTC')}; on B now: GPRC {regs['GPRC']} GPTC {regs['GPTC']}")
