@@ -88,6 +88,11 @@ class RegisterBank:
     def guest_write(self, offset: int, data: bytes) -> None:
         """Write bytes at ``offset`` with each register's semantics; sub-word writes
         merge with the current value (as a byte-enabled PCIe write would)."""
+        if len(data) == 4 and not offset & 3:  # one whole register (a doorbell): as is
+            reg = self.by_offset.get(offset)
+            if reg is not None:
+                self._write_reg(reg, int.from_bytes(data, "little"), 0xFFFFFFFF)
+            return
         start = offset & ~3
         for word in range(start, offset + len(data), 4):
             reg = self.by_offset.get(word)
