@@ -39,6 +39,10 @@ static bool tx_bql = true;
 module_param(tx_bql, bool, 0444);
 MODULE_PARM_DESC(tx_bql, "byte queue limits on TX (burst doorbells through xmit_more)");
 
+static unsigned int rx_buffer_write = VFNIC_RX_BUFFER_WRITE;
+module_param(rx_buffer_write, uint, 0444);
+MODULE_PARM_DESC(rx_buffer_write, "RX descriptors re-armed per RDT write (1: every NAPI poll)");
+
 #define QERR_CHECK_TICKS	10	/* QERR read every 10th watchdog tick */
 
 static inline u16 vfnic_tx_unused(struct vfnic_ring *ring)
@@ -89,6 +93,9 @@ static int vfnic_alloc_ring(struct vfnic_adapter *adapter,
 	ring->next_to_use = 0;
 	ring->next_to_clean = 0;
 	ring->rs_every = clamp(count / 4, 1, VFNIC_TX_RS_EVERY);
+	ring->post_every = clamp_t(u16, min(count / 4U, rx_buffer_write), 1,
+				   VFNIC_MAX_RING);
+	ring->unposted = 0;
 	return 0;
 }
 
@@ -188,7 +195,9 @@ err_free:
 /*
  * Take every done descriptor from next_to_clean on, up to budget, and give
  * each back with a fresh buffer; RDT then points at the last one taken (one
- * descriptor always stays ours, so RDT never catches up with RDH).
+ * descriptor always stays ours, so RDT never catches up with RDH). RDT is
+ * written once post_every descriptors are re-armed, as ixgbevf does: a lone
+ * frame (a ping) costs no MMIO write, and the device keeps all but a few.
  */
 static int vfnic_clean_rx(struct vfnic_adapter *adapter, int budget,
 			  bool napi)
@@ -238,13 +247,16 @@ static int vfnic_clean_rx(struct vfnic_adapter *adapter, int budget,
 			netif_rx(skb);
 rearm:
 		vfnic_rx_arm(ring, i);	/* a CPU write: dirties the descriptor */
+		ring->unposted++;
 		last = i;
 		ring->next_to_clean = (i + 1) % ring->count;
 		if (!napi && packets >= budget)
 			break;
 	}
-	if (last >= 0)
+	if (last >= 0 && ring->unposted >= ring->post_every) {
 		vfnic_wr32(adapter, VFNIC_RDT(VFNIC_QUEUE), last);
+		ring->unposted = 0;
+	}
 	u64_stats_update_begin(&adapter->syncp);
 	adapter->stats.rx_packets += packets;
 	adapter->stats.rx_bytes += bytes;
@@ -575,6 +587,7 @@ static void vfnic_start_queues(struct vfnic_adapter *adapter, bool program)
 		vfnic_rx_arm(rx, i);
 	memset(tx->desc, 0, tx->size);
 	rx->next_to_clean = 0;
+	rx->unposted = 0;
 	tx->next_to_use = 0;
 	tx->next_to_clean = 0;
 	if (program) {

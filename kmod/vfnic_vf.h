@@ -24,6 +24,7 @@
 #define VFNIC_RST_TIMEOUT_US	1000000
 #define VFNIC_WATCHDOG_MS	10	/* lost PCI config, moves, pending mailbox */
 #define VFNIC_TX_RS_EVERY	32	/* TX descriptors per report (RS) */
+#define VFNIC_RX_BUFFER_WRITE	16	/* RX descriptors re-armed per RDT write */
 #define VFNIC_DEFAULT_ITR_US	50	/* EITR of the queue vector (ethtool -C rx-usecs) */
 
 /* The interrupt causes the driver enables (EIMS) */
@@ -44,6 +45,8 @@ struct vfnic_ring {
 	u16 next_to_use;		/* TX: next free descriptor (our TDT) */
 	u16 next_to_clean;		/* RX: next to receive; TX: oldest in flight */
 	u16 rs_every;			/* TX: RS on every rs_every-th descriptor */
+	u16 post_every;			/* RX: RDT once per post_every re-armed */
+	u16 unposted;			/* RX: re-armed since the last RDT write */
 };
 
 /* The driver's own counters (ethtool -S, after the device's registers). */

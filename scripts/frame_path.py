@@ -4,7 +4,11 @@
 with guest memory a memfd mapped as DMA regions (pread/pwrite, as for QEMU's memory)
 and vf1's queue interrupt an eventfd.
 
-  python scripts/frame_path.py [--rounds N] [--frames N] [--before DIR]
+  python scripts/frame_path.py [--rounds N] [--frames N] [--batch N] [--before DIR]
+
+Time is the measuring thread's CPU time (user + system, time.thread_time), so other
+processes on a shared machine slow it less than they slow the wall clock. --batch 1
+is a lone frame (a ping): the per-batch work, once per frame.
 
 With --before DIR (a checkout of the tree to compare, e.g. `git archive REV vfnic |
 tar -x -C DIR`), each round runs both trees in fresh processes, interleaved, and
@@ -27,11 +31,11 @@ from pathlib import Path
 MEM = 0x10000  # IOVA of the guest memory
 SIZE = 0x100000
 RING = 256  # descriptors per ring
-BATCH = 32  # frames per doorbell / uplink burst
+BATCH = 32  # frames per doorbell / uplink burst (--batch)
 TX_RING, RX_RING, BUFFERS = 0x0, 0x2000, 0x8000  # offsets in the guest memory
 
 
-def measure(kind: str, frames: int) -> float:
+def measure(kind: str, frames: int, batch: int = BATCH) -> float:
     """ns per frame of ``kind`` ("tx" or "rx") through the tree on sys.path."""
     from vfnic.device import pci
     from vfnic.device.nic import Nic
@@ -61,31 +65,32 @@ def measure(kind: str, frames: int) -> float:
     frame = dst.rx_mac + src.rx_mac + (0x88B5).to_bytes(2, "big") + bytes(46)
     os.pwrite(mem["vf0"], frame, BUFFERS)
     for i in range(RING):
-        cmd = D.CMD_EOP | (D.CMD_RS if i % BATCH == BATCH - 1 else 0)
+        cmd = D.CMD_EOP | (D.CMD_RS if i % batch == batch - 1 else 0)
         os.pwrite(mem["vf0"], D.TX_DESC.pack(MEM + BUFFERS, len(frame), 0, cmd, 0, 0, 0),
                   TX_RING + i * D.DESC_SIZE)
         os.pwrite(mem["vf1"], struct.pack("<QQ", MEM + BUFFERS + i * 2048, 0),
                   RX_RING + i * D.DESC_SIZE)
-    rounds = frames // BATCH
-    start = time.perf_counter()
+    rounds = frames // batch
+    start = time.thread_time()
     with nic.lock:
         for _ in range(rounds):
             dst.bank.set(T.RDT(0), (dst.bank.get(T.RDH(0)) - 1) % RING)  # all posted
             if kind == "tx":
-                src.bank.set(T.TDT(0), (src.bank.get(T.TDH(0)) + BATCH) % RING)
+                src.bank.set(T.TDT(0), (src.bank.get(T.TDH(0)) + batch) % RING)
                 src.datapath.on_tail_write(T.TX, 0)
             else:
-                nic.switch.from_uplink_burst([frame] * BATCH)
-    elapsed = time.perf_counter() - start
+                nic.switch.from_uplink_burst([frame] * batch)
+    elapsed = time.thread_time() - start
     got = dst.bank.get(T.GPRC)
-    if got != rounds * BATCH:
-        raise SystemExit(f"{kind}: vf1 received {got} of {rounds * BATCH} frames")
-    return elapsed / (rounds * BATCH) * 1e9
+    if got != rounds * batch:
+        raise SystemExit(f"{kind}: vf1 received {got} of {rounds * batch} frames")
+    return elapsed / (rounds * batch) * 1e9
 
 
-def run_tree(tree: Path, kind: str, frames: int) -> float:
+def run_tree(tree: Path, kind: str, frames: int, batch: int) -> float:
     env = dict(os.environ, PYTHONPATH=str(tree))
-    out = subprocess.run([sys.executable, __file__, "--one", kind, "--frames", str(frames)],
+    out = subprocess.run([sys.executable, __file__, "--one", kind, "--frames", str(frames),
+                          "--batch", str(batch)],
                          env=env, check=True, capture_output=True, text=True, cwd=tree)
     return float(json.loads(out.stdout)["ns"])
 
@@ -99,10 +104,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--frames", type=int, default=9600)
     ap.add_argument("--before", type=Path, help="a tree to compare with, interleaved")
+    ap.add_argument("--batch", type=int, default=BATCH, help="frames per doorbell / burst")
     ap.add_argument("--one", choices=("tx", "rx"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps({"ns": measure(args.one, args.frames)}))
+        print(json.dumps({"ns": measure(args.one, args.frames, args.batch)}))
         return
     here = Path(__file__).resolve().parent.parent
     trees = {"after": here} if args.before is None else {"before": args.before, "after": here}
@@ -111,9 +117,9 @@ def main() -> None:
         order = list(trees) if r % 2 == 0 else list(reversed(trees))
         for kind in res:
             for tree in order:
-                res[kind][tree].append(run_tree(trees[tree], kind, args.frames))
+                res[kind][tree].append(run_tree(trees[tree], kind, args.frames, args.batch))
     print(f"{args.rounds} interleaved rounds of {args.frames} frames (60 B), "
-          f"batches of {BATCH}; median (min–max)")
+          f"batches of {args.batch}, thread CPU time; median (min–max)")
     for kind, by_tree in res.items():
         cols = [f"{t}: {stat(v)} ns/frame = {1e9 / statistics.median(v):,.0f} frames/s"
                 for t, v in by_tree.items()]

@@ -3,7 +3,7 @@ iterating on the VF's per-frame path: 64 B frames (--payloads), both directions,
 guests one after the other on one `vfnic serve` in a fresh lab, with the per-frame
 costs (server counters, guest interrupts) of each row.
 
-    python scripts/guest_datapath_quick.py [--dur S] KIND[:KERNEL_ARG+KERNEL_ARG] ...
+    python scripts/guest_datapath_quick.py [--dur S] [--ping N] KIND[:KERNEL_ARG+KERNEL_ARG] ...
 
 KIND is kvf (the kernel driver), vf (the Python driver model) or virtio; kernel
 arguments after a colon go to that guest (e.g. kvf:vfnic_vf.tx_bql=0 or
@@ -28,6 +28,7 @@ def main() -> int:
     p.add_argument("--dur", type=float, default=4.0, help="seconds per UDP row")
     p.add_argument("--json", help="write the raw results here")
     p.add_argument("--payloads", default="18", help="UDP payload sizes, comma-separated")
+    p.add_argument("--ping", type=int, default=40, help="pings before the UDP rows")
     p.add_argument("kinds", nargs="+")
     args = p.parse_args()
     dp.PAYLOADS = tuple(int(x) for x in args.payloads.split(","))  # type: ignore[assignment]
@@ -43,7 +44,7 @@ def main() -> int:
                 kind, _, extra = spec.partition(":")
                 more = extra.split("+") if extra else []
                 vm.guest_net_args = lambda *a, _m=more, **k: plain(*a, **k) + _m  # type: ignore[misc]
-                results.append((spec, dp.guest_datapath(lab, kind, nic, args.dur, 40)))
+                results.append((spec, dp.guest_datapath(lab, kind, nic, args.dur, args.ping)))
         finally:
             vm.guest_net_args = plain  # type: ignore[misc]
             lab.down()

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import collections
 import logging
-import struct
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from vfnic.dma.controller import DmaController
 from vfnic.errors import DmaError
@@ -26,8 +25,25 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RX_BACKLOG = 256  # frames waiting for the serving thread (fd-less DMA only)
-ADDR = struct.Struct("<Q")  # a descriptor's buffer address
 DD_BYTE = bytes([D.STAT_DD])  # a TX descriptor's status byte when done
+RX_DONE = D.STAT_DD | D.STAT_EOP  # a received frame's write-back status
+
+
+class QueueRegs(NamedTuple):
+    """One queue's ring registers (82599 8.2.3.8, 8.2.3.9), looked up once."""
+
+    DBAL: T.Register
+    DBAH: T.Register
+    DLEN: T.Register
+    DH: T.Register
+    DT: T.Register
+    XDCTL: T.Register
+
+
+RING_REGS = {ring.name: tuple(QueueRegs(ring.DBAL(q), ring.DBAH(q), ring.DLEN(q), ring.DH(q),
+                                        ring.DT(q), ring.XDCTL(q))
+                              for q in range(T.NUM_QUEUES))
+             for ring in (T.RX, T.TX)}
 
 
 class DataPath:
@@ -47,21 +63,20 @@ class DataPath:
     def _set(self, reg: Reg, value: int) -> None:
         self.fn.bank.set(reg, value)
 
-    def _count(self, stat: Reg, n: int = 1) -> None:
-        self.fn.bank.set(stat, (self.fn.bank.get(stat) + n) & 0xFFFFFFFF)
+    def _count(self, stat: T.Register, n: int = 1) -> None:
+        self.fn.bank.add(stat, n)
 
-    def _count64(self, low: Reg, high: Reg, n: int) -> None:
-        value = (self.fn.bank.get(high) << 32 | self.fn.bank.get(low)) + n
-        self.fn.bank.set(low, value & 0xFFFFFFFF)
-        self.fn.bank.set(high, (value >> 32) & 0xFFFFFFFF)
+    def _count64(self, low: T.Register, high: T.Register, n: int) -> None:
+        self.fn.bank.add64(low, high, n)
 
     def ring(self, ring: T.Ring, q: int) -> tuple[int, int]:
         """(base, descriptor count) of ``ring`` (T.RX or T.TX) of queue q."""
-        base = self._reg(ring.DBAH(q)) << 32 | self._reg(ring.DBAL(q))
-        return base, self._reg(ring.DLEN(q)) // D.DESC_SIZE
+        r = RING_REGS[ring.name][q]
+        get = self.fn.bank.get
+        return get(r.DBAH) << 32 | get(r.DBAL), get(r.DLEN) // D.DESC_SIZE
 
     def enabled(self, ring: T.Ring, q: int) -> bool:
-        return bool(self._reg(ring.XDCTL(q)) & T.QCTL_ENABLE)
+        return bool(self.fn.bank.get(RING_REGS[ring.name][q].XDCTL) & T.QCTL_ENABLE)
 
     def queue_error(self, ring: T.Ring, q: int, cause: int, why: object = None) -> None:
         """Disable the queue and report why (QERRn, EICR queue bit)."""
@@ -136,18 +151,23 @@ class DataPath:
         descriptor asked for a report (RS, 82599 7.2.3: a driver may ask for one every
         few frames)."""
         fn = self.fn
-        if not fn.running or not self.enabled(T.TX, q):
+        bank = fn.bank
+        get = bank.get
+        r = RING_REGS["TX"][q]
+        if not fn.running or not get(r.XDCTL) & T.QCTL_ENABLE:
             return 0
-        base, count = self.ring(T.TX, q)
-        head, tail = self._reg(T.TDH(q)), self._reg(T.TDT(q))
+        head, tail = get(r.DH), get(r.DT)
         if head == tail:
             return 0
+        base = get(r.DBAH) << 32 | get(r.DBAL)
+        count = get(r.DLEN) // D.DESC_SIZE
         sent = octets = 0
         report = False
         error = 0
         why: object = None
         frames: list[bytes] = []
         bucket = fn.policy.bucket
+        take = bucket.take if bucket.rate else None  # max_tx_rate: metered per frame
         nic = fn.nic
         # The uplink's line rate (--link-speed): its egress scheduler decides per frame.
         egress = switch = None
@@ -156,6 +176,7 @@ class DataPath:
         ports = switch.ports() if switch is not None else []
         try:
             dma = fn.check_dma()
+            read = dma.read
             with dma.batch():
                 descs = self._read_descriptors(dma, base, count, head, (tail - head) % count)
                 for addr, length, _cso, cmd, _st, _css, _vlan in D.TX_DESC.iter_unpack(descs):
@@ -163,11 +184,11 @@ class DataPath:
                         error = T.QERR_LEN
                         break
                     if egress is None:
-                        wait = bucket.take(length)
+                        wait = take(length) if take is not None else 0.0
                         if wait:  # max_tx_rate: the descriptor stays the device's until then
                             self._pace(wait)
                             break
-                        frames.append(dma.read(addr, length))
+                        frames.append(read(addr, length))
                     else:
                         data = dma.read(addr, length)
                         uplink = switch is None or switch.to_uplink(fn, data, ports)
@@ -184,10 +205,11 @@ class DataPath:
                     octets += length
         except DmaError as exc:
             error, why = T.QERR_DMA, exc
-        self._set(T.TDH(q), head)
+        bank.set(r.DH, head)
         if sent:
-            fn.counters["tx_batches"] += 1
-            fn.counters["tx_frames"] += sent
+            counters = fn.counters
+            counters["tx_batches"] += 1
+            counters["tx_frames"] += sent
             self._count(T.GPTC, sent)
             self._count64(T.GOTCL, T.GOTCH, octets)
         if egress is not None and fn in egress.shares and not self.tx_backlogged():
@@ -297,46 +319,53 @@ class DataPath:
         how many were delivered. Per batch: the descriptors are read in one DMA, and
         after every frame's data is written, their write-backs (DD) in one DMA, so
         the driver never sees DD before the data; then RDH, the statistics and the
-        queue's interrupt once. Frames beyond the posted descriptors are missed (MPC)."""
+        queue's interrupt once. Frames beyond the posted descriptors are missed (MPC).
+        A lone frame (a ping) pays this per-batch work: it is kept to plain lookups."""
         fn = self.fn
-        if not fn.running or not self.enabled(T.RX, q):
-            for _ in frames:
-                fn.count_drop()
+        bank = fn.bank
+        get = bank.get
+        r = RING_REGS["RX"][q]
+        if not fn.running or not get(r.XDCTL) & T.QCTL_ENABLE:
+            fn.count_drop(n=len(frames))
             return 0
-        base, count = self.ring(T.RX, q)
+        base = get(r.DBAH) << 32 | get(r.DBAL)
+        count = get(r.DLEN) // D.DESC_SIZE
+        dma = fn.dma
         # Off the serving thread, DMA messages are out of reach: frames go to the backlog
         # from the first one that needs them (and all of them while it is not empty).
-        direct_only = fn.dma.has_message_regions() and not fn.in_serving_thread()
+        direct_only = dma.has_message_regions() and not fn.in_serving_thread()
         if direct_only and (self.backlog or not self._direct(base, count * D.DESC_SIZE)):
             self._defer(frames)
             return 0
-        head, tail = self._reg(T.RDH(q)), self._reg(T.RDT(q))
-        n = min(len(frames), (tail - head) % count)
+        head = get(r.DH)
+        n = min(len(frames), (get(r.DT) - head) % count)
         done = good = octets = len_errors = 0
         deferred: list[bytes] = []
         why: DmaError | None = None
         if n:
             try:
-                dma = fn.check_dma()
+                fn.check_dma()
                 with dma.batch():
                     descs = self._read_descriptors(dma, base, count, head, n)
                     wb = bytearray(descs)  # written back whole: the address is kept
+                    pack_into = D.RX_DESC.pack_into
                     try:
-                        for i, frame in enumerate(frames[:n]):
-                            (addr,) = ADDR.unpack_from(descs, i * D.DESC_SIZE)
-                            if direct_only and not self._direct(addr, len(frame)):
-                                deferred = frames[i:]
+                        for (addr, _, _, _, _, _), frame in zip(D.RX_DESC.iter_unpack(descs),
+                                                                frames[:n], strict=True):
+                            length = len(frame)
+                            if direct_only and not self._direct(addr, length):
+                                deferred = frames[done:]
                                 break
-                            if len(frame) > D.RX_BUFFER_SIZE:
+                            if length > D.RX_BUFFER_SIZE:
                                 len_errors += 1
-                                D.RX_DESC.pack_into(wb, i * D.DESC_SIZE, addr, 0, 0,
-                                                    D.STAT_DD | D.STAT_EOP, D.RXERR_LEN, 0)
+                                pack_into(wb, done * D.DESC_SIZE, addr, 0, 0, RX_DONE,
+                                          D.RXERR_LEN, 0)
                             else:
                                 dma.write(addr, frame)
-                                D.RX_DESC.pack_into(wb, i * D.DESC_SIZE, addr, len(frame), 0,
-                                                    D.STAT_DD | D.STAT_EOP, 0, 0)
+                                pack_into(wb, done * D.DESC_SIZE, addr, length, 0, RX_DONE,
+                                          0, 0)
                                 good += 1
-                                octets += len(frame)
+                                octets += length
                             done += 1
                     finally:  # the frames whose data is in place: their descriptors
                         try:
@@ -349,9 +378,10 @@ class DataPath:
             except DmaError as exc:
                 why = exc
         if done:
-            self._set(T.RDH(q), (head + done) % count)
-            fn.counters["rx_batches"] += 1
-            fn.counters["rx_frames"] += done
+            bank.set(r.DH, (head + done) % count)
+            counters = fn.counters
+            counters["rx_batches"] += 1
+            counters["rx_frames"] += done
         if len_errors:
             self._count(T.RXERRC, len_errors)
         if good:

@@ -7,7 +7,6 @@ DIR/pf.sock, DIR/vf0.sock ... and DIR/control.sock (management, JSON lines).
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import grp
 import json
@@ -17,7 +16,7 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -95,6 +94,27 @@ VF_WRITE_HOOKS: dict[Register, HookMaker] = {
     T.RAL: lambda nic, fn: lambda _n, _v: nic._on_mac_register(fn),
     T.RAH: lambda nic, fn: lambda _n, _v: nic._on_mac_register(fn),
 }
+
+
+class _Burst:
+    """``Nic.one_interrupt()``'s context (a plain class: entered once per burst, also
+    for a lone frame). Nested bursts leave the signalling to the outer one."""
+
+    __slots__ = ("_nic", "_outer")
+
+    def __init__(self, nic: Nic) -> None:
+        self._nic = nic
+        self._outer = False
+
+    def __enter__(self) -> None:
+        nic = self._nic
+        if nic._held is None:
+            nic._held = set()
+            self._outer = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self._outer:
+            self._nic._end_burst()
 
 
 class Nic:
@@ -176,24 +196,19 @@ class Nic:
         """Whether a burst (``one_interrupt``) is being delivered."""
         return self._held is not None
 
-    @contextlib.contextmanager
-    def one_interrupt(self) -> Iterator[None]:
+    def one_interrupt(self) -> _Burst:
         """Hold interrupts while a burst of frames is delivered, then signal each function's
         pending causes once (per batch, not per frame). Called with the NIC lock held."""
-        if self._held is not None:  # nested: the outer burst signals
-            yield
-            return
-        self._held = set()
+        return _Burst(self)
+
+    def _end_burst(self) -> None:
         try:
-            yield
+            for fn in self.functions:  # frames received in the burst: one batch each
+                fn.datapath.flush()
         finally:
-            try:
-                for fn in self.functions:  # frames received in the burst: one batch each
-                    fn.datapath.flush()
-            finally:
-                held, self._held = self._held, None
-                for fn in held:
-                    self._deliver(fn)
+            held, self._held = self._held, None
+            for fn in held or ():
+                self._deliver(fn)
 
     def _deliver(self, fn: PciFunction) -> None:
         """Signal every pending, unmasked cause (MSI-X vector per cause, else MSI/INTx)."""

@@ -16,13 +16,12 @@ pages logged since it started, which the migration stream carries.
 from __future__ import annotations
 
 import bisect
-import contextlib
 import errno
 import fcntl
 import mmap
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from vfnic.errors import DmaError, ProtocolError, VfnicError
@@ -65,6 +64,27 @@ class DmaRegion:
         return bool(self.flags & 2)
 
 
+class _Batch:
+    """``DmaController.batch()``: a plain context manager (entered once per burst, so
+    not a generator); nested batches share the outer one's file sizes."""
+
+    __slots__ = ("_dma", "_depth")
+
+    def __init__(self, dma: DmaController) -> None:
+        self._dma = dma
+        self._depth = 0
+
+    def __enter__(self) -> None:
+        if not self._depth:
+            self._dma._sizes = {}
+        self._depth += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self._depth -= 1
+        if not self._depth:
+            self._dma._sizes = None
+
+
 class DmaController:
     def __init__(self, max_regions: int = 65535) -> None:
         self.max_regions = max_regions
@@ -79,22 +99,15 @@ class DmaController:
         self.spans: dict[int, list[tuple[int, int]]] = {}
         # fd -> file size, while a batch of accesses runs (None: fstat before each write)
         self._sizes: dict[int, int] | None = None
+        self._batch = _Batch(self)
 
-    @contextlib.contextmanager
-    def batch(self) -> Iterator[None]:
+    def batch(self) -> _Batch:
         """A batch of accesses (one RX burst, one TX doorbell): the client's file sizes
         are read once for it, not before each pwrite. Called with the NIC lock held (as
         DMA_MAP/UNMAP are), so no region changes meanwhile; a shrink racing with the
         batch can only regrow the client's own file, as a shrink racing with a single
         check can, and reads still fail short (DmaError, never SIGBUS)."""
-        if self._sizes is not None:  # nested: the outer batch owns the cache
-            yield
-            return
-        self._sizes = {}
-        try:
-            yield
-        finally:
-            self._sizes = None
+        return self._batch
 
     def _file_size(self, fd: int) -> int:
         sizes = self._sizes

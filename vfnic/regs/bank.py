@@ -41,6 +41,19 @@ class RegisterBank:
         r = self.by_name[reg if isinstance(reg, str) else reg.name]
         self.values[r.name] = value & ((1 << (8 * r.width)) - 1)
 
+    def add(self, reg: Register, n: int) -> None:
+        """A statistics register counts ``n`` more (wrapping, as a 32-bit counter does)."""
+        values = self.values
+        values[reg.name] = (values[reg.name] + n) & 0xFFFFFFFF
+
+    def add64(self, low: Register, high: Register, n: int) -> None:
+        """A 64-bit statistics counter kept in two registers (GORCL/GORCH) counts ``n``
+        more."""
+        values = self.values
+        total = (values[high.name] << 32 | values[low.name]) + n
+        values[low.name] = total & 0xFFFFFFFF
+        values[high.name] = (total >> 32) & 0xFFFFFFFF
+
     def set_bits(self, reg: Reg, bits: int) -> None:
         self.set(reg, self.get(reg) | bits)
 
@@ -75,6 +88,11 @@ class RegisterBank:
     def guest_write(self, offset: int, data: bytes) -> None:
         """Write bytes at ``offset`` with each register's semantics; sub-word writes
         merge with the current value (as a byte-enabled PCIe write would)."""
+        if len(data) == 4 and not offset & 3:  # one whole register (a doorbell): as is
+            reg = self.by_offset.get(offset)
+            if reg is not None:
+                self._write_reg(reg, int.from_bytes(data, "little"), 0xFFFFFFFF)
+            return
         start = offset & ~3
         for word in range(start, offset + len(data), 4):
             reg = self.by_offset.get(word)
