@@ -203,7 +203,8 @@ def report(sec: Section, results: dict[str, list[Run]], plot_path: Path | None,
             "QEMU carried for the VF, and the guest pages the VF wrote by DMA among them. "
             "*Early*: migrations where the destination guest ran before its VF's PCI config "
             "was back in QEMU (goal 0). *MSI-X back*: migrations where the destination NIC "
-            "wrote the guest's MSI-X table and Message Control back into QEMU before it ran. "
+            "wrote the guest's MSI-X table and Message Control back into QEMU (with *early*, "
+            "the guest may have run just before). "
             "*Takeovers*: migrations where the guest driver fell back to taking over a VF "
             "found at reset; *recoveries*: where it restored a lost MSI-X/config itself (both "
             "counted from the destination's console since the lab started).")
