@@ -199,7 +199,10 @@ class PciFunction:
             wire.PciIrq.INTX: (ev | wire.VFIO_IRQ_INFO_MASKABLE | wire.VFIO_IRQ_INFO_AUTOMASKED,
                                1 if self.is_pf else 0),
             wire.PciIrq.MSI: (ev | wire.VFIO_IRQ_INFO_NORESIZE, 1),
-            wire.PciIrq.MSIX: (ev | wire.VFIO_IRQ_INFO_NORESIZE, MSIX_VECTORS),
+            # Vectors are armed one at a time (SET_IRQS start/count below), so NORESIZE
+            # is clear, as for vfio-pci's dynamic MSI-X: QEMU then arms each vector the
+            # guest unmasks with one SET_IRQS instead of re-arming them all.
+            wire.PciIrq.MSIX: (ev, MSIX_VECTORS),
             wire.PciIrq.ERR: (ev, 0),
             wire.PciIrq.REQ: (ev, 0),
         }
