@@ -237,14 +237,15 @@ class VfLink:
         """The VF's registers (BAR0) as the stream left them: at the stop (source, still
         stopped), restored (destination, before the replay lets it run)."""
         with self.fn.lock:
-            record["regs"] = {r.name: self.fn.bank.get(r.name) for r in self.fn.bank.table}
+            regs = {r.name: self.fn.bank.get(r.name) for r in self.fn.bank.table}
+        self.service.update(record, regs=regs)
 
-    @staticmethod
-    def _describe(record: dict[str, Any], data: bytes) -> None:
+    def _describe(self, record: dict[str, Any], data: bytes) -> None:
         """The stream's CRC, extents and page count."""
         extents = vfstate.extents_in(data)
-        record.update(crc=zlib.crc32(data), extents=len(extents),
-                      pages=vfstate.pages_of(extents), dma_bytes=sum(len(b) for _, b in extents))
+        self.service.update(record, crc=zlib.crc32(data), extents=len(extents),
+                            pages=vfstate.pages_of(extents),
+                            dma_bytes=sum(len(b) for _, b in extents))
 
     # Save and Load run with QEMU's main loop blocked: no monitor call from here.
 
@@ -255,21 +256,21 @@ class VfLink:
         if self.fn.dma.dirty_log is None:
             # No monitor told us the migration started: pages the VF wrote by DMA after
             # QEMU sent them are not in this state (the guest may see stale buffers).
-            record["warning"] = "DMA dirty log was not running: DMA-written pages not carried"
-            log.warning("%s: %s", self.id, record["warning"])
+            warning = "DMA dirty log was not running: DMA-written pages not carried"
+            self.service.update(record, warning=warning)
+            log.warning("%s: %s", self.id, warning)
         fault = self.service.faults.pop(self.fn.index, None)
         limit = 64 if fault == "oversize" else vfstate.LIMIT
         try:
             data = vfstate.save(self.fn, limit)
         except VfnicError as exc:
-            record["error"] = str(exc)
-            self.service.changed()
+            self.service.update(record, error=str(exc))
             raise
         if fault == "corrupt":
             mid = len(data) // 2
             data = data[:mid] + bytes([data[mid] ^ 0xFF]) + data[mid + 1:]
-        record.update(save_ms=round((time.perf_counter() - t0) * 1000, 3), bytes=len(data),
-                      saved=True)
+        self.service.update(record, save_ms=round((time.perf_counter() - t0) * 1000, 3),
+                            bytes=len(data), saved=True)
         # Bookkeeping after the reply, outside QEMU's pause (the VF stays stopped).
         loop = asyncio.get_running_loop()
         loop.call_soon(self._regs, record)
@@ -282,12 +283,11 @@ class VfLink:
         try:
             vfstate.load(self.fn, data)
         except VfnicError as exc:
-            record.update(error=str(exc), result="refused")
-            self.service.changed()
+            self.service.update(record, error=str(exc), result="refused")
             raise
-        record.update(load_ms=round((time.perf_counter() - t0) * 1000, 3), bytes=len(data),
-                      loaded_at=time.time(),
-                      mode=self.fn.migration_mode)  # as the source's VF had it
+        self.service.update(record, load_ms=round((time.perf_counter() - t0) * 1000, 3),
+                            bytes=len(data), loaded_at=time.time(),
+                            mode=self.fn.migration_mode)  # as the source's VF had it
         # The config replay, queued now: its commands go out right behind this reply and
         # wait in the monitor until QEMU's main loop runs again, ahead of any `cont`.
         # Registers as restored, right after this reply (the VF runs only once the
@@ -382,9 +382,9 @@ class VfLink:
                 raise VfnicError("not read (fault injected)")
             ecam = await self._ecam(qmp)
             await asyncio.to_thread(self.fn.pull_msix, ecam)
-            record["msix_table"] = "carried"
+            self.service.update(record, msix_table="carried")
         except Exception as exc:  # VfnicError, QMP errors: the driver's fallback then
-            record["msix_table"] = f"not carried: {exc}"
+            self.service.update(record, msix_table=f"not carried: {exc}")
             log.warning("%s: MSI-X state not carried: %s", self.id, exc)
         coop = None
         if self.fn.migration_mode == MIGRATION_COOPERATIVE:
@@ -392,27 +392,27 @@ class VfLink:
             try:
                 await coop.start()
                 ack = await coop.suspend()
-                record.update(suspend_mailbox_ms=ack.get("mailbox_ms"),
-                              suspend_driver_us=ack.get("driver_us"),
-                              suspended_at_ms=round((time.perf_counter() - t0) * 1000, 1))
+                self.service.update(record, suspend_mailbox_ms=ack.get("mailbox_ms"),
+                                    suspend_driver_us=ack.get("driver_us"),
+                                    suspended_at_ms=round((time.perf_counter() - t0) * 1000, 1))
             except Exception as exc:  # MailboxTimeout, MigrationError, QMP errors
-                record["error"] = str(exc)
+                self.service.update(record, error=str(exc))
                 log.warning("%s: %s: cancelling the migration", self.id, exc)
                 with contextlib.suppress(Exception):
                     await qmp.execute("migrate_cancel")
             finally:
                 await coop.release()
         result = await control.wait_end(qmp, events)
-        record.update(result=result, total_ms=round((time.perf_counter() - t0) * 1000, 1))
-        self.service.changed()
+        self.service.update(record, result=result,
+                            total_ms=round((time.perf_counter() - t0) * 1000, 1))
         if result in ("failed", "cancelled"):
             # QEMU resumed the source (return-path): the VF goes on where it stopped.
             vfstate.run(self.fn)
             vfstate.stop_dirty_log(self.fn)
-            record["vf_running"] = self.fn.migration.state.name == "RUNNING"
+            self.service.update(record, vf_running=self.fn.migration.state.name == "RUNNING")
             if coop is not None:
                 await coop.rollback()
-                record["resumed"] = True
+                self.service.update(record, resumed=True)
             log.warning("%s: migration %s: the VF runs on here", self.id, result)
         else:
             vfstate.stop_dirty_log(self.fn)
@@ -437,43 +437,42 @@ class VfLink:
                 raise VfnicError("no replay queued")
             await self.replay
         except Exception as exc:
-            record["replay_error"] = str(exc)
+            self.service.update(record, replay_error=str(exc))
             log.error("%s: PCI config not restored in QEMU: %s", self.id, exc)
         vfstate.run(self.fn)
-        record["replay_ms"] = round((time.perf_counter() - t0) * 1000, 3)
-        record["msix_restored"] = self.msix_restored
         # A RESUME before the command register's reply: the guest ran with its VF's
         # config at reset (the monitor answers in order, events in between).
-        record["early_access"] = self.early
+        early = self.early
         if isinstance(self.address, int) and self.replay is None:
-            record["early_access"] = not resumes.empty()
-        record["restored_at"] = time.time()  # `vfnic migrate` sends `cont` on this
-        self.service.changed()
+            early = not resumes.empty()
+        # `vfnic migrate` sends `cont` on restored_at
+        self.service.update(record, replay_ms=round((time.perf_counter() - t0) * 1000, 3),
+                            msix_restored=self.msix_restored, early_access=early,
+                            restored_at=time.time())
         nic = self.service.server.nic
         if self.fn.migration_mode != MIGRATION_COOPERATIVE:
             # Transparent: the LAN learns the VF's new port now, while the guest is still
             # paused, so the first frames for it after `cont` already come here.
             await asyncio.to_thread(nic.switch.announce, self.fn, 1)
-            record["announced_at"] = time.time()
+            self.service.update(record, announced_at=time.time())
         if resumes.empty():  # whoever sends `cont`: libvirt, `vfnic migrate`, a user
             await control.wait_runstate(qmp, lambda st: bool(st.get("running")), None,
                                         wake=resumes, poll=0.5)
-        record["running_at"] = time.time()
+        self.service.update(record, running_at=time.time())
         if self.undescribed is not None:
             self._describe(*self.undescribed)
             self.undescribed = None
         if self.fn.migration_mode == MIGRATION_COOPERATIVE:
             try:
                 ack = await self._mailbox("resume", [0])
-                record.update(resume_mailbox_ms=ack.get("mailbox_ms"),
-                              resume_driver_us=ack.get("driver_us"))
+                self.service.update(record, resume_mailbox_ms=ack.get("mailbox_ms"),
+                                    resume_driver_us=ack.get("driver_us"))
             except VfnicError as exc:
-                record["resume_error"] = str(exc)
+                self.service.update(record, resume_error=str(exc))
         else:  # and again once it runs, as QEMU's announce-self repeats
             await asyncio.to_thread(nic.switch.announce, self.fn, 2)
-            record["announced"] = True
-        record["result"] = "completed"
-        self.service.changed()
+            self.service.update(record, announced=True)
+        self.service.update(record, result="completed")
 
     async def _ecam(self, qmp: QMPClient) -> int:
         """Where the VF's config space lies in its QEMU's memory (q35's MMCONFIG)."""
@@ -551,7 +550,7 @@ class VmStateService:
         # does not read QEMU's MSI-X state: the guest driver's fallback restores it)
         self.faults: dict[int, str] = {}
         self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)  # a record got a result or a mark
+        self._changed = threading.Condition(self._lock)  # update() changed a record
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="vfnic-vmstate", daemon=True)
 
@@ -570,9 +569,11 @@ class VmStateService:
             self.history.append(record)
             del self.history[:-100]
 
-    def changed(self) -> None:
-        """Wake whoever waits for a record (a result, an error, the restore)."""
+    def update(self, record: dict[str, Any], **fields: Any) -> None:
+        """Change a record: under the lock (readers copy records whole), waking whoever
+        waits for one (a result, an error, the restore)."""
         with self._changed:
+            record.update(fields)
             self._changed.notify_all()
 
     def records(self, settle: float = 0.0, since: int = 0) -> list[dict[str, Any]]:
@@ -585,7 +586,7 @@ class VmStateService:
                 left = deadline - time.monotonic()
                 if done or left <= 0:
                     return [dict(r) for r in self.history if r["seq"] > since]
-                self._changed.wait(min(left, 0.05))
+                self._changed.wait(left)
 
     def wait_record(self, role: str, key: str, since: int, timeout: float) -> dict[str, Any]:
         """The newest record of ``role`` numbered after ``since`` once it has ``key`` (or
@@ -599,8 +600,7 @@ class VmStateService:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise VfnicError(f"no {role} record with {key!r} after {timeout:g} s")
-                # woken by changed(); the bound covers keys set without a wake-up
-                self._changed.wait(min(left, 0.05))
+                self._changed.wait(left)  # every change goes through update()
 
     def control(self, req: dict[str, Any]) -> Any:
         """The management operations this layer adds to `vfnic serve`."""
