@@ -118,6 +118,12 @@ TRACE_EVENTS = ("migration_completion_vm_stop", "ram_save_complete", "vmstate_sa
                 "savevm_state_cleanup", "process_incoming_migration_co_end")
 
 
+def driver_recoveries(console: str) -> int:
+    """How often the kernel driver restored a lost MSI-X/config itself (its fallback),
+    from its log on a guest console (kmod/main.c vfnic_check_function)."""
+    return len(re.findall(r"(?:MSI-X|PCI config) restored in", console))
+
+
 def trace_args(path: Path) -> list[str]:
     """QEMU options that log the migration's steps to ``path``, timestamped (UTC, us)."""
     args = ["-D", str(path), "-msg", "timestamp=on"]
@@ -364,10 +370,9 @@ class PingPong:
                 pinger = None
             run.summary["qemu_steps"] = pause_steps(self.vm.run_dir / "trace.log",
                                                     dst.run_dir / "trace.log")
-            if vf:  # the kernel driver's own recovery of lost MSI-X/config: the fallback
-                console = dst.console_log.read_text(errors="replace")
-                run.summary["driver_recoveries"] = len(
-                    re.findall(r"(?:MSI-X|PCI config) restored in", console))
+            if vf:
+                run.summary["driver_recoveries"] = driver_recoveries(
+                    dst.console_log.read_text(errors="replace"))
             run.ok = True
             old = self.vm
             self.vm, self.side = dst, dst_side

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from vfnic.bench.common import Section, log, rotated_rounds, short_tmpdir, stat_text, table
-from vfnic.bench.migration import Config, Run
+from vfnic.bench.migration import Config, Run, driver_recoveries
 
 CONFIG = Config("virsh", "VF transparent, virsh migrate", "vf", "transparent")
 COOP = Config("virsh-coop", "VF cooperative, virsh migrate", "vf", "cooperative")
@@ -85,7 +85,7 @@ def migrate_once(lab: Any, src: Any, dst: Any, run: Run, window: float, target: 
         console = (lab.nic_dir(dst.host) / "console.log").read_text(errors="replace")
         # The driver's own fallback (a VF found at reset, taken over): counted apart.
         takeovers = len(re.findall(r"taken over in ([0-9.]+) ms", console))
-        recoveries = len(re.findall(r"(?:MSI-X|PCI config) restored in", console))
+        recoveries = driver_recoveries(console)
     run.total_ms = wall * 1000
     run.vm_downtime_ms = info.get("Total downtime")
     run.net_downtime_ms = pinger.downtime_ms() if run.recovered else None

@@ -71,7 +71,9 @@ class DataPath:
 
     def ring(self, ring: T.Ring, q: int) -> tuple[int, int]:
         """(base, descriptor count) of ``ring`` (T.RX or T.TX) of queue q."""
-        r = RING_REGS[ring.name][q]
+        return self._ring(RING_REGS[ring.name][q])
+
+    def _ring(self, r: QueueRegs) -> tuple[int, int]:
         get = self.fn.bank.get
         return get(r.DBAH) << 32 | get(r.DBAL), get(r.DLEN) // D.DESC_SIZE
 
@@ -159,8 +161,7 @@ class DataPath:
         head, tail = get(r.DH), get(r.DT)
         if head == tail:
             return 0
-        base = get(r.DBAH) << 32 | get(r.DBAL)
-        count = get(r.DLEN) // D.DESC_SIZE
+        base, count = self._ring(r)
         sent = octets = 0
         report = False
         error = 0
@@ -190,7 +191,7 @@ class DataPath:
                             break
                         frames.append(read(addr, length))
                     else:
-                        data = dma.read(addr, length)
+                        data = read(addr, length)
                         uplink = switch is None or switch.to_uplink(fn, data, ports)
                         wait = egress.take(fn, length, uplink)
                         if wait:  # not its turn on the uplink: the descriptor stays ours
@@ -328,8 +329,7 @@ class DataPath:
         if not fn.running or not get(r.XDCTL) & T.QCTL_ENABLE:
             fn.count_drop(n=len(frames))
             return 0
-        base = get(r.DBAH) << 32 | get(r.DBAL)
-        count = get(r.DLEN) // D.DESC_SIZE
+        base, count = self._ring(r)
         dma = fn.dma
         # Off the serving thread, DMA messages are out of reach: frames go to the backlog
         # from the first one that needs them (and all of them while it is not empty).

@@ -59,6 +59,8 @@ EXT_SRIOV = 0x100
 BAR_SIZES = {0: BAR0_SIZE, MSIX_BAR: MSIX_BAR_SIZE}
 REG_AT = {r.offset: r.name for r in PF_TABLE}  # BAR0 offset -> register name (counters)
 TX_TAILS = frozenset(T.TDT(q).offset for q in range(T.NUM_QUEUES))
+MSIX_TABLE_SIZE = MSIX_VECTORS * MSIX_ENTRY
+MSIX_TABLE = slice(MSIX_TABLE_OFFSET, MSIX_TABLE_OFFSET + MSIX_TABLE_SIZE)  # in BAR3
 
 
 class PciFunction:
@@ -250,7 +252,7 @@ class PciFunction:
     def _msix_write(self, offset: int, data: bytes) -> None:
         for i, b in enumerate(data):
             pos = offset + i
-            if pos < MSIX_VECTORS * MSIX_ENTRY:  # table: writable; PBA is read-only
+            if pos < MSIX_TABLE_SIZE:  # table: writable; PBA is read-only
                 self.msix[pos] = b
 
     def set_irqs(self, index: int, flags: int, start: int, count: int, data: bytes,
@@ -387,7 +389,7 @@ class PciFunction:
         """``n`` frames lost: in a statistics register, or, while stopped for migration
         (when the device state must not change, vfio STOP), in a host-side counter."""
         if self.running:
-            self.bank.set(stat, (self.bank.get(stat) + n) & 0xFFFFFFFF)
+            self.bank.add(stat, n)
         else:
             self.stopped_drops += n
 
@@ -465,18 +467,14 @@ class PciFunction:
         through the enhanced configuration mechanism at ``ecam`` (PCIe 4.0 section
         7.2.2: this function's 4 KiB of config in the client's memory space). DmaError
         if the client cannot be read there."""
-        self.check_dma()
-        read = self.dma.message_read
-        if read is None:
-            raise DmaError(f"{self.name}: no client to read", errno.ENODEV)
-        size = MSIX_VECTORS * MSIX_ENTRY
-        table = read(self.msix_table_address(), size)
+        read = self.check_dma().read_by_message
+        table = read(self.msix_table_address(), MSIX_TABLE_SIZE)
         (control,) = struct.unpack("<H", read(ecam + CAP_MSIX + pci.MSIX_FLAGS, 2))
         if control == 0xFFFF:
             raise DmaError(f"{self.name}: no config space at {ecam:#x}", errno.ENODEV)
         bits = pci.MSIX_FLAGS_ENABLE | pci.MSIX_FLAGS_MASKALL
         with self.lock:
-            self.msix[MSIX_TABLE_OFFSET : MSIX_TABLE_OFFSET + size] = table
+            self.msix[MSIX_TABLE] = table
             flags = self.config.get(CAP_MSIX + pci.MSIX_FLAGS, 2) & ~bits
             self.config.set(CAP_MSIX + pci.MSIX_FLAGS, 2, flags | control & bits)
 
@@ -484,18 +482,15 @@ class PciFunction:
         """Whether this function's MSI-X table holds a message address (one read from
         the client, or written by a client that forwards table writes)."""
         with self.lock:
-            return any(self.msix[v * MSIX_ENTRY : v * MSIX_ENTRY + 4] != bytes(4)
-                       for v in range(MSIX_VECTORS))
+            table = self.msix[MSIX_TABLE]
+        return any(table[v * MSIX_ENTRY : v * MSIX_ENTRY + 4] != bytes(4)
+                   for v in range(MSIX_VECTORS))
 
     def push_msix_table(self) -> None:
         """Write this function's MSI-X table into its client's (DmaError if refused)."""
-        self.check_dma()
-        if self.dma.message_write is None:
-            raise DmaError(f"{self.name}: no client to write", errno.ENODEV)
-        size = MSIX_VECTORS * MSIX_ENTRY
         with self.lock:
-            table = bytes(self.msix[MSIX_TABLE_OFFSET : MSIX_TABLE_OFFSET + size])
-        self.dma.message_write(self.msix_table_address(), table)
+            table = bytes(self.msix[MSIX_TABLE])
+        self.check_dma().write_by_message(self.msix_table_address(), table)
 
     @property
     def mac(self) -> bytes:

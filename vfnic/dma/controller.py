@@ -202,9 +202,7 @@ class DmaController:
                 raise DmaError(f"DMA read at {address:#x}+{length:#x}: beyond the end of "
                                "the client's file")
             return data
-        if self.message_read is None:
-            raise DmaError("no client connection for DMA_READ", errno.ENODEV)
-        return self.message_read(address, length)
+        return self.read_by_message(address, length)
 
     def write(self, address: int, data: bytes) -> None:
         r = self.find(address, len(data))
@@ -226,13 +224,24 @@ class DmaController:
             if n != len(data):
                 raise DmaError(f"DMA write at {address:#x}: short write ({n} bytes)")
         else:
-            if self.message_write is None:
-                raise DmaError("no client connection for DMA_WRITE", errno.ENODEV)
-            self.message_write(address, data)
+            self.write_by_message(address, data)
         if self.dirty_log is not None and data:
             pages = range(address // PAGE_SIZE, (address + len(data) - 1) // PAGE_SIZE + 1)
             self.dirty_log.update(pages)
             self._log_spans(address, len(data))
+
+    def read_by_message(self, address: int, length: int) -> bytes:
+        """DMA_READ through the client, at any bus address it decodes (its RAM without
+        an fd, or a function's BAR or config space in its memory space)."""
+        if self.message_read is None:
+            raise DmaError("no client connection for DMA_READ", errno.ENODEV)
+        return self.message_read(address, length)
+
+    def write_by_message(self, address: int, data: bytes) -> None:
+        """DMA_WRITE through the client (not dirty-logged here: QEMU logs its own)."""
+        if self.message_write is None:
+            raise DmaError("no client connection for DMA_WRITE", errno.ENODEV)
+        self.message_write(address, data)
 
     def _log_spans(self, address: int, length: int) -> None:
         """Add [address, address+length) to the written spans, merged per page."""
