@@ -4,11 +4,14 @@
 with guest memory a memfd mapped as DMA regions (pread/pwrite, as for QEMU's memory)
 and vf1's queue interrupt an eventfd.
 
-  python scripts/frame_path.py [--rounds N] [--frames N] [--batch N] [--before DIR]
+  python scripts/frame_path.py [--rounds N] [--frames N] [--batch N] [--rs-every N]
+                               [--before DIR]
 
 Time is the measuring thread's CPU time (user + system, time.thread_time), so other
 processes on a shared machine slow it less than they slow the wall clock. --batch 1
-is a lone frame (a ping): the per-batch work, once per frame.
+is a lone frame (a ping): the per-batch work, once per frame. --rs-every: TX descriptors
+ask for a report (RS) every N frames (default: once per batch, as vfnic_vf does; 1: every
+frame, as the Python driver model does).
 
 With --before DIR (a checkout of the tree to compare, e.g. `git archive REV vfnic |
 tar -x -C DIR`), each round runs both trees in fresh processes, interleaved, and
@@ -35,7 +38,7 @@ BATCH = 32  # frames per doorbell / uplink burst (--batch)
 TX_RING, RX_RING, BUFFERS = 0x0, 0x2000, 0x8000  # offsets in the guest memory
 
 
-def measure(kind: str, frames: int, batch: int = BATCH) -> float:
+def measure(kind: str, frames: int, batch: int = BATCH, rs_every: int = BATCH) -> float:
     """ns per frame of ``kind`` ("tx" or "rx") through the tree on sys.path."""
     from vfnic.device import pci
     from vfnic.device.nic import Nic
@@ -65,7 +68,7 @@ def measure(kind: str, frames: int, batch: int = BATCH) -> float:
     frame = dst.rx_mac + src.rx_mac + (0x88B5).to_bytes(2, "big") + bytes(46)
     os.pwrite(mem["vf0"], frame, BUFFERS)
     for i in range(RING):
-        cmd = D.CMD_EOP | (D.CMD_RS if i % batch == batch - 1 else 0)
+        cmd = D.CMD_EOP | (D.CMD_RS if i % rs_every == rs_every - 1 else 0)
         os.pwrite(mem["vf0"], D.TX_DESC.pack(MEM + BUFFERS, len(frame), 0, cmd, 0, 0, 0),
                   TX_RING + i * D.DESC_SIZE)
         os.pwrite(mem["vf1"], struct.pack("<QQ", MEM + BUFFERS + i * 2048, 0),
@@ -87,10 +90,10 @@ def measure(kind: str, frames: int, batch: int = BATCH) -> float:
     return elapsed / (rounds * batch) * 1e9
 
 
-def run_tree(tree: Path, kind: str, frames: int, batch: int) -> float:
+def run_tree(tree: Path, kind: str, frames: int, batch: int, rs_every: int) -> float:
     env = dict(os.environ, PYTHONPATH=str(tree))
     out = subprocess.run([sys.executable, __file__, "--one", kind, "--frames", str(frames),
-                          "--batch", str(batch)],
+                          "--batch", str(batch), "--rs-every", str(rs_every)],
                          env=env, check=True, capture_output=True, text=True, cwd=tree)
     return float(json.loads(out.stdout)["ns"])
 
@@ -105,10 +108,12 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=9600)
     ap.add_argument("--before", type=Path, help="a tree to compare with, interleaved")
     ap.add_argument("--batch", type=int, default=BATCH, help="frames per doorbell / burst")
+    ap.add_argument("--rs-every", type=int, help="RS every N TX descriptors (default: --batch)")
     ap.add_argument("--one", choices=("tx", "rx"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    rs_every = args.rs_every or args.batch
     if args.one:
-        print(json.dumps({"ns": measure(args.one, args.frames, args.batch)}))
+        print(json.dumps({"ns": measure(args.one, args.frames, args.batch, rs_every)}))
         return
     here = Path(__file__).resolve().parent.parent
     trees = {"after": here} if args.before is None else {"before": args.before, "after": here}
@@ -117,9 +122,10 @@ def main() -> None:
         order = list(trees) if r % 2 == 0 else list(reversed(trees))
         for kind in res:
             for tree in order:
-                res[kind][tree].append(run_tree(trees[tree], kind, args.frames, args.batch))
+                res[kind][tree].append(run_tree(trees[tree], kind, args.frames, args.batch,
+                                                rs_every))
     print(f"{args.rounds} interleaved rounds of {args.frames} frames (60 B), "
-          f"batches of {args.batch}, thread CPU time; median (min–max)")
+          f"batches of {args.batch}, RS every {rs_every}, thread CPU time; median (min–max)")
     for kind, by_tree in res.items():
         cols = [f"{t}: {stat(v)} ns/frame = {1e9 / statistics.median(v):,.0f} frames/s"
                 for t, v in by_tree.items()]

@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RX_BACKLOG = 256  # frames waiting for the serving thread (fd-less DMA only)
-DD_BYTE = bytes([D.STAT_DD])  # a TX descriptor's status byte when done
 RX_DONE = D.STAT_DD | D.STAT_EOP  # a received frame's write-back status
 
 
@@ -147,8 +146,8 @@ class DataPath:
 
     def transmit(self, q: int) -> int:
         """Send every descriptor in [TDH, TDT); returns the number of frames sent.
-        Per batch, not per frame: the descriptors are read in one DMA, TDH and the
-        statistics are written once, the frames are switched under one interrupt per
+        Per batch, not per frame: the descriptors are read in one DMA and the
+        reported ones written back in one, TDH and the statistics are written once, the frames are switched under one interrupt per
         receiving function, and the queue's interrupt is raised once, only if a
         descriptor asked for a report (RS, 82599 7.2.3: a driver may ask for one every
         few frames)."""
@@ -179,31 +178,38 @@ class DataPath:
             dma = fn.check_dma()
             read = dma.read
             with dma.batch():
+                start = head
                 descs = self._read_descriptors(dma, base, count, head, (tail - head) % count)
-                for addr, length, _cso, cmd, _st, _css, _vlan in D.TX_DESC.iter_unpack(descs):
-                    if not D.MIN_FRAME <= length <= D.MAX_FRAME:
-                        error = T.QERR_LEN
-                        break
-                    if egress is None:
-                        wait = take(length) if take is not None else 0.0
-                        if wait:  # max_tx_rate: the descriptor stays the device's until then
-                            self._pace(wait)
+                rs: list[int] = []  # the sent descriptors that ask for a report
+                try:
+                    for addr, length, _cso, cmd, _st, _css, _vlan in \
+                            D.TX_DESC.iter_unpack(descs):
+                        if not D.MIN_FRAME <= length <= D.MAX_FRAME:
+                            error = T.QERR_LEN
                             break
-                        frames.append(read(addr, length))
-                    else:
-                        data = read(addr, length)
-                        uplink = switch is None or switch.to_uplink(fn, data, ports)
-                        wait = egress.take(fn, length, uplink)
-                        if wait:  # not its turn on the uplink: the descriptor stays ours
-                            self._pace(wait)
-                            break
-                        frames.append(data)
-                    if cmd & D.CMD_RS:
-                        dma.write(base + head * D.DESC_SIZE + D.STATUS_OFFSET, DD_BYTE)
+                        if egress is None:
+                            wait = take(length) if take is not None else 0.0
+                            if wait:  # max_tx_rate: the descriptor stays the device's till then
+                                self._pace(wait)
+                                break
+                            frames.append(read(addr, length))
+                        else:
+                            data = read(addr, length)
+                            uplink = switch is None or switch.to_uplink(fn, data, ports)
+                            wait = egress.take(fn, length, uplink)
+                            if wait:  # not its turn on the uplink: the descriptor stays ours
+                                self._pace(wait)
+                                break
+                            frames.append(data)
+                        if cmd & D.CMD_RS:
+                            rs.append(sent)
+                        head = (head + 1) % count
+                        sent += 1
+                        octets += length
+                finally:  # DD in every sent RS descriptor, in one write (one DMA message)
+                    if rs:
+                        self._write_back(dma, base, count, start, descs, rs)
                         report = True
-                    head = (head + 1) % count
-                    sent += 1
-                    octets += length
         except DmaError as exc:
             error, why = T.QERR_DMA, exc
         bank.set(r.DH, head)
@@ -227,6 +233,18 @@ class DataPath:
             elif report:
                 nic.raise_cause(fn, T.EICR_RTXQ(q))
         return sent
+
+    def _write_back(self, dma: DmaController, base: int, count: int, start: int,
+                    descs: bytes, rs: list[int]) -> None:
+        """Report the sent descriptors ``rs`` (indices from slot ``start``) done: their
+        status byte becomes DD (82599 7.2.3, the legacy write-back), written
+        with the descriptors between them as they were read, all of them still the
+        device's until TDH moves past them."""
+        first, last = rs[0], rs[-1]
+        span = bytearray(descs[first * D.DESC_SIZE:(last + 1) * D.DESC_SIZE])
+        for i in rs:
+            span[(i - first) * D.DESC_SIZE + D.STATUS_OFFSET] = D.STAT_DD
+        self._write_descriptors(dma, base, count, (start + first) % count, bytes(span))
 
     def flush_tx(self) -> None:
         """Send what deferred TX doorbells (``tx_due``) asked for."""
