@@ -147,10 +147,10 @@ class DataPath:
     def transmit(self, q: int) -> int:
         """Send every descriptor in [TDH, TDT); returns the number of frames sent.
         Per batch, not per frame: the descriptors are read in one DMA and the
-        reported ones written back in one, TDH and the statistics are written once, the frames are switched under one interrupt per
-        receiving function, and the queue's interrupt is raised once, only if a
-        descriptor asked for a report (RS, 82599 7.2.3: a driver may ask for one every
-        few frames)."""
+        reported ones written back in one, TDH and the statistics are written once,
+        the frames are switched under one interrupt per receiving function, and the
+        queue's interrupt is raised once, only if a descriptor asked for a report (RS,
+        82599 7.2.3: a driver may ask for one every few frames)."""
         fn = self.fn
         bank = fn.bank
         get = bank.get
