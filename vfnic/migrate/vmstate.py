@@ -223,6 +223,9 @@ class VfLink:
         self.replay: asyncio.Task[None] | None = None
         self.early = False  # the guest ran before the replay's last write was done
         self.msix_restored = False  # the MSI-X table is back in the destination QEMU
+        # ms: the config through the ports (from the replay's start: QEMU runs the
+        # commands once its incoming migration is over), then 0xcf8 and the table
+        self.replay_steps: dict[str, float] = {}
         self.undescribed: tuple[dict[str, Any], bytes] | None = None  # a Load's record
         self.record: dict[str, Any] | None = None  # the migration in progress
 
@@ -448,6 +451,7 @@ class VfLink:
         # `vfnic migrate` sends `cont` on restored_at
         self.service.update(record, replay_ms=round((time.perf_counter() - t0) * 1000, 3),
                             msix_restored=self.msix_restored, early_access=early,
+                            replay_steps_ms=self.replay_steps,
                             restored_at=time.time())
         nic = self.service.server.nic
         if self.fn.migration_mode != MIGRATION_COOPERATIVE:
@@ -516,12 +520,14 @@ class VfLink:
             lines += [f"o /w 0xcf8 {address | off:#x}", f"o /w 0xcfc {value:#x}"]
         resumes = EventListener("RESUME")
         qmp.register_listener(resumes)
+        t0 = time.perf_counter()
         try:
             replies = await asyncio.gather(*(
                 qmp.execute("human-monitor-command", {"command-line": line})
                 for line in lines))
             # Then, side by side: 0xcf8 as the guest left it, and the MSI-X table by DMA
             # to BAR3 (the monitor has no guest-physical write).
+            t1 = time.perf_counter()
             saved = re.findall(r"0x[0-9a-fA-F]+", str(replies[0]))
             last: list[Awaitable[Any]] = []
             if saved:
@@ -530,6 +536,8 @@ class VfLink:
             if msix:
                 last.append(asyncio.to_thread(self.fn.push_msix_table))
             await asyncio.gather(*last)
+            self.replay_steps = {"ports": round((t1 - t0) * 1000, 2),
+                                 "then": round((time.perf_counter() - t1) * 1000, 2)}
             self.msix_restored = msix
             self.early = not resumes.empty()
         finally:
