@@ -177,3 +177,46 @@ def test_a_tx_batch_to_another_vf_is_delivered_as_one_batch_with_one_interrupt_e
     assert [rx.buffer(s, 60) for s in range(5)] == frames
     assert rx.fn.bank.get(T.GPRC) == 5
     assert (tx.interrupts(), rx.interrupts()) == (1, 1)
+
+
+def test_tx_write_back_is_one_dma_per_batch_and_only_rs_descriptors_get_dd(
+        vfs: tuple[Nic, Vf, Vf], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sent descriptors that asked for a report get DD in one write per transmit
+    (two when the span wraps), the descriptors between them written back as they were
+    read; one without RS before the first RS one is not written at all."""
+    _, tx, rx = vfs
+    start = 5  # slots 5, 6, 7, 0, 1, 2: the batch wraps
+    tx.fn.bank.set(T.TDH(0), start)
+    tx.fn.bank.set(T.TDT(0), start)
+    descs: dict[int, bytes] = {}
+    for i, frame in enumerate(frames_to(rx, 6)):
+        slot = (start + i) % SLOTS
+        frame = frame[:6] + tx.fn.rx_mac + frame[12:]
+        os.pwrite(tx.mem, frame, BUFFERS + 0x800 + i * 64)
+        cmd = D.CMD_EOP | (D.CMD_RS if i % 2 else 0)  # RS in slots 6, 0 and 2
+        descs[slot] = D.TX_DESC.pack(MEM + BUFFERS + 0x800 + i * 64, len(frame), 0, cmd,
+                                     0, 0, 0)
+        os.pwrite(tx.mem, descs[slot], TX_RING + slot * D.DESC_SIZE)
+    writes: list[tuple[int, int]] = []
+    write = tx.fn.dma.write
+
+    def counted(address: int, data: bytes) -> None:
+        writes.append((address, len(data)))
+        write(address, data)
+
+    monkeypatch.setattr(tx.fn.dma, "write", counted)
+    rx.fn.bank.set(T.RDT(0), 7)
+    with tx.fn.lock:
+        tx.fn.bank.set(T.TDT(0), (start + 6) % SLOTS)
+        tx.fn.datapath.on_tail_write(T.TX, 0)
+    assert tx.fn.bank.get(T.TDH(0)) == (start + 6) % SLOTS
+    assert tx.fn.bank.get(T.GPTC) == 6 and rx.fn.bank.get(T.GPRC) == 6
+    ring = MEM + TX_RING
+    assert writes == [(ring + 6 * D.DESC_SIZE, 2 * D.DESC_SIZE), (ring, 3 * D.DESC_SIZE)]
+    for i in range(6):
+        slot = (start + i) % SLOTS
+        want = bytearray(descs[slot])
+        if i % 2:
+            want[D.STATUS_OFFSET] = D.STAT_DD
+        assert os.pread(tx.mem, D.DESC_SIZE, TX_RING + slot * D.DESC_SIZE) == bytes(want), i
+    assert tx.interrupts() == 1
