@@ -174,44 +174,45 @@ class DataPath:
         if nic is not None and nic.egress.rate:
             egress, switch = nic.egress, nic.switch
         ports = switch.ports() if switch is not None else []
+        start = head
+        descs = b""
+        rs: list[int] = []  # the sent descriptors that ask for a report (by index)
         try:
             dma = fn.check_dma()
             read = dma.read
             with dma.batch():
-                start = head
                 descs = self._read_descriptors(dma, base, count, head, (tail - head) % count)
-                rs: list[int] = []  # the sent descriptors that ask for a report
-                try:
-                    for addr, length, _cso, cmd, _st, _css, _vlan in \
-                            D.TX_DESC.iter_unpack(descs):
-                        if not D.MIN_FRAME <= length <= D.MAX_FRAME:
-                            error = T.QERR_LEN
+                for addr, length, _cso, cmd, _st, _css, _vlan in D.TX_DESC.iter_unpack(descs):
+                    if not D.MIN_FRAME <= length <= D.MAX_FRAME:
+                        error = T.QERR_LEN
+                        break
+                    if egress is None:
+                        wait = take(length) if take is not None else 0.0
+                        if wait:  # max_tx_rate: the descriptor stays the device's until then
+                            self._pace(wait)
                             break
-                        if egress is None:
-                            wait = take(length) if take is not None else 0.0
-                            if wait:  # max_tx_rate: the descriptor stays the device's till then
-                                self._pace(wait)
-                                break
-                            frames.append(read(addr, length))
-                        else:
-                            data = read(addr, length)
-                            uplink = switch is None or switch.to_uplink(fn, data, ports)
-                            wait = egress.take(fn, length, uplink)
-                            if wait:  # not its turn on the uplink: the descriptor stays ours
-                                self._pace(wait)
-                                break
-                            frames.append(data)
-                        if cmd & D.CMD_RS:
-                            rs.append(sent)
-                        head = (head + 1) % count
-                        sent += 1
-                        octets += length
-                finally:  # DD in every sent RS descriptor, in one write (one DMA message)
-                    if rs:
-                        self._write_back(dma, base, count, start, descs, rs)
-                        report = True
+                        frames.append(read(addr, length))
+                    else:
+                        data = read(addr, length)
+                        uplink = switch is None or switch.to_uplink(fn, data, ports)
+                        wait = egress.take(fn, length, uplink)
+                        if wait:  # not its turn on the uplink: the descriptor stays ours
+                            self._pace(wait)
+                            break
+                        frames.append(data)
+                    if cmd & D.CMD_RS:
+                        rs.append(sent)
+                    head = (head + 1) % count
+                    sent += 1
+                    octets += length
         except DmaError as exc:
             error, why = T.QERR_DMA, exc
+        if rs:  # whatever stopped the loop: DD in the sent RS descriptors, in one write
+            try:
+                self._write_back(fn.dma, base, count, start, descs, rs)
+                report = True
+            except DmaError as exc:
+                error, why = T.QERR_DMA, exc
         bank.set(r.DH, head)
         if sent:
             counters = fn.counters
@@ -237,9 +238,9 @@ class DataPath:
     def _write_back(self, dma: DmaController, base: int, count: int, start: int,
                     descs: bytes, rs: list[int]) -> None:
         """Report the sent descriptors ``rs`` (indices from slot ``start``) done: their
-        status byte becomes DD (82599 7.2.3, the legacy write-back), written
-        with the descriptors between them as they were read, all of them still the
-        device's until TDH moves past them."""
+        status byte becomes DD (82599 7.2.3, the legacy write-back), written with the
+        descriptors between them as they were read, all still the device's until TDH
+        moves past them."""
         first, last = rs[0], rs[-1]
         span = bytearray(descs[first * D.DESC_SIZE:(last + 1) * D.DESC_SIZE])
         for i in rs:
