@@ -252,7 +252,7 @@ class PciFunction:
     def _msix_write(self, offset: int, data: bytes) -> None:
         for i, b in enumerate(data):
             pos = offset + i
-            if pos < MSIX_TABLE_SIZE:  # table: writable; PBA is read-only
+            if MSIX_TABLE.start <= pos < MSIX_TABLE.stop:  # table: writable; PBA read-only
                 self.msix[pos] = b
 
     def set_irqs(self, index: int, flags: int, start: int, count: int, data: bytes,
@@ -331,7 +331,7 @@ class PciFunction:
         self._reset_config()
         self.msix[:] = bytes(MSIX_BAR_SIZE)
         for v in range(MSIX_VECTORS):  # vector control: masked after reset
-            self.msix[v * MSIX_ENTRY + 12] = 1
+            self.msix[MSIX_TABLE.start + v * MSIX_ENTRY + 12] = 1
         self.irq_masked.clear()
 
     def feature(self, flags: int, data: bytes, argsz: int) -> bytes:

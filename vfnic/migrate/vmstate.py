@@ -50,8 +50,8 @@ from dbus_fast.errors import DBusError
 from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, method
 from qemu.qmp import EventListener, QMPClient, Runstate
 
+from vfnic.device import pci
 from vfnic.device.function import CAP_MSIX, PciFunction
-from vfnic.device.pci import MSIX_FLAGS_ENABLE
 from vfnic.device.policy import MIGRATION_COOPERATIVE
 from vfnic.errors import VfnicError
 from vfnic.host.qmp import query_migrate, query_pci, query_status
@@ -220,12 +220,8 @@ class VfLink:
         self.qmp: QMPClient | None = None
         self.loaded = asyncio.Event()
         self.address: int | Exception | None = None  # of the VF in its QEMU (destination)
-        self.replay: asyncio.Task[None] | None = None
-        self.early = False  # the guest ran before the replay's last write was done
-        self.msix_restored = False  # the MSI-X table is back in the destination QEMU
-        # ms: the config through the ports (from the replay's start: QEMU runs the
-        # commands once its incoming migration is over), then 0xcf8 and the table
-        self.replay_steps: dict[str, float] = {}
+        # the config replay (destination); its result: what goes into the record
+        self.replay: asyncio.Task[dict[str, Any]] | None = None
         self.undescribed: tuple[dict[str, Any], bytes] | None = None  # a Load's record
         self.record: dict[str, Any] | None = None  # the migration in progress
 
@@ -433,26 +429,22 @@ class VfLink:
         await self.loaded.wait()
         record = self.record or self._new_record("destination")
         t0 = time.perf_counter()
+        outcome: dict[str, Any] = {"msix_restored": False, "early_access": False}
         try:
             if isinstance(self.address, Exception):
                 raise self.address
             if self.replay is None:
                 raise VfnicError("no replay queued")
-            await self.replay
+            outcome = await self.replay
         except Exception as exc:
             self.service.update(record, replay_error=str(exc))
             log.error("%s: PCI config not restored in QEMU: %s", self.id, exc)
         vfstate.run(self.fn)
-        # A RESUME before the command register's reply: the guest ran with its VF's
-        # config at reset (the monitor answers in order, events in between).
-        early = self.early
         if isinstance(self.address, int) and self.replay is None:
-            early = not resumes.empty()
+            outcome["early_access"] = not resumes.empty()
         # `vfnic migrate` sends `cont` on restored_at
         self.service.update(record, replay_ms=round((time.perf_counter() - t0) * 1000, 3),
-                            msix_restored=self.msix_restored, early_access=early,
-                            replay_steps_ms=self.replay_steps,
-                            restored_at=time.time())
+                            restored_at=time.time(), **outcome)
         nic = self.service.server.nic
         if self.fn.migration_mode != MIGRATION_COOPERATIVE:
             # Transparent: the LAN learns the VF's new port now, while the guest is still
@@ -497,11 +489,16 @@ class VfLink:
         return 0x80000000 | int(dev["bus"]) << 16 | int(dev["slot"]) << 11 | \
             int(dev["function"]) << 8
 
-    async def _replay_config(self, qmp: QMPClient, address: int) -> None:
+    async def _replay_config(self, qmp: QMPClient, address: int) -> dict[str, Any]:
         """Write the guest's PCI config for this VF into the destination QEMU through the
         legacy config ports (0xcf8/0xcfc), 0xcf8 left as the guest had it. The commands
         are sent at once, in order (one monitor runs them in order): they are all queued
-        before anyone's `cont`, which libvirt sends only once the source has completed."""
+        before anyone's `cont`, which libvirt sends only once the source has completed.
+        Returns what the record says of it: the MSI-X table back, a RESUME before the
+        last reply (the guest may have run with its VF's config or table not back),
+        and the steps' times (ms: the ports, counted from the replay's start, queued at
+        Load, so QEMU's end of its incoming migration included; then 0xcf8 and the
+        table)."""
         with self.fn.lock:
             config = bytes(self.fn.config.data[:0x100])
 
@@ -509,10 +506,10 @@ class VfLink:
             return int.from_bytes(config[off:off + 4], "little")
 
         words = [(off, dword(off)) for off in REPLAYED_CONFIG if dword(off)]
-        words.append((0x04, dword(0x04) & 0xFFFF))
+        words.append((pci.COMMAND, dword(pci.COMMAND) & 0xFFFF))
         # MSI-X only if the state carries the guest's table (read from the source QEMU);
         # else it stays off here and the guest driver restores its own (the fallback).
-        msix = bool(dword(CAP_MSIX) >> 16 & MSIX_FLAGS_ENABLE) and self.fn.msix_programmed()
+        msix = bool(dword(CAP_MSIX) >> 16 & pci.MSIX_FLAGS_ENABLE) and self.fn.msix_programmed()
         if msix:  # MSI-X Message Control, after the BARs and the command register
             words.append((CAP_MSIX, dword(CAP_MSIX)))
         lines = ["i /w 0xcf8"]
@@ -536,10 +533,9 @@ class VfLink:
             if msix:
                 last.append(asyncio.to_thread(self.fn.push_msix_table))
             await asyncio.gather(*last)
-            self.replay_steps = {"ports": round((t1 - t0) * 1000, 2),
-                                 "then": round((time.perf_counter() - t1) * 1000, 2)}
-            self.msix_restored = msix
-            self.early = not resumes.empty()
+            return {"msix_restored": msix, "early_access": not resumes.empty(),
+                    "replay_steps_ms": {"ports": round((t1 - t0) * 1000, 2),
+                                        "then": round((time.perf_counter() - t1) * 1000, 2)}}
         finally:
             qmp.remove_listener(resumes)
 
