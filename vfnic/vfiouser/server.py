@@ -7,6 +7,7 @@ behind the socket implements ``Device``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -15,6 +16,7 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from typing import Protocol
 
 from vfnic.dma.controller import DmaController
@@ -43,6 +45,24 @@ DMA_REPLY_TIMEOUT = 2.0
 MAX_READONLY_SESSIONS = 4  # concurrent non-owner sessions per function
 OWNER_HANDOVER = 2.0  # seconds a new client waits for a hung-up owner's session to end
 ACCEPT_BACKOFF = 0.1  # seconds to wait after EMFILE/ENFILE before accepting again
+
+
+@contextlib.contextmanager
+def _released(lock: threading.RLock) -> Iterator[None]:
+    """``lock`` let go by this thread meanwhile, however deeply it holds it (none: a
+    no-op), and taken back as deeply after; public RLock calls only."""
+    depth = 0
+    while True:
+        try:
+            lock.release()
+        except RuntimeError:  # not (or no more) held by this thread
+            break
+        depth += 1
+    try:
+        yield
+    finally:
+        for _ in range(depth):
+            lock.acquire()
 
 
 class Device(Protocol):
@@ -282,29 +302,24 @@ class Session:
         name = wire.command_name(command)
         if self.cut_off or self.endpoint.closed:
             raise DmaError(f"{name}: the client was cut off", errno.ENODEV)
-        lock = self.device.lock
-        owned = lock._is_owned()  # type: ignore[attr-defined]
-        saved = lock._release_save() if owned else None  # type: ignore[attr-defined]
-        try:
-            reply = self.endpoint.request(command, payload, timeout=DMA_REPLY_TIMEOUT)
-        except TimeoutError as exc:
-            self.cut_off = True
-            log.warning("%s: client did not answer %s within %g s: cut off",
-                        self.device.name, name, DMA_REPLY_TIMEOUT)
+        with _released(self.device.lock):
             try:
-                self.endpoint.sock.shutdown(socket.SHUT_RDWR)  # its serving thread ends
-            except OSError:
-                pass
-            raise DmaTimeout(f"client did not answer {name} within "
-                             f"{DMA_REPLY_TIMEOUT:g} s: {exc}") from exc
-        except RemoteError as exc:
-            raise DmaError(f"client refused {name}: {exc}", exc.errno) from exc
-        except ConnectionClosed as exc:
-            self.cut_off = True
-            raise DmaError(f"{name}: client gone: {exc}", errno.ENODEV) from exc
-        finally:
-            if owned:
-                lock._acquire_restore(saved)  # type: ignore[attr-defined]
+                reply = self.endpoint.request(command, payload, timeout=DMA_REPLY_TIMEOUT)
+            except TimeoutError as exc:
+                self.cut_off = True
+                log.warning("%s: client did not answer %s within %g s: cut off",
+                            self.device.name, name, DMA_REPLY_TIMEOUT)
+                try:
+                    self.endpoint.sock.shutdown(socket.SHUT_RDWR)  # its serving thread ends
+                except OSError:
+                    pass
+                raise DmaTimeout(f"client did not answer {name} within "
+                                 f"{DMA_REPLY_TIMEOUT:g} s: {exc}") from exc
+            except RemoteError as exc:
+                raise DmaError(f"client refused {name}: {exc}", exc.errno) from exc
+            except ConnectionClosed as exc:
+                self.cut_off = True
+                raise DmaError(f"{name}: client gone: {exc}", errno.ENODEV) from exc
         assert reply is not None
         return reply.payload[wire.DMA_ACCESS_SIZE:]
 
