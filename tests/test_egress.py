@@ -7,7 +7,6 @@ own counters."""
 from __future__ import annotations
 
 import heapq
-import os
 import shutil
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from typing import Any, cast
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from tapnic import carry_to_resuming, tap_nic_server
 
 from vfnic.device.egress import EgressScheduler, allocate
 from vfnic.device.nic import Nic, NicServer, control_call
@@ -37,7 +37,6 @@ WARMUP = 0.7
 FAR_MAC = bytes.fromhex("02aaaaaaaa01")  # on no function: out of the uplink
 FRAME = 1514
 
-TAPS = iter(range(1 << 30))
 
 
 def mbps(octets: int, seconds: float) -> float:
@@ -188,13 +187,8 @@ def test_min_rates_must_fit_in_the_link_speed() -> None:
 
 @pytest.fixture
 def nic() -> Iterator[NicServer]:
-    folder = tempfile.mkdtemp(prefix="vfegr-", dir="/tmp")
-    tap = f"vfe{os.getpid() % 100000}x{next(TAPS)}"
-    server = NicServer(folder, num_vfs=3, uplink=tap, link_speed=LINK)
-    server.start()
-    yield server
-    server.stop()
-    shutil.rmtree(folder, ignore_errors=True)
+    with tap_nic_server("vfe", num_vfs=3, link_speed=LINK) as server:
+        yield server
 
 
 class Blaster:
@@ -467,10 +461,7 @@ def test_the_destinations_rates_apply_after_a_migration() -> None:
     src_nic.set_vf(0, {"min_tx_rate": 80, "max_tx_rate": 90})
     dst_nic.set_vf(0, {"min_tx_rate": 20})
     src, dst = src_nic.vfs[0], dst_nic.vfs[0]
-    src.migration.set_state(State.STOP_COPY)
-    data = src.migration.read(1 << 20)
-    dst.migration.set_state(State.RESUMING)
-    dst.migration.write(data)
+    carry_to_resuming(src, dst)
     dst.migration.set_state(State.STOP)
     assert (dst.policy.min_tx_rate, dst.policy.max_tx_rate) == (20, 0)  # the host's own
     assert dst_nic.egress.link_speed == 50

@@ -4,16 +4,13 @@ goes on the wire."""
 
 from __future__ import annotations
 
-import itertools
-import os
-import shutil
 import socket
 import struct
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from tapnic import carry_to_resuming, tap_nic_server
 
 from vfnic.device.nic import Nic, NicServer, control_call
 from vfnic.errors import PolicyError, SnapshotError, UsageError
@@ -27,7 +24,6 @@ ETH_TEST = 0x88B5
 RING = 32
 PF_MAC = bytes([0x02, 0x56, 0x46, 0, 0xFF, 0x01])  # default_mac(0, 0xFF)
 
-TAPS = itertools.count()
 MakeDriver = Callable[[int], VfDriver]
 
 
@@ -56,13 +52,8 @@ def quiet(drv: VfDriver, settle: float = 0.15) -> list[bytes]:
 
 @pytest.fixture
 def nic() -> Iterator[NicServer]:
-    folder = tempfile.mkdtemp(prefix="vfpol-", dir="/tmp")
-    tap = f"vfp{os.getpid() % 100000}x{next(TAPS)}"  # a TAP closed under a reader lingers
-    server = NicServer(folder, num_vfs=3, uplink=tap)
-    server.start()
-    yield server
-    server.stop()
-    shutil.rmtree(folder, ignore_errors=True)
+    with tap_nic_server("vfp", num_vfs=3) as server:
+        yield server
 
 
 @pytest.fixture
@@ -297,10 +288,7 @@ def test_the_destinations_settings_apply_after_a_migration() -> None:
     dst_nic.set_vf(0, {"mac": "02:00:00:00:cc:01", "vlan": 30, "state": "disable"})
     src_nic.set_vf(0, {"spoofchk": "off", "state": "enable"})
     src, dst = src_nic.vfs[0], dst_nic.vfs[0]
-    src.migration.set_state(State.STOP_COPY)
-    data = src.migration.read(1 << 20)
-    dst.migration.set_state(State.RESUMING)
-    dst.migration.write(data)
+    carry_to_resuming(src, dst)
     dst.migration.set_state(State.STOP)
     assert dst.rx_mac == dst.perm_mac == bytes.fromhex("02000000cc01")
     assert dst.policy.vlan == 30 and dst.policy.spoofchk is True
@@ -313,10 +301,7 @@ def test_a_restore_whose_mac_is_taken_on_the_destination_is_refused() -> None:
     dst_nic.set_vf(1, {"mac": src.perm_mac.hex(":")})
     dst = dst_nic.vfs[0]
     before = bytes(dst.config.data), dict(dst.bank.values)
-    src.migration.set_state(State.STOP_COPY)
-    data = src.migration.read(1 << 20)
-    dst.migration.set_state(State.RESUMING)
-    dst.migration.write(data)
+    carry_to_resuming(src, dst)
     with pytest.raises(SnapshotError, match="in use by vf1"):
         dst.migration.set_state(State.STOP)
     assert (bytes(dst.config.data), dict(dst.bank.values)) == before
