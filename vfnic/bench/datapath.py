@@ -68,20 +68,32 @@ def _rate(count: int, span: float) -> float:
 # -- host side --------------------------------------------------------------------------
 
 
-def host_pair(sock_tx: Path, sock_rx: Path, payload: int, dur: float) -> dict[str, Any]:
-    """Driver on one VF sends to a driver on another VF of the same NIC."""
-    rx = Worker(worker_argv("hostdrv-rx", "--sock", str(sock_rx)))
+def send_then_count(rx_argv: list[str], tx_argv: Callable[[Worker], list[str]], dur: float,
+                    settle: float = 0.5, tx_ready_timeout: float | None = 60.0
+                    ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Start the receiving worker, then the sender (its argv from the ready receiver),
+    run the sender to its end, give frames in flight ``settle`` seconds, and return
+    both results; both workers are ended whatever happens."""
+    rx = Worker(rx_argv)
     try:
-        tx = Worker(worker_argv("hostdrv-tx", "--sock", str(sock_tx), "--dst-mac",
-                                rx.ready["mac"], "--payload", str(payload), "--dur", str(dur)))
+        tx = Worker(tx_argv(rx), ready_timeout=tx_ready_timeout)
         try:
             txr = tx.result(stop=False, timeout=dur + 60)
         finally:
             tx.kill()
-        time.sleep(0.3)
-        rxr = rx.result()
+        time.sleep(settle)
+        return txr, rx.result()
     finally:
         rx.kill()
+
+
+def host_pair(sock_tx: Path, sock_rx: Path, payload: int, dur: float) -> dict[str, Any]:
+    """Driver on one VF sends to a driver on another VF of the same NIC."""
+    txr, rxr = send_then_count(
+        worker_argv("hostdrv-rx", "--sock", str(sock_rx)),
+        lambda rx: worker_argv("hostdrv-tx", "--sock", str(sock_tx), "--dst-mac",
+                               rx.ready["mac"], "--payload", str(payload), "--dur", str(dur)),
+        dur, settle=0.3)
     return {"tx": txr, "rx": rxr}
 
 
@@ -89,20 +101,12 @@ def host_to_uplink(lab: Any, sock: Path, payload: int, dur: float) -> dict[str, 
     from vfnic.migrate.lab import PEER_IP
 
     peer_mac = _mac_of(lab, "peer", f"{lab.ident}peer0")
-    rx = Worker(worker_argv("udp-recv", "--bind", PEER_IP, "--port", "5001",
-                            netns=lab.ns("peer")))
-    try:
-        tx = Worker(worker_argv("hostdrv-tx", "--sock", str(sock), "--dst-mac", peer_mac,
-                                "--dst-ip", PEER_IP, "--src-ip", "10.77.0.3", "--port", "5001",
-                                "--payload", str(payload), "--dur", str(dur)))
-        try:
-            txr = tx.result(stop=False, timeout=dur + 60)
-        finally:
-            tx.kill()
-        time.sleep(0.5)
-        rxr = rx.result()
-    finally:
-        rx.kill()
+    txr, rxr = send_then_count(
+        worker_argv("udp-recv", "--bind", PEER_IP, "--port", "5001", netns=lab.ns("peer")),
+        lambda _rx: worker_argv("hostdrv-tx", "--sock", str(sock), "--dst-mac", peer_mac,
+                                "--dst-ip", PEER_IP, "--src-ip", "10.77.0.3", "--port",
+                                "5001", "--payload", str(payload), "--dur", str(dur)),
+        dur)
     return {"tx": txr, "rx": {"frames": rxr["count"], "bytes": rxr["bytes"],
                               "span": rxr["span"]}}
 
@@ -110,21 +114,14 @@ def host_to_uplink(lab: Any, sock: Path, payload: int, dur: float) -> dict[str, 
 def uplink_to_host(lab: Any, sock: Path, payload: int, dur: float) -> dict[str, Any]:
     from vfnic.migrate.lab import sh
 
-    rx = Worker(worker_argv("hostdrv-rx", "--sock", str(sock)))
-    try:
+    def sender(rx: Worker) -> list[str]:  # the peer reaches the driver's MAC directly
         sh("ip", "-n", lab.ns("peer"), "neigh", "replace", "10.77.0.3", "lladdr",
            rx.ready["mac"], "dev", f"{lab.ident}peer0", "nud", "permanent")
-        tx = Worker(worker_argv("udp-send", "--dst", "10.77.0.3", "--port", "5001", "--size",
-                                str(payload), "--dur", str(dur), netns=lab.ns("peer")),
-                    ready_timeout=None)
-        try:
-            txr = tx.result(stop=False, timeout=dur + 60)
-        finally:
-            tx.kill()
-        time.sleep(0.5)
-        rxr = rx.result()
-    finally:
-        rx.kill()
+        return worker_argv("udp-send", "--dst", "10.77.0.3", "--port", "5001", "--size",
+                           str(payload), "--dur", str(dur), netns=lab.ns("peer"))
+
+    txr, rxr = send_then_count(worker_argv("hostdrv-rx", "--sock", str(sock)), sender, dur,
+                               tx_ready_timeout=None)
     return {"tx": {"sent": txr["sent"], "elapsed": txr["elapsed"], "dropped": txr["errors"]},
             "rx": rxr}
 
