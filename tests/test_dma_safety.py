@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,7 @@ from vfnic.regs import table as T
 from vfnic.vfiouser import wire
 from vfnic.vfiouser.client import VfioUserClient
 from vfnic.vfiouser.features import MAX_BITMAP, Feature, LogControl, LogReport
-from vfnic.vfiouser.server import DMA_REPLY_TIMEOUT
+from vfnic.vfiouser.server import DMA_REPLY_TIMEOUT, _released
 from vfnic.vfiouser.transport import Endpoint
 
 pytest.register_assert_rewrite("conftest_proto")
@@ -260,3 +261,36 @@ def test_hugetlb_memory_works_and_a_shrink_is_a_dma_error(nic_server: NicServer,
             fn.dma.unmap_all()
     finally:
         os.close(fd)
+
+
+def test_a_dma_message_lets_go_of_the_nic_lock_however_deeply_it_is_held() -> None:
+    """While the client answers a server-to-client DMA message the NIC lock is free
+    for the other functions' threads, and held again as deeply after (public RLock
+    calls only)."""
+    lock = threading.RLock()
+
+    def other_takes_it() -> bool:
+        got: list[bool] = []
+
+        def take() -> None:
+            if lock.acquire(timeout=0.5):
+                got.append(True)
+                lock.release()
+
+        t = threading.Thread(target=take)
+        t.start()
+        t.join(2.0)
+        return bool(got)
+
+    with lock, lock:
+        assert not other_takes_it()
+        with _released(lock):
+            assert other_takes_it()
+        assert not other_takes_it()
+        lock.release()
+        assert not other_takes_it()  # still held once: the depth came back whole
+        lock.acquire()
+    assert other_takes_it()
+    with _released(lock):  # not held: nothing to let go, nothing taken after
+        assert other_takes_it()
+    assert other_takes_it()
