@@ -78,3 +78,23 @@ def test_qemu_pause_steps_are_read_from_both_qemus_traces(tmp_path: Path) -> Non
     assert round(steps["vf_find_dst_ms"], 1) == 3.0 and round(steps["vf_load_ms"], 1) == 8.1
     assert round(steps["stop_to_end_ms"], 1) == 281.9
     assert pause_steps(tmp_path / "none.log", tmp_path / "dst.log") == {}
+
+
+def test_guest_packet_rates_come_as_a_plot(tmp_path: Path) -> None:
+    """Section 2's and 6's packet rates and ping RTT are drawn too (a PNG beside
+    BENCHMARKS.md, linked from the section), from the rounds' raw results."""
+    from vfnic.bench.datapath import PAYLOADS, plot_guest_rates
+
+    def guest(rate: float, rtt: float) -> dict[str, object]:
+        rows = {f"{key}{p}": {"peer": {"count": int(rate) + 1, "span": 1.0},
+                              "guest": {"count": int(rate) + 1, "span": 1.0}}
+                for key in ("tx", "rx") for p in PAYLOADS}
+        return {**rows, "ping": {"avg": rtt}}
+
+    results = {"kvf": [guest(9000, 1.2), guest(11000, 1.4)], "virtio": [guest(15000, 0.8)]}
+    sec = Section("kmod", "Guest kernel driver")
+    path = tmp_path / "docs" / "bench" / "kmod.png"
+    image = plot_guest_rates(path, results, "rates", sec)
+    assert not sec.failures
+    assert image == "![rates](docs/bench/kmod.png)"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000

@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             elif key == "datapath":
                 from vfnic.bench import datapath
 
-                sec = datapath.run(args.quick)
+                sec = datapath.run(args.quick, None if args.no_write
+                                   else args.plot.with_name("datapath.png"))
             elif key == "isolation":
                 from vfnic.bench import isolation
 
@@ -77,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             elif key == "kmod":
                 from vfnic.bench import kmod
 
-                sec = kmod.run(args.quick, args.runs)
+                sec = kmod.run(args.quick, args.runs,
+                               None if args.no_write else args.plot.with_name("kmod.png"))
             else:
                 from vfnic.bench import virsh
 

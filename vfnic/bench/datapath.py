@@ -235,6 +235,44 @@ def _lost_where(t: dict[str, Any], ifname: str, tx: bool) -> str:
     return out
 
 
+def received_rate(r: dict[str, Any], key: str, payload: int) -> float | None:
+    """What the receiving side counted per second in row ``key`` ("tx": guest -> peer,
+    "rx": peer -> guest) of one guest's results, None if the row did not run."""
+    t = r.get(f"{key}{payload}")
+    if not t:
+        return None
+    dst = "peer" if key == "tx" else "guest"
+    return _rate(t[dst]["count"], t[dst]["span"])
+
+
+def plot_guest_rates(path: Path, results: dict[str, list[dict[str, Any]]], title: str,
+                     sec: Section) -> str | None:
+    """Plot every guest kind's received packets/s and ping RTT (over its rounds) to
+    ``path``; returns the section's image line, None (and a failure noted) if the
+    plot could not be made."""
+    from vfnic.bench.plot import rate_plot
+
+    rows: list[str] = []
+    received: dict[str, dict[str, list[float]]] = {k: {} for k in results}
+    for key, direction in (("tx", "guest → peer"), ("rx", "peer → guest")):
+        for payload in PAYLOADS:
+            row = f"{direction}\n{label(payload)}"
+            rows.append(row)
+            for kind, rounds in results.items():
+                received[kind][row] = [v for v in (received_rate(r, key, payload)
+                                                   for r in rounds) if v is not None]
+    ping = {kind: [float(r["ping"]["avg"]) for r in rounds if "avg" in r.get("ping", {})]
+            for kind, rounds in results.items()}
+    nics = [(k, GUEST_NAMES[k]) for k in GUEST_KINDS if k in results]
+    try:
+        rate_plot(path, rows, nics, received, ping, title)
+    except Exception as exc:  # reported in the section; the numbers stand without it
+        sec.fail("plot", exc)
+        return None
+    log(f"{sec.key}: plot written to {path}")
+    return f"![{title}](docs/bench/{path.name})"
+
+
 def guest_rows(kind: str, r: dict[str, Any]) -> list[list[object]]:
     rows: list[list[object]] = []
     name = GUEST_NAMES[kind]
@@ -306,7 +344,7 @@ def cost_rows(kind: str, r: dict[str, Any]) -> list[list[object]]:
 # -- the section --------------------------------------------------------------------------
 
 
-def run(quick: bool = False) -> Section:
+def run(quick: bool = False, plot_path: Path | None = None) -> Section:
     from vfnic.migrate.lab import Lab, require_root
 
     sec = Section("datapath", "Datapath")
@@ -409,6 +447,12 @@ def run(quick: bool = False) -> Section:
             sec.add(table(["guest NIC", "min", "avg", "max", "mdev", "replies"], prow))
         if "virtio" in guest and "ifname" in guest["virtio"]:
             sec.add(f"(The virtio-net guest's interface is `{guest['virtio']['ifname']}`.)")
+        if plot_path is not None:
+            image = plot_guest_rates(plot_path, {k: [v] for k, v in guest.items()},
+                                     "A TCG guest's UDP packets/s: vfnic VF vs virtio-net "
+                                     "(one run)", sec)
+            if image:
+                sec.add(image)
     return sec
 
 

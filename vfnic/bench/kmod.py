@@ -25,9 +25,10 @@ from vfnic.bench.datapath import (
     GUEST_KINDS,
     GUEST_NAMES,
     PAYLOADS,
-    _rate,
     guest_datapath,
     label,
+    plot_guest_rates,
+    received_rate,
 )
 
 SUSPEND_CYCLES = 20
@@ -59,14 +60,6 @@ def suspend_resume(nic_dir: Path, cycles: int) -> dict[str, Any]:
     return out
 
 
-def _received(r: dict[str, Any], key: str, payload: int) -> float | None:
-    t = r.get(f"{key}{payload}")
-    if not t:
-        return None
-    dst = "peer" if key == "tx" else "guest"
-    return _rate(t[dst]["count"], t[dst]["span"])
-
-
 def migrations(lab: Any, nic_dirs: dict[str, Path], runs: int, sec: Section) -> dict[str, Any]:
     """Network downtime per migration mode, `vfnic migrate` a <-> b, the VF guest with the
     kernel driver, and virtio-net: the migration section's machinery (PingPong)."""
@@ -94,7 +87,8 @@ def migrations(lab: Any, nic_dirs: dict[str, Path], runs: int, sec: Section) -> 
     return out
 
 
-def run(quick: bool = False, rounds: int | None = None) -> Section:
+def run(quick: bool = False, rounds: int | None = None,
+        plot_path: Path | None = None) -> Section:
     from vfnic.migrate.lab import Lab, require_root
 
     sec = Section("kmod", "Guest kernel driver")
@@ -138,7 +132,7 @@ def run(quick: bool = False, rounds: int | None = None) -> Section:
     targets: list[str] = []
     for key, direction in (("tx", "guest → peer"), ("rx", "peer → guest")):
         for payload in PAYLOADS:
-            got = {kind: [v for v in (_received(r, key, payload) for r in results[kind])
+            got = {kind: [v for v in (received_rate(r, key, payload) for r in results[kind])
                           if v is not None] for kind in GUEST_KINDS}
             base = statistics.median(got["virtio"]) if got["virtio"] else 0.0
             if got["kvf"] and base:
@@ -151,6 +145,13 @@ def run(quick: bool = False, rounds: int | None = None) -> Section:
                 rows.append([direction, label(payload), GUEST_NAMES[kind],
                              stat_text(vals, "{:,.0f}"), ratio])
     sec.add(table(["direction", "frame", "guest NIC", "received/s", "vs virtio-net"], rows))
+    if plot_path is not None and any(results.values()):
+        image = plot_guest_rates(plot_path, {k: v for k, v in results.items() if v},
+                                 f"A TCG guest's UDP packets/s, {rounds} interleaved "
+                                 f"round(s): kernel driver vs Python driver vs virtio-net",
+                                 sec)
+        if image:
+            sec.add(image)
 
     prow: list[list[object]] = []
     for kind in GUEST_KINDS:

@@ -1,11 +1,20 @@
-"""docs/bench/migration.png: migration time, VM downtime and network downtime by
-configuration, grouped bars (medians, min–max whiskers), log scale."""
+"""The bench's plots: docs/bench/migration.png and virsh.png (migration time, VM
+downtime and network downtime by configuration, log scale), kmod.png and datapath.png
+(guest packets/s by direction and frame, and the ping's RTT, by guest NIC); grouped
+bars of medians with min–max whiskers."""
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+
+def _median(vals: Sequence[float]) -> float:
+    v = sorted(vals)
+    mid = len(v) // 2
+    return v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2
 
 
 def migration_plot(results: dict[str, Any], configs: Sequence[Any], path: Path,
@@ -54,10 +63,7 @@ def migration_plot(results: dict[str, Any], configs: Sequence[Any], path: Path,
                 ax.text(x, 1.2, "failed" if not runs else "–", ha="center", va="bottom",
                         fontsize=7, rotation=90)
                 continue
-            vals.sort()
-            med = vals[len(vals) // 2] if len(vals) % 2 else \
-                (vals[len(vals) // 2 - 1] + vals[len(vals) // 2]) / 2
-            med = max(med, 0.5)
+            med = max(_median(vals), 0.5)
             err = [[med - max(min(vals), 0.5)], [max(vals) - med]]
             ax.bar(x, med, width, color=color, yerr=err, capsize=2, ecolor="#333333",
                    label=name if i == 0 else None)
@@ -73,6 +79,62 @@ def migration_plot(results: dict[str, Any], configs: Sequence[Any], path: Path,
     ax.set_xticklabels(labels, fontsize=8)
     ax.set_title(title, fontsize=10)
     ax.grid(axis="y", which="major", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def rate_plot(path: Path, rows: Sequence[str], nics: Sequence[tuple[str, str]],
+              received: dict[str, dict[str, list[float]]], ping: dict[str, list[float]],
+              title: str) -> None:
+    """Received packets/s per row (direction and frame) and guest NIC, and beside them
+    the ping's average RTT per guest NIC. ``nics``: (key, label) in plot order;
+    ``received[key][row]`` and ``ping[key]``: the values of the rounds (one or more)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = ("#55a868", "#8172b2", "#4c72b0", "#dd8452", "#c44e52")
+    fig, (ax, axp) = plt.subplots(1, 2, figsize=(11, 4.8), dpi=110,
+                                  gridspec_kw={"width_ratios": [3.2, 1]})
+    width = 0.8 / max(len(nics), 1)
+    top = 1.0
+    for j, (key, name) in enumerate(nics):
+        color = colors[j % len(colors)]
+        for i, row in enumerate(rows):
+            vals = received.get(key, {}).get(row, [])
+            x = i - 0.4 + width * (j + 0.5)
+            if not vals:
+                ax.text(x, 0, "–", ha="center", va="bottom", fontsize=7)
+                continue
+            med = _median(vals)
+            ax.bar(x, med, width, color=color, yerr=[[med - min(vals)], [max(vals) - med]],
+                   capsize=2, ecolor="#333333", label=name if i == 0 else None)
+            ax.text(x, max(vals) * 1.02, f"{med / 1000:.1f}k", ha="center", va="bottom",
+                    fontsize=6.5)
+            top = max(top, max(vals))
+        pv = ping.get(key, [])
+        if pv:
+            med = _median(pv)
+            axp.bar(j, med, 0.6, color=color, yerr=[[med - min(pv)], [max(pv) - med]],
+                    capsize=2, ecolor="#333333")
+            axp.text(j, max(pv) * 1.02, f"{med:.2f}", ha="center", va="bottom", fontsize=7)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[j % len(colors)])
+               for j in range(len(nics))]
+    ax.legend(handles, [n for _, n in nics], loc="upper right", fontsize=8)
+    ax.set_ylim(0, top * 1.25)
+    ax.set_ylabel("received packets/s (median, whiskers min–max)")
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(rows, fontsize=8)
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    axp.set_xticks(range(len(nics)))
+    axp.set_xticklabels([textwrap.fill(n, 13) for _, n in nics], fontsize=6.5)
+    axp.set_ylabel("ping RTT avg, ms")
+    axp.set_title("ping, peer → guest", fontsize=10)
+    axp.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
