@@ -25,7 +25,7 @@ from vfnic.regs import table as T
 from vfnic.vfiouser import wire
 from vfnic.vfiouser.client import VfioUserClient
 from vfnic.vfiouser.features import MAX_BITMAP, Feature, LogControl, LogReport
-from vfnic.vfiouser.server import DMA_REPLY_TIMEOUT, _released
+from vfnic.vfiouser.server import DMA_REPLY_TIMEOUT, _Released
 from vfnic.vfiouser.transport import Endpoint
 
 pytest.register_assert_rewrite("conftest_proto")
@@ -284,13 +284,13 @@ def test_a_dma_message_lets_go_of_the_nic_lock_however_deeply_it_is_held() -> No
 
     with lock, lock:
         assert not other_takes_it()
-        with _released(lock):
+        with _Released(lock):
             assert other_takes_it()
         assert not other_takes_it()
         lock.release()
         assert not other_takes_it()  # still held once: the depth came back whole
         lock.acquire()
     assert other_takes_it()
-    with _released(lock):  # not held: nothing to let go, nothing taken after
+    with _Released(lock):  # not held: nothing to let go, nothing taken after
         assert other_takes_it()
     assert other_takes_it()

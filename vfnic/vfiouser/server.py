@@ -7,7 +7,6 @@ behind the socket implements ``Device``.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
@@ -16,7 +15,6 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from typing import Protocol
 
 from vfnic.dma.controller import DmaController
@@ -47,22 +45,28 @@ OWNER_HANDOVER = 2.0  # seconds a new client waits for a hung-up owner's session
 ACCEPT_BACKOFF = 0.1  # seconds to wait after EMFILE/ENFILE before accepting again
 
 
-@contextlib.contextmanager
-def _released(lock: threading.RLock) -> Iterator[None]:
-    """``lock`` let go by this thread meanwhile, however deeply it holds it (none: a
-    no-op), and taken back as deeply after; public RLock calls only."""
-    depth = 0
-    while True:
-        try:
-            lock.release()
-        except RuntimeError:  # not (or no more) held by this thread
-            break
-        depth += 1
-    try:
-        yield
-    finally:
-        for _ in range(depth):
-            lock.acquire()
+class _Released:
+    """``with _Released(lock)``: the lock let go by this thread meanwhile, however deeply
+    it holds it (not held: nothing to do), and taken back as deeply after. Public RLock
+    calls only: release until it says this thread no longer holds it."""
+
+    __slots__ = ("_lock", "_depth")
+
+    def __init__(self, lock: threading.RLock) -> None:
+        self._lock = lock
+        self._depth = 0
+
+    def __enter__(self) -> None:
+        while True:
+            try:
+                self._lock.release()
+            except RuntimeError:  # not (or no more) held by this thread
+                return
+            self._depth += 1
+
+    def __exit__(self, *exc: object) -> None:
+        for _ in range(self._depth):
+            self._lock.acquire()
 
 
 class Device(Protocol):
@@ -302,24 +306,24 @@ class Session:
         name = wire.command_name(command)
         if self.cut_off or self.endpoint.closed:
             raise DmaError(f"{name}: the client was cut off", errno.ENODEV)
-        with _released(self.device.lock):
-            try:
+        try:
+            with _Released(self.device.lock):  # other functions are served meanwhile
                 reply = self.endpoint.request(command, payload, timeout=DMA_REPLY_TIMEOUT)
-            except TimeoutError as exc:
-                self.cut_off = True
-                log.warning("%s: client did not answer %s within %g s: cut off",
-                            self.device.name, name, DMA_REPLY_TIMEOUT)
-                try:
-                    self.endpoint.sock.shutdown(socket.SHUT_RDWR)  # its serving thread ends
-                except OSError:
-                    pass
-                raise DmaTimeout(f"client did not answer {name} within "
-                                 f"{DMA_REPLY_TIMEOUT:g} s: {exc}") from exc
-            except RemoteError as exc:
-                raise DmaError(f"client refused {name}: {exc}", exc.errno) from exc
-            except ConnectionClosed as exc:
-                self.cut_off = True
-                raise DmaError(f"{name}: client gone: {exc}", errno.ENODEV) from exc
+        except TimeoutError as exc:
+            self.cut_off = True
+            log.warning("%s: client did not answer %s within %g s: cut off",
+                        self.device.name, name, DMA_REPLY_TIMEOUT)
+            try:
+                self.endpoint.sock.shutdown(socket.SHUT_RDWR)  # its serving thread ends
+            except OSError:
+                pass
+            raise DmaTimeout(f"client did not answer {name} within "
+                             f"{DMA_REPLY_TIMEOUT:g} s: {exc}") from exc
+        except RemoteError as exc:
+            raise DmaError(f"client refused {name}: {exc}", exc.errno) from exc
+        except ConnectionClosed as exc:
+            self.cut_off = True
+            raise DmaError(f"{name}: client gone: {exc}", errno.ENODEV) from exc
         assert reply is not None
         return reply.payload[wire.DMA_ACCESS_SIZE:]
 
