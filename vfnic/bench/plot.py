@@ -5,27 +5,47 @@ bars of medians with min–max whiskers."""
 
 from __future__ import annotations
 
+import statistics
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+WHISKERS = "#333333"
 
-def _median(vals: Sequence[float]) -> float:
-    v = sorted(vals)
-    mid = len(v) // 2
-    return v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _bar(ax: Any, x: float, vals: Sequence[float], width: float, color: str,
+         text: Callable[[float], str], floor: float = 0.0, above: float = 1.02) -> float:
+    """One bar: the median of ``vals`` (at least ``floor``) with min–max whiskers and
+    ``text(median)`` written above; returns the highest value."""
+    med = max(statistics.median(vals), floor)
+    ax.bar(x, med, width, color=color, yerr=[[med - max(min(vals), floor)], [max(vals) - med]],
+           capsize=2, ecolor=WHISKERS)
+    ax.text(x, max(vals) * above, text(med), ha="center", va="bottom", fontsize=6.5)
+    return max(vals)
+
+
+def _save(fig: Any, path: Path) -> None:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    _pyplot().close(fig)
 
 
 def migration_plot(results: dict[str, Any], configs: Sequence[Any], path: Path,
                    window: float,
                    title: str = "Live migration of a TCG guest: vfnic VF vs virtio-net vs no NIC"
                    ) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     metrics = (("total_ms", "migration time", "#4c72b0"),
                ("vm_downtime_ms", "VM downtime (QEMU)", "#dd8452"),
                ("net_downtime_ms", "network downtime (ping)", "#55a868"))
@@ -36,7 +56,7 @@ def migration_plot(results: dict[str, Any], configs: Sequence[Any], path: Path,
     width = 0.8 / n
     fig, ax = plt.subplots(figsize=(11, 5.2), dpi=110)
     ymax = 1.0
-    for j, (attr, name, color) in enumerate(metrics):
+    for j, (attr, _, color) in enumerate(metrics):
         for i, c in enumerate(configs):
             runs = [r for r in results.get(c.key, []) if r.ok]
             x = i - 0.4 + width * (j + 0.5)
@@ -63,12 +83,8 @@ def migration_plot(results: dict[str, Any], configs: Sequence[Any], path: Path,
                 ax.text(x, 1.2, "failed" if not runs else "–", ha="center", va="bottom",
                         fontsize=7, rotation=90)
                 continue
-            med = max(_median(vals), 0.5)
-            err = [[med - max(min(vals), 0.5)], [max(vals) - med]]
-            ax.bar(x, med, width, color=color, yerr=err, capsize=2, ecolor="#333333",
-                   label=name if i == 0 else None)
-            ax.text(x, max(vals) * 1.08, f"{med:.0f}", ha="center", va="bottom", fontsize=6.5)
-            ymax = max(ymax, max(vals) * 3)
+            top = _bar(ax, x, vals, width, color, "{:.0f}".format, floor=0.5, above=1.08)
+            ymax = max(ymax, top * 3)
     # one legend entry per metric even if its first configuration had no bar
     handles = [plt.Rectangle((0, 0), 1, 1, color=col) for _, _, col in metrics]
     ax.legend(handles, [m[1] for m in metrics], loc="upper left", fontsize=8, ncols=3)
@@ -79,10 +95,7 @@ def migration_plot(results: dict[str, Any], configs: Sequence[Any], path: Path,
     ax.set_xticklabels(labels, fontsize=8)
     ax.set_title(title, fontsize=10)
     ax.grid(axis="y", which="major", alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def rate_plot(path: Path, rows: Sequence[str], nics: Sequence[tuple[str, str]],
@@ -91,17 +104,13 @@ def rate_plot(path: Path, rows: Sequence[str], nics: Sequence[tuple[str, str]],
     """Received packets/s per row (direction and frame) and guest NIC, and beside them
     the ping's average RTT per guest NIC. ``nics``: (key, label) in plot order;
     ``received[key][row]`` and ``ping[key]``: the values of the rounds (one or more)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     colors = ("#55a868", "#8172b2", "#4c72b0", "#dd8452", "#c44e52")
     fig, (ax, axp) = plt.subplots(1, 2, figsize=(11, 4.8), dpi=110,
                                   gridspec_kw={"width_ratios": [3.2, 1]})
     width = 0.8 / max(len(nics), 1)
     top = 1.0
-    for j, (key, name) in enumerate(nics):
+    for j, (key, _) in enumerate(nics):
         color = colors[j % len(colors)]
         for i, row in enumerate(rows):
             vals = received.get(key, {}).get(row, [])
@@ -109,18 +118,9 @@ def rate_plot(path: Path, rows: Sequence[str], nics: Sequence[tuple[str, str]],
             if not vals:
                 ax.text(x, 0, "–", ha="center", va="bottom", fontsize=7)
                 continue
-            med = _median(vals)
-            ax.bar(x, med, width, color=color, yerr=[[med - min(vals)], [max(vals) - med]],
-                   capsize=2, ecolor="#333333", label=name if i == 0 else None)
-            ax.text(x, max(vals) * 1.02, f"{med / 1000:.1f}k", ha="center", va="bottom",
-                    fontsize=6.5)
-            top = max(top, max(vals))
-        pv = ping.get(key, [])
-        if pv:
-            med = _median(pv)
-            axp.bar(j, med, 0.6, color=color, yerr=[[med - min(pv)], [max(pv) - med]],
-                    capsize=2, ecolor="#333333")
-            axp.text(j, max(pv) * 1.02, f"{med:.2f}", ha="center", va="bottom", fontsize=7)
+            top = max(top, _bar(ax, x, vals, width, color, lambda m: f"{m / 1000:.1f}k"))
+        if ping.get(key):
+            _bar(axp, j, ping[key], 0.6, color, "{:.2f}".format)
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors[j % len(colors)])
                for j in range(len(nics))]
     ax.legend(handles, [n for _, n in nics], loc="upper right", fontsize=8)
@@ -135,7 +135,4 @@ def rate_plot(path: Path, rows: Sequence[str], nics: Sequence[tuple[str, str]],
     axp.set_ylabel("ping RTT avg, ms")
     axp.set_title("ping, peer → guest", fontsize=10)
     axp.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, path)
