@@ -43,6 +43,8 @@ PAYLOADS = (18, 1472)
 CTL_PORT = 5009
 # Guest kinds: the VF with the kernel driver, the VF with the Python driver model, virtio-net.
 GUEST_KINDS = ("kvf", "vf", "virtio")
+# The guest rows' directions: (result key, direction).
+DIRECTIONS = (("tx", "guest → peer"), ("rx", "peer → guest"))
 GUEST_NAMES = {"kvf": "vfnic VF (kernel driver vfnic_vf)",
                "vf": "vfnic VF (Python driver + TAP)", "virtio": "virtio-net (TAP)"}
 _ids = itertools.count()
@@ -254,7 +256,7 @@ def plot_guest_rates(path: Path, results: dict[str, list[dict[str, Any]]], title
 
     rows: list[str] = []
     received: dict[str, dict[str, list[float]]] = {k: {} for k in results}
-    for key, direction in (("tx", "guest → peer"), ("rx", "peer → guest")):
+    for key, direction in DIRECTIONS:
         for payload in PAYLOADS:
             row = f"{direction}\n{label(payload)}"
             rows.append(row)
@@ -312,7 +314,7 @@ def cost_rows(kind: str, r: dict[str, Any]) -> list[list[object]]:
     (`{"op": "counters"}`) and the guest's /proc/interrupts."""
     rows: list[list[object]] = []
     ifname = "vfnic0" if kind != "virtio" else str(r.get("ifname", "eth0"))
-    for key, direction in (("tx", "guest → peer"), ("rx", "peer → guest")):
+    for key, direction in DIRECTIONS:
         for payload in PAYLOADS:
             t = r.get(f"{key}{payload}")
             if not t:

@@ -22,6 +22,7 @@ from typing import Any
 
 from vfnic.bench.common import Section, log, met, rotated_rounds, short_tmpdir, stat_text, table
 from vfnic.bench.datapath import (
+    DIRECTIONS,
     GUEST_KINDS,
     GUEST_NAMES,
     PAYLOADS,
@@ -130,7 +131,7 @@ def run(quick: bool = False, rounds: int | None = None,
             f"its first and last datagram; median over the rounds (min–max).")
     rows: list[list[object]] = []
     targets: list[str] = []
-    for key, direction in (("tx", "guest → peer"), ("rx", "peer → guest")):
+    for key, direction in DIRECTIONS:
         for payload in PAYLOADS:
             got = {kind: [v for v in (received_rate(r, key, payload) for r in results[kind])
                           if v is not None] for kind in GUEST_KINDS}
