@@ -1,6 +1,5 @@
-"""Helpers shared by the tests of a VF's settings (test_vf_policy, test_egress): a
-NicServer whose uplink is a fresh TAP, and a VF's state carried between two NICs
-through the vfio v2 state machine in process."""
+"""A helper shared by the tests of a VF's settings (test_vf_policy, test_egress): a
+NicServer whose uplink is a fresh TAP."""
 
 from __future__ import annotations
 
@@ -12,9 +11,7 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
-from vfnic.device.function import PciFunction
 from vfnic.device.nic import NicServer
-from vfnic.savevm.migration import State
 
 TAPS = itertools.count()
 
@@ -34,12 +31,3 @@ def tap_nic_server(prefix: str, **kwargs: Any) -> Iterator[NicServer]:
         server.stop()
         shutil.rmtree(folder, ignore_errors=True)
 
-
-def carry_to_resuming(src: PciFunction, dst: PciFunction) -> bytes:
-    """``src`` through STOP_COPY, its whole stream written to ``dst`` in RESUMING
-    (left there: the caller's STOP applies it). Returns the stream."""
-    src.migration.set_state(State.STOP_COPY)
-    data = src.migration.read(1 << 20)
-    dst.migration.set_state(State.RESUMING)
-    dst.migration.write(data)
-    return data

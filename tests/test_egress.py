@@ -20,7 +20,7 @@ from typing import Any, cast
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from tapnic import carry_to_resuming, tap_nic_server
+from tapnic import tap_nic_server
 
 from vfnic.device.egress import EgressScheduler, allocate
 from vfnic.device.nic import Nic, NicServer, control_call
@@ -455,13 +455,12 @@ def test_cli_link_speed_and_rate_errors() -> None:
 
 
 def test_the_destinations_rates_apply_after_a_migration() -> None:
-    from vfnic.savevm.migration import State
+    from vfnic.migrate import vfstate
 
     src_nic, dst_nic = Nic(1, nic_id=1, link_speed=100), Nic(1, nic_id=2, link_speed=50)
     src_nic.set_vf(0, {"min_tx_rate": 80, "max_tx_rate": 90})
     dst_nic.set_vf(0, {"min_tx_rate": 20})
     src, dst = src_nic.vfs[0], dst_nic.vfs[0]
-    carry_to_resuming(src, dst)
-    dst.migration.set_state(State.STOP)
+    vfstate.load(dst, vfstate.save(src))  # as dbus-vmstate's Save and Load do
     assert (dst.policy.min_tx_rate, dst.policy.max_tx_rate) == (20, 0)  # the host's own
     assert dst_nic.egress.link_speed == 50

@@ -10,12 +10,13 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from tapnic import carry_to_resuming, tap_nic_server
+from tapnic import tap_nic_server
 
 from vfnic.device.nic import Nic, NicServer, control_call
 from vfnic.errors import PolicyError, SnapshotError, UsageError
 from vfnic.guestdriver.bus import HostBus
 from vfnic.guestdriver.driver import MailboxError, VfDriver
+from vfnic.migrate import vfstate
 from vfnic.regs import mailbox as M
 from vfnic.savevm.migration import State
 from vfnic.serve import format_vf, parse_vf_settings
@@ -288,8 +289,7 @@ def test_the_destinations_settings_apply_after_a_migration() -> None:
     dst_nic.set_vf(0, {"mac": "02:00:00:00:cc:01", "vlan": 30, "state": "disable"})
     src_nic.set_vf(0, {"spoofchk": "off", "state": "enable"})
     src, dst = src_nic.vfs[0], dst_nic.vfs[0]
-    carry_to_resuming(src, dst)
-    dst.migration.set_state(State.STOP)
+    vfstate.load(dst, vfstate.save(src))  # as dbus-vmstate's Save and Load do
     assert dst.rx_mac == dst.perm_mac == bytes.fromhex("02000000cc01")
     assert dst.policy.vlan == 30 and dst.policy.spoofchk is True
     assert dst.link_state == 2  # disable, the destination's
@@ -301,7 +301,10 @@ def test_a_restore_whose_mac_is_taken_on_the_destination_is_refused() -> None:
     dst_nic.set_vf(1, {"mac": src.perm_mac.hex(":")})
     dst = dst_nic.vfs[0]
     before = bytes(dst.config.data), dict(dst.bank.values)
-    carry_to_resuming(src, dst)
+    src.migration.set_state(State.STOP_COPY)
+    data = src.migration.read(1 << 20)
+    dst.migration.set_state(State.RESUMING)
+    dst.migration.write(data)
     with pytest.raises(SnapshotError, match="in use by vf1"):
         dst.migration.set_state(State.STOP)
     assert (bytes(dst.config.data), dict(dst.bank.values)) == before
