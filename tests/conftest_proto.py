@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from hostdriver import stop_when_detached
 
 from vfnic.device.function import PciFunction
 from vfnic.device.nic import NicServer
@@ -299,11 +300,7 @@ def nic_server(tmp_path: Any) -> Iterator[NicServer]:
     server = NicServer(folder, num_vfs=NUM_VFS)
     server.start()
     yield server
-    # Let each session notice its client left before closing the sockets under it.
-    deadline = time.monotonic() + 2.0
-    while any(s.attached for s in server.servers.values()) and time.monotonic() < deadline:
-        time.sleep(0.005)
-    server.stop()
+    stop_when_detached(server)
     if short is not None:
         shutil.rmtree(short, ignore_errors=True)
 

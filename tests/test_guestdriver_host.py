@@ -18,11 +18,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hostdriver import MakeDriver, stop_when_detached, vf_drivers
 
 from vfnic.device.nic import NicServer
 from vfnic.device.pfagent import PendingMessage
 from vfnic.guestdriver import driver as G
-from vfnic.guestdriver.bus import COMMAND_MASTER, COMMAND_MEMORY, PCI_COMMAND, HostBus
+from vfnic.guestdriver.bus import COMMAND_MASTER, COMMAND_MEMORY, PCI_COMMAND
 from vfnic.guestdriver.driver import VfDriver, gratuitous_arp
 from vfnic.regs import descriptors as D
 from vfnic.regs import mailbox as M
@@ -32,9 +33,6 @@ ETH_TEST = 0x88B5  # IEEE 802 local experimental ethertype
 RING = 32
 BAD_ADDRESS = 0xDEAD_0000_0000  # outside every DMA mapping
 REPO = Path(__file__).resolve().parents[1]
-
-MakeDriver = Callable[..., VfDriver]
-
 
 def frame(dst: bytes, src: bytes, payload: bytes, ethertype: int = ETH_TEST) -> bytes:
     return dst + src + ethertype.to_bytes(2, "big") + payload.ljust(46, b"\0")
@@ -93,27 +91,14 @@ def nic() -> Iterator[NicServer]:
     server = NicServer(folder, num_vfs=3)
     server.start()
     yield server
-    deadline = time.monotonic() + 2.0
-    while any(s.attached for s in server.servers.values()) and time.monotonic() < deadline:
-        time.sleep(0.005)
-    server.stop()
+    stop_when_detached(server)
     shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(params=["memfd", "messages"])
 def make(request: pytest.FixtureRequest, nic: NicServer) -> Iterator[MakeDriver]:
-    drivers: list[VfDriver] = []
-
-    def make_driver(vf: int, ring_size: int = RING) -> VfDriver:
-        bus = HostBus(str(nic.dir / f"vf{vf}.sock"), fd_backed=request.param == "memfd")
-        drv = VfDriver(bus, ring_size)
-        drivers.append(drv)
-        drv.init()
-        return drv
-
-    yield make_driver
-    for drv in drivers:
-        drv.bus.close()
+    with vf_drivers(nic, RING, fd_backed=request.param == "memfd") as make_driver:
+        yield make_driver
 
 
 # -- bring-up ---------------------------------------------------------------------------

@@ -7,17 +7,14 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hostdriver import tap_peer
 
 from vfnic.device.nic import NicServer
-from vfnic.guestdriver.bus import HostBus
 from vfnic.guestdriver.driver import VfDriver
-from vfnic.guestdriver.tapbridge import TapBridge
 from vfnic.host.vm import VfioUserFunction, guest_net_args, run_command
 
 pytestmark = [
@@ -45,21 +42,8 @@ exit $rc
 @pytest.fixture
 def peer(nic: NicServer) -> Iterator[VfDriver]:
     """vf1 on the host: VfDriver + TAP 10.7.0.1/24 in its own namespace."""
-    ns = f"vfnq{os.getpid() % 100000}"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    drv = VfDriver(HostBus(str(nic.dir / "vf1.sock")))
-    drv.init()
-    bridge = TapBridge(drv, f"{ns}t", "10.7.0.1/24", poll_us=200, netns=ns)
-    bridge.setup()
-    thread = threading.Thread(target=bridge.run, daemon=True)
-    thread.start()
-    yield drv
-    bridge.stop()
-    thread.join(2.0)
-    drv.stop()
-    bridge.close()
-    drv.bus.close()
-    subprocess.run(["ip", "netns", "del", ns], check=False)
+    with tap_peer(nic, 1, f"vfnq{os.getpid() % 100000}", "10.7.0.1/24") as drv:
+        yield drv
 
 
 def test_guest_driver_pings_through_the_nic(nic: NicServer, peer: VfDriver) -> None:

@@ -13,17 +13,16 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hostdriver import tap_peer
 
 from vfnic.device.nic import NicServer
 from vfnic.guestdriver.bus import HostBus
 from vfnic.guestdriver.driver import VfDriver
-from vfnic.guestdriver.tapbridge import TapBridge
 from vfnic.host import image, kmod
 from vfnic.host.vm import VM, VfioUserFunction, guest_net_args, run_command
 from vfnic.regs import descriptors as D
@@ -94,25 +93,15 @@ def _ns() -> str:
 def peer(nic: NicServer) -> Iterator[tuple[VfDriver, subprocess.Popen[str]]]:
     """vf1 on the host: VfDriver + TAP PEER_IP/24 in its own namespace, a UDP echo."""
     ns = _ns()
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    drv = VfDriver(HostBus(str(nic.dir / "vf1.sock")))
-    drv.init()
-    bridge = TapBridge(drv, f"{ns}t", f"{PEER_IP}/24", poll_us=200, netns=ns)
-    bridge.setup()
-    thread = threading.Thread(target=bridge.run, daemon=True)
-    thread.start()
-    echo = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", ECHO, PEER_IP,
-                             str(UDP_PORT)], stdout=subprocess.PIPE, text=True)
-    assert echo.stdout is not None and echo.stdout.readline().strip() == "listening"
-    yield drv, echo
-    echo.kill()
-    echo.wait()
-    bridge.stop()
-    thread.join(2.0)
-    drv.stop()
-    bridge.close()
-    drv.bus.close()
-    subprocess.run(["ip", "netns", "del", ns], check=False)
+    with tap_peer(nic, 1, ns, f"{PEER_IP}/24") as drv:
+        echo = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", ECHO,
+                                 PEER_IP, str(UDP_PORT)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert echo.stdout is not None and echo.stdout.readline().strip() == "listening"
+            yield drv, echo
+        finally:
+            echo.kill()
+            echo.wait()
 
 
 def _guest(nic: NicServer, script: str) -> str:

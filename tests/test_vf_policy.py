@@ -7,14 +7,14 @@ from __future__ import annotations
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
+from hostdriver import MakeDriver, vf_drivers
 from tapnic import tap_nic_server
 
 from vfnic.device.nic import Nic, NicServer, control_call
 from vfnic.errors import PolicyError, SnapshotError, UsageError
-from vfnic.guestdriver.bus import HostBus
 from vfnic.guestdriver.driver import MailboxError, VfDriver
 from vfnic.migrate import vfstate
 from vfnic.regs import mailbox as M
@@ -25,7 +25,6 @@ ETH_TEST = 0x88B5
 RING = 32
 PF_MAC = bytes([0x02, 0x56, 0x46, 0, 0xFF, 0x01])  # default_mac(0, 0xFF)
 
-MakeDriver = Callable[[int], VfDriver]
 
 
 def frame(dst: bytes, src: bytes, payload: bytes = b"hello") -> bytes:
@@ -59,17 +58,8 @@ def nic() -> Iterator[NicServer]:
 
 @pytest.fixture
 def make(nic: NicServer) -> Iterator[MakeDriver]:
-    drivers: list[VfDriver] = []
-
-    def make_driver(vf: int) -> VfDriver:
-        drv = VfDriver(HostBus(str(nic.dir / f"vf{vf}.sock"), fd_backed=True), RING)
-        drivers.append(drv)
-        drv.init()
-        return drv
-
-    yield make_driver
-    for drv in drivers:
-        drv.bus.close()
+    with vf_drivers(nic, RING) as make_driver:
+        yield make_driver
 
 
 # -- spoofchk and the receive address ---------------------------------------------------------
