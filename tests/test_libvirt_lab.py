@@ -163,6 +163,8 @@ def test_virsh_migrate_carries_the_vf_in_qemus_stream(lab: Lab, mode: str) -> No
     assert "migrated onto a new VF" not in console_b  # no takeover: the state was carried
     if mode == "cooperative":
         assert s.get("suspend_mailbox_ms") is not None and d.get("resume_mailbox_ms") is not None
+        # QEMU's limit went back only once its first RAM pass was over (after the suspend)
+        assert s["released_sync"] >= 2 and s["released_at_ms"] >= s["suspended_at_ms"], s
     else:
         assert d.get("announced") is True
     sent, received = pinger.loss()

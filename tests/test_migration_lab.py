@@ -133,3 +133,4 @@ def test_pinging_guest_keeps_connectivity_across_migration(lab: Lab, case: str) 
         assert summary.device_pages > 0  # RX buffers the NIC wrote, carried by vfnic
     else:
         assert summary.suspend_us is not None and summary.resume_us is not None
+        assert summary.source["released_sync"] >= 2, summary.source  # after pass 1

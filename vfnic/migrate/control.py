@@ -11,7 +11,8 @@ Cooperative sequence (source, per VF whose mode is cooperative):
             pages the VF writes)
   suspend   near the end of the first RAM pass (:func:`wait_suspend_point`), the
             driver told `suspend` (it stops its queues and keeps its state)
-  release   downtime-limit back: QEMU converges, stops the vCPUs, saves the VF
+  release   once QEMU's first RAM pass is over (:func:`wait_first_pass`), downtime-limit
+            back: QEMU converges, stops the vCPUs, saves the VF
   rollback  on failure: `resume` (suspended) or `cancelmigration` (not yet)
 """
 
@@ -136,6 +137,22 @@ async def wait_suspend_point(qmp: QMPClient, timeout: float) -> bool:
     raise MigrationError("RAM pre-copy did not progress")
 
 
+async def wait_first_pass(qmp: QMPClient, timeout: float) -> int:
+    """Wait until QEMU's first RAM pass is over (its second dirty-bitmap sync): with
+    downtime-limit 0 it cannot switch over before, and once the limit is back the
+    final pass carries only what the guest dirtied since, not the rest of pass 1.
+    Returns the dirty-sync-count seen last (below 2: the migration ended first)."""
+    deadline = time.monotonic() + timeout
+    syncs = 0
+    while time.monotonic() < deadline:
+        info = await query_migrate(qmp)
+        syncs = info.get("ram", {}).get("dirty-sync-count", syncs)
+        if info.get("status") != "active" or syncs >= 2:
+            break
+        await asyncio.sleep(0.005)
+    return syncs
+
+
 class CooperativeSource:
     """The host's side of the 2015 protocol for one VF on the source."""
 
@@ -148,6 +165,7 @@ class CooperativeSource:
         self.migrating = False
         self.suspended = False
         self.suspend_ack: dict[str, Any] = {}
+        self.released_sync: int | None = None  # QEMU's dirty-sync-count at the release
 
     async def start(self) -> None:
         params = await query_migrate_parameters(self.qmp)
@@ -164,9 +182,12 @@ class CooperativeSource:
         return self.suspend_ack
 
     async def release(self) -> None:
-        if self.limit is not None:
-            with contextlib.suppress(Exception):
-                await self.qmp.execute("migrate-set-parameters", {"downtime-limit": self.limit})
+        if self.limit is None:
+            return
+        with contextlib.suppress(Exception):
+            if self.suspended:
+                self.released_sync = await wait_first_pass(self.qmp, self.precopy_timeout)
+            await self.qmp.execute("migrate-set-parameters", {"downtime-limit": self.limit})
 
     async def rollback(self) -> None:
         """The migration failed: the driver goes on where it is."""
