@@ -134,3 +134,5 @@ def test_pinging_guest_keeps_connectivity_across_migration(lab: Lab, case: str) 
     else:
         assert summary.suspend_us is not None and summary.resume_us is not None
         assert summary.source["released_sync"] >= 2, summary.source  # after pass 1
+        tl = summary.timeline_ms  # suspended, then QEMU let converge, then stopped
+        assert tl["vf-suspended"] <= tl["qemu-released"] <= tl["source-stopped"] + 5, tl

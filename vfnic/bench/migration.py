@@ -687,7 +687,10 @@ def notes(results: dict[str, list[Run]]) -> str:
     return "\n".join(["Notes on this run:", "", *lines]) if lines else ""
 
 
-STEPS = (("source-stopped", "source-completed", "source stopped → QEMU completed (final "
+STEPS = (("vf-suspended", "qemu-released", "VF driver suspended → QEMU let converge "
+           "(cooperative: the rest of the first RAM pass)"),
+         ("qemu-released", "source-stopped", "→ source stopped (cooperative)"),
+         ("source-stopped", "source-completed", "source stopped → QEMU completed (final "
            "RAM pass, devices, the VF's Save inside)"),
          ("source-completed", "vf-restored", "→ destination NIC: VF loaded, its PCI config "
           "back in QEMU"),

@@ -304,6 +304,13 @@ class Orchestrator:
             s.device_dma_bytes = s.source.get("dma_bytes", 0)
             s.suspend_us = s.source.get("suspend_driver_us")
             s.suspend_ms = s.source.get("suspend_mailbox_ms")
+            # Cooperative: the driver's suspend and QEMU let converge, by the source NIC's
+            # clock (its record's times count from its start)
+            for key, event in (("suspended_at_ms", "vf-suspended"),
+                               ("released_at_ms", "qemu-released")):
+                if s.source.get(key) is not None and "started" in s.source:
+                    at = s.source["started"] + s.source[key] / 1000
+                    s.timeline_ms[event] = round((at - self.t0_wall) * 1000, 1)
         if dst:
             s.destination = dst[-1]
             s.load_ms = s.destination.get("load_ms")
