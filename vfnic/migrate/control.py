@@ -166,6 +166,7 @@ class CooperativeSource:
         self.suspended = False
         self.suspend_ack: dict[str, Any] = {}
         self.released_sync: int | None = None  # QEMU's dirty-sync-count at the release
+        self.released_at: float | None = None  # perf_counter when the limit was sent
 
     async def start(self) -> None:
         params = await query_migrate_parameters(self.qmp)
@@ -187,6 +188,7 @@ class CooperativeSource:
         with contextlib.suppress(Exception):
             if self.suspended:
                 self.released_sync = await wait_first_pass(self.qmp, self.precopy_timeout)
+            self.released_at = time.perf_counter()
             await self.qmp.execute("migrate-set-parameters", {"downtime-limit": self.limit})
 
     async def rollback(self) -> None:

@@ -401,8 +401,9 @@ class VfLink:
                     await qmp.execute("migrate_cancel")
             finally:
                 await coop.release()
-                self.service.update(record, released_sync=coop.released_sync,
-                                    released_at_ms=round((time.perf_counter() - t0) * 1000, 1))
+                if coop.released_at is not None:
+                    self.service.update(record, released_sync=coop.released_sync,
+                                        released_at_ms=round((coop.released_at - t0) * 1000, 1))
         result = await control.wait_end(qmp, events)
         self.service.update(record, result=result,
                             total_ms=round((time.perf_counter() - t0) * 1000, 1))
