@@ -82,10 +82,13 @@ def test_pinging_guest_keeps_connectivity_across_migration(lab: Lab, case: str) 
         time.sleep(2)
         summary = migrate(Host(str(va.qmp_socket), str(da), 0),
                           Host(str(vb.qmp_socket), str(db), 0),
-                          Options("tcp:192.168.77.2:4444", mode,
-                                  save_fault=fault or None), progress=lambda _l: None)
+                          Options("tcp:192.168.77.2:4444", mode, save_fault=fault or None,
+                                  quit_source=False), progress=lambda _l: None)
         assert summary.status == "completed", summary.error
         assert summary.regs_equal is True
+        # the source QEMU's max-bandwidth is back after the cooperative hold
+        params = va.qmp("query-migrate-parameters")
+        assert isinstance(params, dict) and params["max-bandwidth"] > 1 << 20, params
         out, _ = sender.communicate(timeout=60)
         sent = int(out.split()[-1])
         time.sleep(1)
@@ -134,5 +137,6 @@ def test_pinging_guest_keeps_connectivity_across_migration(lab: Lab, case: str) 
     else:
         assert summary.suspend_us is not None and summary.resume_us is not None
         assert summary.source["released_sync"] >= 2, summary.source  # after pass 1
+        assert summary.source["held_ms"] is not None, summary.source  # RAM pass held
         tl = summary.timeline_ms  # suspended, then QEMU let converge, then stopped
         assert tl["vf-suspended"] <= tl["qemu-released"] <= tl["source-stopped"] + 5, tl

@@ -35,7 +35,8 @@ class StatusInfo(TypedDict, total=False):
     status: str
     running: bool
 # MigrationParameters, the fields vfnic reads
-MigrationParameters = TypedDict("MigrationParameters", {"downtime-limit": int}, total=False)
+MigrationParameters = TypedDict("MigrationParameters",
+                                {"downtime-limit": int, "max-bandwidth": int}, total=False)
 
 
 class PciDeviceId(TypedDict, total=False):

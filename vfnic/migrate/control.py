@@ -9,8 +9,9 @@ Cooperative sequence (source, per VF whose mode is cooperative):
   start     downtime-limit 0 (QEMU cannot converge: the guest keeps running), the
             driver told `migrate` through the PF mailbox (it starts dirtying the
             pages the VF writes)
-  suspend   near the end of the first RAM pass (:func:`wait_suspend_point`), the
-            driver told `suspend` (it stops its queues and keeps its state)
+  suspend   near the end of the first RAM pass (:func:`wait_suspend_point`, 1/32 of
+            RAM left), QEMU's RAM pass held (max-bandwidth 1 B/s) until the driver,
+            told `suspend`, acknowledged (it stops its queues and keeps its state)
   release   once QEMU's first RAM pass is over (:func:`wait_first_pass`), downtime-limit
             back: QEMU converges, stops the vCPUs, saves the VF
   rollback  on failure: `resume` (suspended) or `cancelmigration` (not yet)
@@ -116,11 +117,12 @@ async def wait_end(qmp: QMPClient, events: EventListener) -> str:
 
 
 async def wait_suspend_point(qmp: QMPClient, timeout: float) -> bool:
-    """Wait until most of the first RAM pass is sent (1/4 of RAM left, or pass 2
+    """Wait until most of the first RAM pass is sent (1/32 of RAM left, or pass 2
     begun), the moment to suspend the VF driver; with downtime-limit 0 QEMU cannot
-    switch over before. (With 1/32, about 1 migration in 40 had its SUSPEND
-    acknowledged only after 5 s: once pass 1 is over, QEMU syncs its dirty bitmap pass
-    after pass and the guest's MMIO crawls.) False if QEMU reached switchover anyway."""
+    switch over before. The pass must not end before the driver acknowledges: once it
+    is over QEMU syncs its dirty bitmap pass after pass and the guest's MMIO crawls
+    (SUSPEND took 5 s in 1 migration of 40 at this point before the hold of
+    :meth:`CooperativeSource.suspend`). False if QEMU reached switchover anyway."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         info = await query_migrate(qmp)
@@ -131,7 +133,7 @@ async def wait_suspend_point(qmp: QMPClient, timeout: float) -> bool:
             return False
         ram = info.get("ram", {})
         total = ram.get("total", 0) or 1
-        if ram.get("dirty-sync-count", 0) >= 2 or ram.get("remaining", total) <= total // 4:
+        if ram.get("dirty-sync-count", 0) >= 2 or ram.get("remaining", total) <= total // 32:
             return True
         await asyncio.sleep(0.01)
     raise MigrationError("RAM pre-copy did not progress")
@@ -167,10 +169,15 @@ class CooperativeSource:
         self.suspend_ack: dict[str, Any] = {}
         self.released_sync: int | None = None  # QEMU's dirty-sync-count at the release
         self.released_at: float | None = None  # perf_counter when the limit was sent
+        self.bandwidth: int | None = None  # max-bandwidth before the hold
+        self.held = False
+        self.held_at: float | None = None
+        self.held_ms: float | None = None  # how long QEMU's RAM pass was held
 
     async def start(self) -> None:
         params = await query_migrate_parameters(self.qmp)
         self.limit = int(params.get("downtime-limit", 300))
+        self.bandwidth = params.get("max-bandwidth")
         await self.qmp.execute("migrate-set-parameters", {"downtime-limit": 0})
         await self.command("migrate", [])
         self.migrating = True
@@ -178,14 +185,32 @@ class CooperativeSource:
     async def suspend(self) -> dict[str, Any]:
         if not await wait_suspend_point(self.qmp, self.precopy_timeout):
             raise MigrationError("the guest stopped before its VF driver could suspend")
+        # Hold the RAM pass while the driver suspends: at a byte a second QEMU cannot
+        # finish pass 1 (and start syncing back to back) before the acknowledgement.
+        if self.bandwidth is not None:
+            self.held_at = time.perf_counter()
+            await self.qmp.execute("migrate-set-parameters", {"max-bandwidth": 1})
+            self.held = True
         self.suspended = True  # before the ack: a late acknowledgement still suspended it
-        self.suspend_ack = await self.command("suspend", [])
+        try:
+            self.suspend_ack = await self.command("suspend", [])
+        finally:
+            await self._unhold()
         return self.suspend_ack
+
+    async def _unhold(self) -> None:
+        """max-bandwidth back to what it was (after the acknowledgement or a failure)."""
+        if self.held:
+            self.held = False
+            await self.qmp.execute("migrate-set-parameters", {"max-bandwidth": self.bandwidth})
+            if self.held_at is not None:
+                self.held_ms = round((time.perf_counter() - self.held_at) * 1000, 2)
 
     async def release(self) -> None:
         if self.limit is None:
             return
         with contextlib.suppress(Exception):
+            await self._unhold()
             if self.suspended:
                 self.released_sync = await wait_first_pass(self.qmp, self.precopy_timeout)
             self.released_at = time.perf_counter()
