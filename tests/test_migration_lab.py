@@ -138,5 +138,8 @@ def test_pinging_guest_keeps_connectivity_across_migration(lab: Lab, case: str) 
         assert summary.suspend_us is not None and summary.resume_us is not None
         assert summary.source["released_sync"] >= 2, summary.source  # after pass 1
         assert summary.source["held_ms"] is not None, summary.source  # RAM pass held
-        tl = summary.timeline_ms  # suspended, then QEMU let converge, then stopped
-        assert tl["vf-suspended"] <= tl["qemu-released"] <= tl["source-stopped"] + 5, tl
+        # the driver suspended before QEMU was let converge and before the VM stopped
+        # (an idle guest may stop first: QEMU switches over at downtime-limit 0 when a
+        # sync finds nothing dirty)
+        tl = summary.timeline_ms
+        assert tl["vf-suspended"] <= min(tl["qemu-released"], tl["source-stopped"]), tl

@@ -185,18 +185,31 @@ class CooperativeSource:
     async def suspend(self) -> dict[str, Any]:
         if not await wait_suspend_point(self.qmp, self.precopy_timeout):
             raise MigrationError("the guest stopped before its VF driver could suspend")
-        # Hold the RAM pass while the driver suspends: at a byte a second QEMU cannot
-        # finish pass 1 (and start syncing back to back) before the acknowledgement.
-        if self.bandwidth is not None:
-            self.held_at = time.perf_counter()
-            await self.qmp.execute("migrate-set-parameters", {"max-bandwidth": 1})
-            self.held = True
         self.suspended = True  # before the ack: a late acknowledgement still suspended it
+        ack = asyncio.ensure_future(self.command("suspend", []))
         try:
-            self.suspend_ack = await self.command("suspend", [])
+            await self._hold_until(ack)
+            self.suspend_ack = await ack
         finally:
             await self._unhold()
         return self.suspend_ack
+
+    async def _hold_until(self, ack: asyncio.Future[dict[str, Any]]) -> None:
+        """Hold the RAM pass while the driver suspends: at a byte a second QEMU cannot
+        finish pass 1 (and start syncing back to back) before the acknowledgement. Let
+        go at once if pass 1 ended anyway or QEMU left it (a switchover must not run
+        at that rate): checked every 5 ms."""
+        if self.bandwidth is None:
+            return
+        self.held_at = time.perf_counter()
+        await self.qmp.execute("migrate-set-parameters", {"max-bandwidth": 1})
+        self.held = True
+        while not ack.done():
+            info = await query_migrate(self.qmp)
+            if info.get("status") != "active" or \
+                    info.get("ram", {}).get("dirty-sync-count", 0) >= 2:
+                break
+            await asyncio.wait({ack}, timeout=0.005)
 
     async def _unhold(self) -> None:
         """max-bandwidth back to what it was (after the acknowledgement or a failure)."""
