@@ -47,6 +47,11 @@ class Throttle:
         self.last[key] = now
         return True
 
+    def waiting(self, fn: PciFunction, vector: int) -> bool:
+        """Whether an interrupt of ``vector`` waits for its interval's end."""
+        with self._cond:
+            return (fn, vector) in self._deferred
+
     def _defer(self, key: Key, due: float) -> None:
         with self._cond:
             if key in self._deferred:
