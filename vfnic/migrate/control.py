@@ -139,19 +139,25 @@ async def wait_suspend_point(qmp: QMPClient, timeout: float) -> bool:
     raise MigrationError("RAM pre-copy did not progress")
 
 
-async def wait_first_pass(qmp: QMPClient, timeout: float) -> int:
+async def wait_first_pass(qmp: QMPClient, timeout: float,
+                          until: asyncio.Future[Any] | None = None) -> int:
     """Wait until QEMU's first RAM pass is over (its second dirty-bitmap sync): with
     downtime-limit 0 it cannot switch over before, and once the limit is back the
     final pass carries only what the guest dirtied since, not the rest of pass 1.
-    Returns the dirty-sync-count seen last (below 2: the migration ended first)."""
+    With ``until``, stop waiting as soon as that is done too. Returns the
+    dirty-sync-count seen last (below 2: the migration ended, or ``until`` came,
+    first)."""
     deadline = time.monotonic() + timeout
     syncs = 0
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not (until is not None and until.done()):
         info = await query_migrate(qmp)
         syncs = info.get("ram", {}).get("dirty-sync-count", syncs)
         if info.get("status") != "active" or syncs >= 2:
             break
-        await asyncio.sleep(0.005)
+        if until is None:
+            await asyncio.sleep(0.005)
+        else:
+            await asyncio.wait((until,), timeout=0.005)
     return syncs
 
 
@@ -170,8 +176,7 @@ class CooperativeSource:
         self.released_sync: int | None = None  # QEMU's dirty-sync-count at the release
         self.released_at: float | None = None  # perf_counter when the limit was sent
         self.bandwidth: int | None = None  # max-bandwidth before the hold
-        self.held = False
-        self.held_at: float | None = None
+        self.held_at: float | None = None  # perf_counter when held; None: not held
         self.held_ms: float | None = None  # how long QEMU's RAM pass was held
 
     async def start(self) -> None:
@@ -189,41 +194,38 @@ class CooperativeSource:
         ack = asyncio.ensure_future(self.command("suspend", []))
         try:
             await self._hold_until(ack)
-            self.suspend_ack = await ack
         finally:
-            await self._unhold()
+            await self._unhold()  # at the acknowledgement, or at once if pass 1 ended
+        self.suspend_ack = await ack
         return self.suspend_ack
 
     async def _hold_until(self, ack: asyncio.Future[dict[str, Any]]) -> None:
         """Hold the RAM pass while the driver suspends: at a byte a second QEMU cannot
         finish pass 1 (and start syncing back to back) before the acknowledgement. Let
         go at once if pass 1 ended anyway or QEMU left it (a switchover must not run
-        at that rate): checked every 5 ms."""
+        at that rate)."""
         if self.bandwidth is None:
             return
         self.held_at = time.perf_counter()
         await self.qmp.execute("migrate-set-parameters", {"max-bandwidth": 1})
-        self.held = True
-        while not ack.done():
-            info = await query_migrate(self.qmp)
-            if info.get("status") != "active" or \
-                    info.get("ram", {}).get("dirty-sync-count", 0) >= 2:
-                break
-            await asyncio.wait({ack}, timeout=0.005)
+        await wait_first_pass(self.qmp, self.precopy_timeout, until=ack)
 
     async def _unhold(self) -> None:
-        """max-bandwidth back to what it was (after the acknowledgement or a failure)."""
-        if self.held:
-            self.held = False
+        """max-bandwidth back to what it was (after the acknowledgement or a failure);
+        still held if that fails, so that release() tries again."""
+        if self.held_at is not None:
             await self.qmp.execute("migrate-set-parameters", {"max-bandwidth": self.bandwidth})
-            if self.held_at is not None:
-                self.held_ms = round((time.perf_counter() - self.held_at) * 1000, 2)
+            self.held_ms = round((time.perf_counter() - self.held_at) * 1000, 2)
+            self.held_at = None
 
     async def release(self) -> None:
+        """Undo start(): max-bandwidth (if still held) and downtime-limit back, each on
+        its own (a failed one does not keep QEMU from converging)."""
         if self.limit is None:
             return
         with contextlib.suppress(Exception):
             await self._unhold()
+        with contextlib.suppress(Exception):
             if self.suspended:
                 self.released_sync = await wait_first_pass(self.qmp, self.precopy_timeout)
             self.released_at = time.perf_counter()
