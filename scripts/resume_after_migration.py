@@ -12,20 +12,17 @@ root.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 from vfnic.bench import migration as M
-from vfnic.bench.common import short_tmpdir
+from vfnic.bench.common import short_tmpdir, stat_text
 from vfnic.bench.kmod import suspend_resume
 from vfnic.migrate.lab import Lab
 
 
 def _ms(values: list[float]) -> str:
-    if not values:
-        return "-"
-    return f"{statistics.median(values) / 1000:.2f} ({min(values) / 1000:.2f}-" \
-           f"{max(values) / 1000:.2f})"
+    """Driver microseconds as ms, median (min-max)."""
+    return stat_text([v / 1000 for v in values], "{:.2f}")
 
 
 def main() -> int:
