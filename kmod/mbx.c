@@ -161,6 +161,8 @@ bool vfnic_mbx_check_pf(struct vfnic_adapter *adapter)
 		ack[nack++] = vfnic_suspend(adapter);
 		break;
 	case VFNIC_MBX_MSG_RESUME:
+		/* the migration is over, completed or rolled back */
+		clear_bit(__VFNIC_DIRTYING, &adapter->state);
 		arg = vfnic_rd32(adapter, VFNIC_VFMBMEM(VFNIC_MBX_PF_BASE + 1));
 		ack[nack++] = vfnic_resume(adapter,
 					   !(arg & VFNIC_MBX_RESUME_NO_GARP));

@@ -373,6 +373,20 @@ def test_migrate_dirties_every_received_buffer_until_cancelled(
     assert d1.counters.pages_touched == 5
 
 
+def test_resume_ends_the_dirtying(nic: NicServer, make: MakeDriver) -> None:
+    """RESUME closes a migration (on the destination, or on the source after a
+    rollback): the driver stops dirtying the buffers the device writes."""
+    d0, d1 = make(0), make(1)
+    pf_message(nic, 1, d1, M.MsgType.MIGRATE)
+    pf_message(nic, 1, d1, M.MsgType.SUSPEND)
+    pf_message(nic, 1, d1, M.MsgType.RESUME)
+    assert not d1.dirtying and not d1.suspended
+    big = [frame(d1.mac, d0.mac, bytes([i]) * 1500) for i in range(5)]
+    assert d0.tx_batch(big) == 5
+    assert receive(d1, 5) == big
+    assert d1.counters.pages_touched == 0
+
+
 def test_unknown_pf_message_is_refused(nic: NicServer, make: MakeDriver) -> None:
     d0 = make(0)
     ack = pf_message(nic, 0, d0, 0x2FF)

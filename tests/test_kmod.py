@@ -279,8 +279,9 @@ def _ping(count: int, wait: float = 2.0) -> str:
 def test_pf_mailbox_migration_hooks(nic: NicServer, peer: tuple[VfDriver, subprocess.Popen[str]],
                                     driver: str) -> None:
     """The 2015 hooks, the same scenario for both drivers in the guest: migrate (DMA'd
-    pages dirtied by the driver), cancelmigration, suspend (queues stopped, acknowledged
-    with its time), resume (queues back, a gratuitous ARP / NA sent, acknowledged)."""
+    pages dirtied by the driver), suspend (queues stopped, acknowledged with its time),
+    resume (queues back, a gratuitous ARP / NA sent, acknowledged, no more dirtying),
+    migrate and cancelmigration."""
     fn = nic.nic.vfs[0]
     vm = VM([VfioUserFunction(Path(nic.dir / "vf0.sock"), "vf0")], command=HOOKS_GUEST,
             kernel_args=guest_net_args(f"{GUEST_IP}/24", driver))
@@ -293,7 +294,6 @@ def test_pf_mailbox_migration_hooks(nic: NicServer, peer: tuple[VfDriver, subpro
         assert "5 received" in _ping(5, 5)
         acks["migrate"] = nic.migration_command(0, "migrate", 5.0)
         assert "5 received" in _ping(5)  # received while dirtying
-        acks["cancelmigration"] = nic.migration_command(0, "cancelmigration", 5.0)
         acks["suspend"] = nic.migration_command(0, "suspend", 5.0)
         suspended_ctl = (fn.bank.get("RXDCTL0"), fn.bank.get("TXDCTL0"))
         assert " 0 received" in _ping(2, 1)  # queues quiesced
@@ -302,7 +302,9 @@ def test_pf_mailbox_migration_hooks(nic: NicServer, peer: tuple[VfDriver, subpro
         time.sleep(1.0)
         announced = fn.bank.get("GPTC") - gptc  # gratuitous ARP (and NA) sent on resume
         resumed_ctl = (fn.bank.get("RXDCTL0"), fn.bank.get("TXDCTL0"))
-        after = _ping(5)
+        after = _ping(5)  # not dirtied: RESUME ended the migration
+        acks["migrate again"] = nic.migration_command(0, "migrate", 5.0)
+        acks["cancelmigration"] = nic.migration_command(0, "cancelmigration", 5.0)
         subprocess.run(["ip", "netns", "exec", _ns(), sys.executable, "-c",
                         "import socket; socket.socket(2, 2).sendto(b'done', "
                         f"('{GUEST_IP}', 9100))"], check=True)
@@ -318,10 +320,16 @@ def test_pf_mailbox_migration_hooks(nic: NicServer, peer: tuple[VfDriver, subpro
     if driver == "kernel":
         stats = dict(re.findall(r"^\s+(\w+): (\d+)$", vm.output, re.M))
         assert stats["suspends"] == "1" and stats["resumes"] == "1", vm.output
-        assert int(stats["pages_touched"]) >= 5 and int(stats["pf_messages"]) >= 4
+        touched, messages = int(stats["pages_touched"]), int(stats["pf_messages"])
+        assert messages >= 5, vm.output
     else:
         m = re.search(r'"pages_touched": (\d+)', vm.output)
-        assert m and int(m.group(1)) >= 5, vm.output
+        assert m, vm.output
+        touched = int(m.group(1))
+    # the 5 echo requests received while dirtying (an ARP request at most besides; the
+    # Python driver also touches the TX descriptors of its 5 replies), none of the 5
+    # after the resume
+    assert 5 <= touched < (10 if driver == "kernel" else 20), vm.output
 
 
 # -- the server's per-batch work (issue 9, item 5) -------------------------------------------

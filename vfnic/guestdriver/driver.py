@@ -418,6 +418,7 @@ class VfDriver:
         return [self.suspend()]
 
     def on_resume(self, args: list[int]) -> list[int]:
+        self.dirtying = False  # RESUME ends the migration, completed or rolled back
         garp = not (args and args[0] & M.RESUME_NO_GARP)
         return [self.resume(garp)]
 

@@ -6,12 +6,14 @@ migration of a QEMU with a vfnic VF, whoever started it: `vfnic migrate`, `virsh
 migrate`, the demo and the bench all reach the VF through it.
 
 Cooperative sequence (source, per VF whose mode is cooperative):
-  start     downtime-limit 0 (QEMU cannot converge: the guest keeps running), the
+  start     downtime-limit 0 (QEMU converges only if nothing is dirty), the
             driver told `migrate` through the PF mailbox (it starts dirtying the
             pages the VF writes)
   suspend   near the end of the first RAM pass (:func:`wait_suspend_point`, 1/32 of
             RAM left), QEMU's RAM pass held (max-bandwidth 1 B/s) until the driver,
-            told `suspend`, acknowledged (it stops its queues and keeps its state)
+            told `suspend`, acknowledged (it stops its queues and keeps its state);
+            if QEMU switches over first (:class:`SuspendOvertaken`) the VF's state
+            goes as in transparent mode
   release   once QEMU's first RAM pass is over (:func:`wait_first_pass`), downtime-limit
             back: QEMU converges, stops the vCPUs, saves the VF
   rollback  on failure: `resume` (suspended) or `cancelmigration` (not yet)
@@ -48,6 +50,13 @@ class MigrationError(OperatorError):
 
 class MigrationCancelled(MigrationError):
     """The migration was cancelled on request."""
+
+
+class SuspendOvertaken(MigrationError):
+    """QEMU switched over before the VF driver acknowledged SUSPEND: with downtime-limit
+    0 it still does when a dirty-bitmap sync finds nothing to send. The VF's state is
+    saved at the stop all the same (as in transparent mode); the SUSPEND left in the
+    mailbox is overwritten by the destination's RESUME."""
 
 
 async def next_status(qmp: QMPClient, events: EventListener, wait: float) -> str:
@@ -104,16 +113,26 @@ async def wait_runstate(qmp: QMPClient, until: Callable[[StatusInfo], bool],
 
 
 async def wait_end(qmp: QMPClient, events: EventListener) -> str:
-    """The migration's final status, or "source-gone after <last status>" if the QEMU
-    went away first (libvirt ends the source right after a migration)."""
+    """The migration's final status, or what :func:`ended_as` says if the QEMU went
+    away first (libvirt ends the source right after a migration)."""
     last = "active"
     while last not in TERMINAL:
         try:
             last = await next_status(qmp, events, 0.05)
         except Exception:
             if events.empty():
-                return f"source-gone after {last}"
+                return ended_as(events, last)
     return last
+
+
+def ended_as(events: EventListener, last: str = "active") -> str:
+    """The final status of a migration whose QEMU is gone: the last MIGRATION event it
+    sent if that was final, else "source-gone after <last status seen>"."""
+    events_seen: list[dict[str, Any]] = [dict(e) for e in events.history]
+    seen = [str(e.get("data", {}).get("status", "")) for e in events_seen]
+    if seen and seen[-1] in TERMINAL:
+        return seen[-1]
+    return f"source-gone after {seen[-1] if seen else last}"
 
 
 async def wait_suspend_point(qmp: QMPClient, timeout: float) -> bool:
@@ -161,6 +180,12 @@ async def wait_first_pass(qmp: QMPClient, timeout: float,
     return syncs
 
 
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """Mark a background step's exception as seen (it is reported another way)."""
+    if not task.cancelled():
+        task.exception()
+
+
 class CooperativeSource:
     """The host's side of the 2015 protocol for one VF on the source."""
 
@@ -192,12 +217,29 @@ class CooperativeSource:
             raise MigrationError("the guest stopped before its VF driver could suspend")
         self.suspended = True  # before the ack: a late acknowledgement still suspended it
         ack = asyncio.ensure_future(self.command("suspend", []))
+        ack.add_done_callback(_retrieved)  # its failure is seen even if not awaited
         try:
             await self._hold_until(ack)
         finally:
             await self._unhold()  # at the acknowledgement, or at once if pass 1 ended
+        if not await self._acknowledged(ack):
+            raise SuspendOvertaken("QEMU stopped the guest before its VF driver "
+                                   "acknowledged the suspend")
         self.suspend_ack = await ack
         return self.suspend_ack
+
+    async def _acknowledged(self, ack: asyncio.Future[dict[str, Any]]) -> bool:
+        """Wait for the acknowledgement while QEMU's migration is still in pre-copy;
+        False once QEMU left it first (a stopped guest acknowledges nothing)."""
+        while not ack.done():
+            info = await query_migrate(self.qmp)
+            st = info.get("status")
+            if st in ("failed", "cancelled"):
+                raise MigrationError(f"QEMU migration {st}: {info.get('error-desc', '')}")
+            if st not in ("setup", "active"):
+                return ack.done()
+            await asyncio.wait((ack,), timeout=0.005)
+        return True
 
     async def _hold_until(self, ack: asyncio.Future[dict[str, Any]]) -> None:
         """Hold the RAM pass while the driver suspends: at a byte a second QEMU cannot

@@ -372,8 +372,20 @@ class VfLink:
     async def _source(self, qmp: QMPClient, events: EventListener) -> None:
         if (await query_migrate(qmp)).get("status") not in ("setup", "active"):
             return
-        t0 = time.perf_counter()
         record = self._new_record("source")
+        try:
+            await self._follow_source(qmp, events, record)
+        except asyncio.CancelledError:
+            # The link ends: its QEMU is gone (libvirt ends the source right after the
+            # migration), maybe before the steps below saw the end: the record says how
+            # the migration ended as far as QEMU's events tell.
+            if "result" not in record:
+                self.service.update(record, result=control.ended_as(events))
+            raise
+
+    async def _follow_source(self, qmp: QMPClient, events: EventListener,
+                             record: dict[str, Any]) -> None:
+        t0 = time.perf_counter()
         vfstate.start_dirty_log(self.fn)
         try:  # QEMU's MSI-X state into the VF's own, so that the state carries it
             if self.service.faults.get(self.fn.index) == "no-msix":
@@ -394,6 +406,9 @@ class VfLink:
                 self.service.update(record, suspend_mailbox_ms=ack.get("mailbox_ms"),
                                     suspend_driver_us=ack.get("driver_us"),
                                     suspended_at_ms=round((time.perf_counter() - t0) * 1000, 1))
+            except control.SuspendOvertaken as exc:  # no cancel: the VF goes as transparent
+                self.service.update(record, suspend_overtaken=True)
+                log.warning("%s: %s: the VF's state goes as in transparent mode", self.id, exc)
             except Exception as exc:  # MailboxTimeout, MigrationError, QMP errors
                 self.service.update(record, error=str(exc))
                 log.warning("%s: %s: cancelling the migration", self.id, exc)
