@@ -162,7 +162,11 @@ def test_virsh_migrate_carries_the_vf_in_qemus_stream(lab: Lab, mode: str) -> No
     # MSI-X table and Message Control read from A's QEMU, carried, written into B's
     assert s["msix_table"] == "carried" and d["msix_restored"] is True, (s, d)
     assert "migrated onto a new VF" not in console_b  # no takeover: the state was carried
-    if mode == "cooperative":
+    if mode == "cooperative" and s.get("suspend_overtaken"):
+        # Rare: QEMU switched over before the driver's acknowledgement (a sync found
+        # nothing dirty at downtime-limit 0): carried as in transparent mode, said so.
+        assert d.get("resume_mailbox_ms") is not None, (s, d)
+    elif mode == "cooperative":
         assert s.get("suspend_mailbox_ms") is not None and d.get("resume_mailbox_ms") is not None
         # QEMU's limit went back only once its first RAM pass was over (after the suspend)
         assert s["released_sync"] >= 2 and s["released_at_ms"] >= s["suspended_at_ms"], s

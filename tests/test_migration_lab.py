@@ -134,6 +134,12 @@ def test_pinging_guest_keeps_connectivity_across_migration(lab: Lab, case: str) 
         assert len(missing) <= pinger.downtime_ms() / 20 + 3, (missing, summary)
     if mode == "transparent":
         assert summary.device_pages > 0  # RX buffers the NIC wrote, carried by vfnic
+    elif summary.source.get("suspend_overtaken"):
+        # Rare: QEMU switched over before the driver's acknowledgement (a sync found
+        # nothing dirty at downtime-limit 0): the VF went as in transparent mode, said so,
+        # no error, the destination resumed the driver all the same.
+        assert "error" not in summary.source and summary.resume_us is not None, summary
+        assert "suspend overtaken" in summary.text()
     else:
         assert summary.suspend_us is not None and summary.resume_us is not None
         assert summary.source["released_sync"] >= 2, summary.source  # after pass 1

@@ -101,6 +101,8 @@ def migrate_once(lab: Any, src: Any, dst: Any, run: Run, window: float, target: 
                    "driver_recoveries": recoveries,
                    "suspended_at_ms": rec.get("suspended_at_ms"),
                    "suspend_mailbox_ms": rec.get("suspend_mailbox_ms"),
+                   "suspend_point": rec.get("suspend_point"),
+                   "suspend_overtaken": rec.get("suspend_overtaken"),
                    "resume_mailbox_ms": drec.get("resume_mailbox_ms"),
                    "source": rec.get("result"), "error": rec.get("error") or drec.get("error")}
     run.ok = bool(run.recovered) and rec.get("result") == "completed" and (

@@ -135,13 +135,14 @@ def ended_as(events: EventListener, last: str = "active") -> str:
     return f"source-gone after {seen[-1] if seen else last}"
 
 
-async def wait_suspend_point(qmp: QMPClient, timeout: float) -> bool:
+async def wait_suspend_point(qmp: QMPClient, timeout: float) -> MigrationInfo | None:
     """Wait until most of the first RAM pass is sent (1/32 of RAM left, or pass 2
     begun), the moment to suspend the VF driver; with downtime-limit 0 QEMU cannot
     switch over before. The pass must not end before the driver acknowledges: once it
     is over QEMU syncs its dirty bitmap pass after pass and the guest's MMIO crawls
     (SUSPEND took 5 s in 1 migration of 40 at this point before the hold of
-    :meth:`CooperativeSource.suspend`). False if QEMU reached switchover anyway."""
+    :meth:`CooperativeSource.suspend`). Returns the query-migrate that found it; None
+    if QEMU reached switchover anyway."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         info = await query_migrate(qmp)
@@ -149,12 +150,14 @@ async def wait_suspend_point(qmp: QMPClient, timeout: float) -> bool:
         if st in ("failed", "cancelled"):
             raise MigrationError(f"QEMU migration {st}: {info.get('error-desc', '')}")
         if st in ("pre-switchover", "device", "completed"):
-            return False
+            return None
         ram = info.get("ram", {})
         total = ram.get("total", 0) or 1
-        if ram.get("dirty-sync-count", 0) >= 2 or ram.get("remaining", total) <= total // 32:
-            return True
-        await asyncio.sleep(0.01)
+        left = ram.get("remaining", total)
+        if ram.get("dirty-sync-count", 0) >= 2 or left <= total // 32:
+            return info
+        # asked back to back over the last eighth: the window is a few ms wide here
+        await asyncio.sleep(0.01 if left > total // 8 else 0)
     raise MigrationError("RAM pre-copy did not progress")
 
 
@@ -203,6 +206,7 @@ class CooperativeSource:
         self.bandwidth: int | None = None  # max-bandwidth before the hold
         self.held_at: float | None = None  # perf_counter when held; None: not held
         self.held_ms: float | None = None  # how long QEMU's RAM pass was held
+        self.point: dict[str, Any] = {}  # QEMU's RAM pass at the suspend point
 
     async def start(self) -> None:
         params = await query_migrate_parameters(self.qmp)
@@ -213,8 +217,13 @@ class CooperativeSource:
         self.migrating = True
 
     async def suspend(self) -> dict[str, Any]:
-        if not await wait_suspend_point(self.qmp, self.precopy_timeout):
+        point = await wait_suspend_point(self.qmp, self.precopy_timeout)
+        if point is None:
             raise MigrationError("the guest stopped before its VF driver could suspend")
+        ram = point.get("ram", {})  # where pass 1 was (sync 2 and up: over, window missed)
+        self.point = {"syncs": ram.get("dirty-sync-count", 0),
+                      "left_pct": round(100 * ram.get("remaining", 0) / (ram.get("total") or 1),
+                                        2)}
         self.suspended = True  # before the ack: a late acknowledgement still suspended it
         ack = asyncio.ensure_future(self.command("suspend", []))
         ack.add_done_callback(_retrieved)  # its failure is seen even if not awaited

@@ -112,6 +112,9 @@ class Summary:
         ]
         if self.suspend_us is not None or self.resume_us is not None:
             lines.append(f"  VF suspend/resume {self.suspend_us} us / {self.resume_us} us (driver)")
+        if self.source.get("suspend_overtaken"):
+            lines.append("  VF suspend overtaken: QEMU stopped the guest before its driver "
+                         "acknowledged; the VF's state went as in transparent mode")
         return "\n".join(lines)
 
 

@@ -415,6 +415,8 @@ class VfLink:
                 with contextlib.suppress(Exception):
                     await qmp.execute("migrate_cancel")
             finally:
+                if coop.point:
+                    self.service.update(record, suspend_point=coop.point)
                 await coop.release()
                 if coop.released_at is not None:
                     self.service.update(record, released_sync=coop.released_sync,
