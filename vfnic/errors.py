@@ -32,6 +32,7 @@ message a person sees on the command line (``vfnic: error: MESSAGE``, exit 1).
         ├── LabError                 (migrate.lab) the namespaces could not be set up
         └── MigrationError           (migrate.control) the migration failed
             ├── MigrationCancelled   cancelled on request
+            ├── SuspendOvertaken     QEMU stopped the guest before the driver's SUSPEND ack
             └── StateTooLarge        EFBIG  (migrate.vfstate) over QEMU's 1 MiB per helper
 
 Errors defined next to the code that raises them (in parentheses) derive from
