@@ -98,3 +98,16 @@ def test_guest_packet_rates_come_as_a_plot(tmp_path: Path) -> None:
     assert not sec.failures
     assert image == "![rates](docs/bench/kmod.png)"
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_suspend_points_are_counted_from_the_source_records() -> None:
+    from vfnic.bench.migration import suspend_points
+
+    records = [{"suspend_point": {"syncs": 1, "left_pct": 2.5}},
+               {"suspend_point": {"syncs": 1, "left_pct": 1.75}},
+               {"suspend_point": {"syncs": 2, "left_pct": 0.0}, "suspend_overtaken": True},
+               {}]
+    assert suspend_points(records) == (
+        "- Cooperative suspend point (1/32 = 3.12 % of RAM left): caught in pass 1 in 2 of 4 "
+        "migrations, at 1.75-2.50 % left; 1 after pass 1; 1 suspends overtaken by QEMU's "
+        "switchover.")

@@ -684,7 +684,24 @@ def notes(results: dict[str, list[Run]]) -> str:
                          f"over twice the median "
                          f"({', '.join(f'{r.net_downtime_ms:.0f}' for r in slow)} ms vs "
                          f"{med:.0f} ms).")
+    coop = [r for r in results.get("vf-cooperative", []) if r.ok]
+    if coop:
+        lines.append(suspend_points([r.summary.get("source", {}) for r in coop]))
     return "\n".join(["Notes on this run:", "", *lines]) if lines else ""
+
+
+def suspend_points(records: list[dict[str, Any]]) -> str:
+    """Where the cooperative source told the driver to suspend (its records'
+    suspend_point) and how many suspends QEMU's switchover overtook."""
+    points = [p for p in (rec.get("suspend_point") for rec in records) if p]
+    caught = [float(p["left_pct"]) for p in points if p.get("syncs", 0) < 2]
+    over = sum(1 for rec in records if rec.get("suspend_overtaken"))
+    text = (f"- Cooperative suspend point (1/32 = 3.12 % of RAM left): caught in pass 1 in "
+            f"{len(caught)} of {len(records)} migrations")
+    if caught:
+        text += f", at {min(caught):.2f}-{max(caught):.2f} % left"
+    return text + f"; {len(points) - len(caught)} after pass 1; {over} suspends overtaken " \
+        "by QEMU's switchover."
 
 
 STEPS = (("vf-suspended", "qemu-released", "VF driver suspended → QEMU let converge "

@@ -262,6 +262,11 @@ def report(sec: Section, results: dict[str, list[Run]], plot_path: Path | None,
                     f"{statistics.median(vio_vm):.0f} ms "
                     f"({statistics.median(vm) / statistics.median(vio_vm):.2f}×, target ≤ 1.1×).")
         sec.add(" ".join(lines))
+    coop = [r.summary for r in results[COOP.key] if r.ok]
+    if coop:
+        from vfnic.bench.migration import suspend_points
+
+        sec.add(suspend_points(coop)[2:])
     sec.add(table(["configuration", "run", "hosts", "virsh migrate ms", "VM downtime ms",
                    "network downtime ms", "ping replies/sent", "result"],
                   [[cfg.label, r.index, r.direction,
