@@ -10,8 +10,8 @@ Cooperative sequence (source, per VF whose mode is cooperative):
             driver told `migrate` through the PF mailbox (it starts dirtying the
             pages the VF writes)
   suspend   near the end of the first RAM pass (:func:`wait_suspend_point`, 1/32 of
-            RAM left), QEMU's RAM pass held (max-bandwidth 1 B/s) until the driver,
-            told `suspend`, acknowledged (it stops its queues and keeps its state);
+            RAM left), QEMU's pass going on at its own rate while the driver, told
+            `suspend`, acknowledges (it stops its queues and keeps its state);
             if QEMU switches over first (:class:`SuspendOvertaken`) the VF's state
             goes as in transparent mode
   release   once QEMU's first RAM pass is over (:func:`wait_first_pass`), downtime-limit
@@ -138,11 +138,12 @@ def ended_as(events: EventListener, last: str = "active") -> str:
 async def wait_suspend_point(qmp: QMPClient, timeout: float) -> MigrationInfo | None:
     """Wait until most of the first RAM pass is sent (1/32 of RAM left, or pass 2
     begun), the moment to suspend the VF driver; with downtime-limit 0 QEMU cannot
-    switch over before. The pass must not end before the driver acknowledges: once it
-    is over QEMU syncs its dirty bitmap pass after pass and the guest's MMIO crawls
-    (SUSPEND took 5 s in 1 migration of 40 at this point before the hold of
-    :meth:`CooperativeSource.suspend`). Returns the query-migrate that found it; None
-    if QEMU reached switchover anyway."""
+    switch over before, unless a sync finds nothing dirty. The pass should not end
+    before the driver acknowledges: then QEMU syncs its dirty bitmap pass after pass
+    and the guest's MMIO crawls. Nothing holds the pass meanwhile: QEMU's rate limit
+    hardly slows zero pages, and a max-bandwidth under 10 B/s turns it off (it is
+    counted per 100 ms: 1/10 rounds to 0, its "no limit"). Returns the query-migrate
+    that found the point; None if QEMU reached switchover anyway."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         info = await query_migrate(qmp)
@@ -161,25 +162,19 @@ async def wait_suspend_point(qmp: QMPClient, timeout: float) -> MigrationInfo | 
     raise MigrationError("RAM pre-copy did not progress")
 
 
-async def wait_first_pass(qmp: QMPClient, timeout: float,
-                          until: asyncio.Future[Any] | None = None) -> int:
+async def wait_first_pass(qmp: QMPClient, timeout: float) -> int:
     """Wait until QEMU's first RAM pass is over (its second dirty-bitmap sync): with
     downtime-limit 0 it cannot switch over before, and once the limit is back the
     final pass carries only what the guest dirtied since, not the rest of pass 1.
-    With ``until``, stop waiting as soon as that is done too. Returns the
-    dirty-sync-count seen last (below 2: the migration ended, or ``until`` came,
-    first)."""
+    Returns the dirty-sync-count seen last (below 2: the migration ended first)."""
     deadline = time.monotonic() + timeout
     syncs = 0
-    while time.monotonic() < deadline and not (until is not None and until.done()):
+    while time.monotonic() < deadline:
         info = await query_migrate(qmp)
         syncs = info.get("ram", {}).get("dirty-sync-count", syncs)
         if info.get("status") != "active" or syncs >= 2:
             break
-        if until is None:
-            await asyncio.sleep(0.005)
-        else:
-            await asyncio.wait((until,), timeout=0.005)
+        await asyncio.sleep(0.005)
     return syncs
 
 
@@ -203,15 +198,11 @@ class CooperativeSource:
         self.suspend_ack: dict[str, Any] = {}
         self.released_sync: int | None = None  # QEMU's dirty-sync-count at the release
         self.released_at: float | None = None  # perf_counter when the limit was sent
-        self.bandwidth: int | None = None  # max-bandwidth before the hold
-        self.held_at: float | None = None  # perf_counter when held; None: not held
-        self.held_ms: float | None = None  # how long QEMU's RAM pass was held
         self.point: dict[str, Any] = {}  # QEMU's RAM pass at the suspend point
 
     async def start(self) -> None:
         params = await query_migrate_parameters(self.qmp)
         self.limit = int(params.get("downtime-limit", 300))
-        self.bandwidth = params.get("max-bandwidth")
         await self.qmp.execute("migrate-set-parameters", {"downtime-limit": 0})
         await self.command("migrate", [])
         self.migrating = True
@@ -227,10 +218,6 @@ class CooperativeSource:
         self.suspended = True  # before the ack: a late acknowledgement still suspended it
         ack = asyncio.ensure_future(self.command("suspend", []))
         ack.add_done_callback(_retrieved)  # its failure is seen even if not awaited
-        try:
-            await self._hold_until(ack)
-        finally:
-            await self._unhold()  # at the acknowledgement, or at once if pass 1 ended
         if not await self._acknowledged(ack):
             raise SuspendOvertaken("QEMU stopped the guest before its VF driver "
                                    "acknowledged the suspend")
@@ -250,32 +237,11 @@ class CooperativeSource:
             await asyncio.wait((ack,), timeout=0.005)
         return True
 
-    async def _hold_until(self, ack: asyncio.Future[dict[str, Any]]) -> None:
-        """Hold the RAM pass while the driver suspends: at a byte a second QEMU cannot
-        finish pass 1 (and start syncing back to back) before the acknowledgement. Let
-        go at once if pass 1 ended anyway or QEMU left it (a switchover must not run
-        at that rate)."""
-        if self.bandwidth is None:
-            return
-        self.held_at = time.perf_counter()
-        await self.qmp.execute("migrate-set-parameters", {"max-bandwidth": 1})
-        await wait_first_pass(self.qmp, self.precopy_timeout, until=ack)
-
-    async def _unhold(self) -> None:
-        """max-bandwidth back to what it was (after the acknowledgement or a failure);
-        still held if that fails, so that release() tries again."""
-        if self.held_at is not None:
-            await self.qmp.execute("migrate-set-parameters", {"max-bandwidth": self.bandwidth})
-            self.held_ms = round((time.perf_counter() - self.held_at) * 1000, 2)
-            self.held_at = None
-
     async def release(self) -> None:
-        """Undo start(): max-bandwidth (if still held) and downtime-limit back, each on
-        its own (a failed one does not keep QEMU from converging)."""
+        """Undo start(): downtime-limit back, once pass 1 is over if the driver was told
+        to suspend."""
         if self.limit is None:
             return
-        with contextlib.suppress(Exception):
-            await self._unhold()
         with contextlib.suppress(Exception):
             if self.suspended:
                 self.released_sync = await wait_first_pass(self.qmp, self.precopy_timeout)

@@ -420,8 +420,7 @@ class VfLink:
                 await coop.release()
                 if coop.released_at is not None:
                     self.service.update(record, released_sync=coop.released_sync,
-                                        released_at_ms=round((coop.released_at - t0) * 1000, 1),
-                                        held_ms=coop.held_ms)
+                                        released_at_ms=round((coop.released_at - t0) * 1000, 1))
         result = await control.wait_end(qmp, events)
         self.service.update(record, result=result,
                             total_ms=round((time.perf_counter() - t0) * 1000, 1))
