@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from vfnic.bench.common import Section, log, rotated_rounds, short_tmpdir, stat_text, table
-from vfnic.bench.migration import Config, Run, driver_recoveries
+from vfnic.bench.migration import Config, Run, driver_recoveries, suspend_points
 
 CONFIG = Config("virsh", "VF transparent, virsh migrate", "vf", "transparent")
 COOP = Config("virsh-coop", "VF cooperative, virsh migrate", "vf", "cooperative")
@@ -264,9 +264,7 @@ def report(sec: Section, results: dict[str, list[Run]], plot_path: Path | None,
         sec.add(" ".join(lines))
     coop = [r.summary for r in results[COOP.key] if r.ok]
     if coop:
-        from vfnic.bench.migration import suspend_points
-
-        sec.add(suspend_points(coop)[2:])
+        sec.add(suspend_points(coop))
     sec.add(table(["configuration", "run", "hosts", "virsh migrate ms", "VM downtime ms",
                    "network downtime ms", "ping replies/sent", "result"],
                   [[cfg.label, r.index, r.direction,

@@ -59,6 +59,14 @@ class SuspendOvertaken(MigrationError):
     mailbox is overwritten by the destination's RESUME."""
 
 
+def raise_if_failed(info: MigrationInfo) -> str:
+    """QEMU's migration status; MigrationError if it failed or was cancelled."""
+    st = str(info.get("status", "none"))
+    if st in ("failed", "cancelled"):
+        raise MigrationError(f"QEMU migration {st}: {info.get('error-desc', '')}".strip())
+    return st
+
+
 async def next_status(qmp: QMPClient, events: EventListener, wait: float) -> str:
     """The status of the next MIGRATION event, or, if none comes within ``wait``
     seconds, the one query-migrate reports."""
@@ -77,11 +85,9 @@ async def wait_status(qmp: QMPClient, events: EventListener, want: set[str], tim
     deadline = time.monotonic() + timeout
     while True:
         info = await query_migrate(qmp)
-        st = info.get("status", "none")
-        if st in want:
+        if info.get("status", "none") in want:
             return info
-        if st in ("failed", "cancelled"):
-            raise MigrationError(f"QEMU migration {st}: {info.get('error-desc', '')}".strip())
+        raise_if_failed(info)
         if progress is not None:
             progress(info)
         if time.monotonic() > deadline:
@@ -128,11 +134,10 @@ async def wait_end(qmp: QMPClient, events: EventListener) -> str:
 def ended_as(events: EventListener, last: str = "active") -> str:
     """The final status of a migration whose QEMU is gone: the last MIGRATION event it
     sent if that was final, else "source-gone after <last status seen>"."""
-    events_seen: list[dict[str, Any]] = [dict(e) for e in events.history]
-    seen = [str(e.get("data", {}).get("status", "")) for e in events_seen]
-    if seen and seen[-1] in TERMINAL:
-        return seen[-1]
-    return f"source-gone after {seen[-1] if seen else last}"
+    if events.history:
+        event: dict[str, Any] = dict(events.history[-1])
+        last = str(event.get("data", {}).get("status", last))
+    return last if last in TERMINAL else f"source-gone after {last}"
 
 
 async def wait_suspend_point(qmp: QMPClient, timeout: float) -> MigrationInfo | None:
@@ -147,10 +152,7 @@ async def wait_suspend_point(qmp: QMPClient, timeout: float) -> MigrationInfo | 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         info = await query_migrate(qmp)
-        st = info.get("status")
-        if st in ("failed", "cancelled"):
-            raise MigrationError(f"QEMU migration {st}: {info.get('error-desc', '')}")
-        if st in ("pre-switchover", "device", "completed"):
+        if raise_if_failed(info) in ("pre-switchover", "device", "completed"):
             return None
         ram = info.get("ram", {})
         total = ram.get("total", 0) or 1
@@ -228,11 +230,7 @@ class CooperativeSource:
         """Wait for the acknowledgement while QEMU's migration is still in pre-copy;
         False once QEMU left it first (a stopped guest acknowledges nothing)."""
         while not ack.done():
-            info = await query_migrate(self.qmp)
-            st = info.get("status")
-            if st in ("failed", "cancelled"):
-                raise MigrationError(f"QEMU migration {st}: {info.get('error-desc', '')}")
-            if st not in ("setup", "active"):
+            if raise_if_failed(await query_migrate(self.qmp)) not in ("setup", "active"):
                 return ack.done()
             await asyncio.wait((ack,), timeout=0.005)
         return True

@@ -359,8 +359,13 @@ class VfLink:
                 events.clear()
         except Exception as exc:  # the QEMU went away
             log.debug("%s: monitor closed: %s", self.id, exc)
-        finally:
+        finally:  # also when the link is cancelled: its QEMU left the VF
             dest.cancel()
+            record = self.record
+            if record is not None and record["role"] == "source" and "result" not in record:
+                # QEMU went before _source saw the end (libvirt ends the source right
+                # after a migration): its events tell how the migration ended.
+                self.service.update(record, result=control.ended_as(events))
             with contextlib.suppress(Exception):
                 await qmp.disconnect()
 
@@ -372,20 +377,8 @@ class VfLink:
     async def _source(self, qmp: QMPClient, events: EventListener) -> None:
         if (await query_migrate(qmp)).get("status") not in ("setup", "active"):
             return
-        record = self._new_record("source")
-        try:
-            await self._follow_source(qmp, events, record)
-        except asyncio.CancelledError:
-            # The link ends: its QEMU is gone (libvirt ends the source right after the
-            # migration), maybe before the steps below saw the end: the record says how
-            # the migration ended as far as QEMU's events tell.
-            if "result" not in record:
-                self.service.update(record, result=control.ended_as(events))
-            raise
-
-    async def _follow_source(self, qmp: QMPClient, events: EventListener,
-                             record: dict[str, Any]) -> None:
         t0 = time.perf_counter()
+        record = self._new_record("source")
         vfstate.start_dirty_log(self.fn)
         try:  # QEMU's MSI-X state into the VF's own, so that the state carries it
             if self.service.faults.get(self.fn.index) == "no-msix":
