@@ -43,7 +43,12 @@ static unsigned int rx_buffer_write = VFNIC_RX_BUFFER_WRITE;
 module_param(rx_buffer_write, uint, 0444);
 MODULE_PARM_DESC(rx_buffer_write, "RX descriptors re-armed per RDT write (1: every NAPI poll)");
 
-#define QERR_CHECK_TICKS	10	/* QERR read every 10th watchdog tick */
+/*
+ * Device reads that back up an interrupt (QERR, VFMAILBOX) every 10th watchdog
+ * tick: each is a round trip to the device that stalls the vCPU. VFMAILBOX is
+ * read every tick only while a migration runs (MIGRATE to RESUME).
+ */
+#define SLOW_CHECK_TICKS	10
 
 static inline u16 vfnic_tx_unused(struct vfnic_ring *ring)
 {
@@ -843,7 +848,7 @@ static void vfnic_watchdog_task(struct work_struct *work)
 						     struct vfnic_adapter,
 						     watchdog_task);
 	struct pci_dev *pdev = adapter->pdev;
-	bool lost, pending;
+	bool lost, pending, slow, migrating;
 	u16 flags = 0;
 
 	if (test_bit(__VFNIC_REMOVING, &adapter->state))
@@ -853,10 +858,13 @@ static void vfnic_watchdog_task(struct work_struct *work)
 	pci_read_config_word(pdev, pdev->msix_cap + PCI_MSIX_FLAGS, &flags);
 	lost = flags == 0xffff || !(flags & PCI_MSIX_FLAGS_ENABLE);
 	/* and a PF message whose interrupt has not been handled */
-	pending = !lost &&
+	slow = ++adapter->watchdog_ticks % SLOW_CHECK_TICKS == 0;
+	migrating = test_bit(__VFNIC_DIRTYING, &adapter->state) ||
+		    test_bit(__VFNIC_SUSPENDED, &adapter->state);
+	pending = !lost && (slow || migrating) &&
 		  vfnic_rd32(adapter, VFNIC_VFMAILBOX) & VFNIC_MBX_PFSTS;
 	if (lost || pending || test_bit(__VFNIC_SUSPENDED, &adapter->state) ||
-	    ++adapter->watchdog_ticks % QERR_CHECK_TICKS == 0) {
+	    slow) {
 		rtnl_lock();
 		if (lost || test_bit(__VFNIC_SUSPENDED, &adapter->state))
 			vfnic_check_function(adapter, lost);

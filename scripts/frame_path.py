@@ -5,13 +5,16 @@ with guest memory a memfd mapped as DMA regions (pread/pwrite, as for QEMU's mem
 and vf1's queue interrupt an eventfd.
 
   python scripts/frame_path.py [--rounds N] [--frames N] [--batch N] [--rs-every N]
-                               [--before DIR]
+                               [--gap MS] [--before DIR]
 
 Time is the measuring thread's CPU time (user + system, time.thread_time), so other
 processes on a shared machine slow it less than they slow the wall clock. --batch 1
 is a lone frame (a ping): the per-batch work, once per frame. --rs-every: TX descriptors
 ask for a report (RS) every N frames (default: once per batch, as vfnic_vf does; 1: every
-frame, as the Python driver model does).
+frame, as the Python driver model does). --gap MS sleeps that long before each batch,
+as a lone ping's frame finds the server (frames then default to 200): on a shared
+machine its code and data have left the CPU's caches meanwhile, and the same path costs
+several times its back-to-back figure.
 
 With --before DIR (a checkout of the tree to compare, e.g. `git archive REV vfnic |
 tar -x -C DIR`), each round runs both trees in fresh processes, interleaved, and
@@ -38,7 +41,8 @@ BATCH = 32  # frames per doorbell / uplink burst (--batch)
 TX_RING, RX_RING, BUFFERS = 0x0, 0x2000, 0x8000  # offsets in the guest memory
 
 
-def measure(kind: str, frames: int, batch: int = BATCH, rs_every: int = BATCH) -> float:
+def measure(kind: str, frames: int, batch: int = BATCH, rs_every: int = BATCH,
+            gap: float = 0.0) -> float:
     """ns per frame of ``kind`` ("tx" or "rx") through the tree on sys.path."""
     from vfnic.device import pci
     from vfnic.device.nic import Nic
@@ -77,6 +81,8 @@ def measure(kind: str, frames: int, batch: int = BATCH, rs_every: int = BATCH) -
     start = time.thread_time()
     with nic.lock:
         for _ in range(rounds):
+            if gap:
+                time.sleep(gap)  # not counted: thread CPU time
             dst.bank.set(T.RDT(0), (dst.bank.get(T.RDH(0)) - 1) % RING)  # all posted
             if kind == "tx":
                 src.bank.set(T.TDT(0), (src.bank.get(T.TDH(0)) + batch) % RING)
@@ -90,10 +96,12 @@ def measure(kind: str, frames: int, batch: int = BATCH, rs_every: int = BATCH) -
     return elapsed / (rounds * batch) * 1e9
 
 
-def run_tree(tree: Path, kind: str, frames: int, batch: int, rs_every: int) -> float:
+def run_tree(tree: Path, kind: str, frames: int, batch: int, rs_every: int,
+             gap_ms: float) -> float:
     env = dict(os.environ, PYTHONPATH=str(tree))
     out = subprocess.run([sys.executable, __file__, "--one", kind, "--frames", str(frames),
-                          "--batch", str(batch), "--rs-every", str(rs_every)],
+                          "--batch", str(batch), "--rs-every", str(rs_every),
+                          "--gap", str(gap_ms)],
                          env=env, check=True, capture_output=True, text=True, cwd=tree)
     return float(json.loads(out.stdout)["ns"])
 
@@ -105,15 +113,22 @@ def stat(values: list[float]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--frames", type=int, default=9600)
+    ap.add_argument("--frames", type=int, help="frames per round (default 9600, with "
+                    "--gap 200)")
     ap.add_argument("--before", type=Path, help="a tree to compare with, interleaved")
     ap.add_argument("--batch", type=int, default=BATCH, help="frames per doorbell / burst")
     ap.add_argument("--rs-every", type=int, help="RS every N TX descriptors (default: --batch)")
+    ap.add_argument("--gap", type=float, default=0.0, metavar="MS",
+                    help="sleep before each batch (a lone frame's cold path)")
     ap.add_argument("--one", choices=("tx", "rx"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     rs_every = args.rs_every or args.batch
+    if not 0 <= args.gap <= 1000:
+        ap.error("--gap must be between 0 and 1000 ms")
+    frames = args.frames or (200 if args.gap else 9600)
     if args.one:
-        print(json.dumps({"ns": measure(args.one, args.frames, args.batch, rs_every)}))
+        print(json.dumps({"ns": measure(args.one, frames, args.batch, rs_every,
+                                        args.gap / 1000)}))
         return
     here = Path(__file__).resolve().parent.parent
     trees = {"after": here} if args.before is None else {"before": args.before, "after": here}
@@ -122,10 +137,12 @@ def main() -> None:
         order = list(trees) if r % 2 == 0 else list(reversed(trees))
         for kind in res:
             for tree in order:
-                res[kind][tree].append(run_tree(trees[tree], kind, args.frames, args.batch,
-                                                rs_every))
-    print(f"{args.rounds} interleaved rounds of {args.frames} frames (60 B), "
-          f"batches of {args.batch}, RS every {rs_every}, thread CPU time; median (min–max)")
+                res[kind][tree].append(run_tree(trees[tree], kind, frames, args.batch,
+                                                rs_every, args.gap))
+    gap = f", {args.gap:g} ms before each batch" if args.gap else ""
+    print(f"{args.rounds} interleaved rounds of {frames} frames (60 B), "
+          f"batches of {args.batch}, RS every {rs_every}{gap}, thread CPU time; "
+          "median (min–max)")
     for kind, by_tree in res.items():
         cols = [f"{t}: {stat(v)} ns/frame = {1e9 / statistics.median(v):,.0f} frames/s"
                 for t, v in by_tree.items()]
