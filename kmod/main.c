@@ -848,7 +848,7 @@ static void vfnic_watchdog_task(struct work_struct *work)
 						     struct vfnic_adapter,
 						     watchdog_task);
 	struct pci_dev *pdev = adapter->pdev;
-	bool lost, pending, slow, migrating;
+	bool lost, pending, slow, suspended;
 	u16 flags = 0;
 
 	if (test_bit(__VFNIC_REMOVING, &adapter->state))
@@ -857,16 +857,16 @@ static void vfnic_watchdog_task(struct work_struct *work)
 	/* One config read: MSI-X off means our function lost its config. */
 	pci_read_config_word(pdev, pdev->msix_cap + PCI_MSIX_FLAGS, &flags);
 	lost = flags == 0xffff || !(flags & PCI_MSIX_FLAGS_ENABLE);
-	/* and a PF message whose interrupt has not been handled */
 	slow = ++adapter->watchdog_ticks % SLOW_CHECK_TICKS == 0;
-	migrating = test_bit(__VFNIC_DIRTYING, &adapter->state) ||
-		    test_bit(__VFNIC_SUSPENDED, &adapter->state);
-	pending = !lost && (slow || migrating) &&
+	suspended = test_bit(__VFNIC_SUSPENDED, &adapter->state);
+	/* and a PF message whose interrupt has not been handled */
+	pending = !lost &&
+		  (slow || suspended ||
+		   test_bit(__VFNIC_DIRTYING, &adapter->state)) &&
 		  vfnic_rd32(adapter, VFNIC_VFMAILBOX) & VFNIC_MBX_PFSTS;
-	if (lost || pending || test_bit(__VFNIC_SUSPENDED, &adapter->state) ||
-	    slow) {
+	if (lost || pending || suspended || slow) {
 		rtnl_lock();
-		if (lost || test_bit(__VFNIC_SUSPENDED, &adapter->state))
+		if (lost || suspended)
 			vfnic_check_function(adapter, lost);
 		else
 			vfnic_check_queue(adapter);
