@@ -5,12 +5,16 @@ guest running on the source with its VF RUNNING and its state intact."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from qemu.qmp import QMPClient
 
 from vfnic.device import snapshot
 from vfnic.device.nic import NicServer, control_call
@@ -166,6 +170,47 @@ def test_destination_killed_during_the_migration(pair) -> None:  # type: ignore[
     wait_ticks(va, n + 2, timeout=30)
     assert a.nic.vfs[0].migration.state.name == "RUNNING"
     assert a.nic.vfs[0].bank.get("MTA") == 0xCAFE0001
+
+
+async def _plain_migrate(source: Path, destination: Path, uri: str) -> str:
+    """A plain QMP migration, no `cont` on the destination (started with -S)."""
+    qa, qb = QMPClient("test-a"), QMPClient("test-b")
+    await qa.connect(str(source))
+    await qb.connect(str(destination))
+    try:
+        caps = {"capabilities": [{"capability": "return-path", "state": True}]}
+        await qa.execute("migrate-set-capabilities", caps)
+        await qb.execute("migrate-set-capabilities", caps)
+        await qa.execute("migrate", {"uri": uri})
+        for _ in range(1200):
+            status = str((await qa.execute("query-migrate")).get("status"))
+            if status in ("completed", "failed", "cancelled"):
+                return status
+            await asyncio.sleep(0.1)
+        return "timeout"
+    finally:
+        await qa.disconnect()
+        await qb.disconnect()
+
+
+def test_destination_gone_after_load_still_ends_its_record(pair) -> None:  # type: ignore[no-untyped-def]
+    """The destination QEMU ends after Load and the config replay, before anyone's
+    `cont`: B's record gets a result naming the last step, so a client waiting for it
+    (`migrations` with settle) is answered at once instead of after its full wait."""
+    a, b, va, vb, uri = pair
+    since = max((r["seq"] for r in control_call(b.dir, {"op": "migrations"})), default=0)
+    status = asyncio.run(_plain_migrate(va.qmp_socket, vb.qmp_socket, uri))
+    assert status == "completed"
+    rec = control_call(b.dir, {"op": "migration-wait", "role": "destination",
+                               "key": "restored_at", "since": since, "timeout": 30}, 40)
+    assert "loaded_at" in rec and "result" not in rec, rec
+    assert vb.pid is not None
+    os.kill(vb.pid, signal.SIGKILL)  # the destination QEMU this test started
+    records = control_call(b.dir, {"op": "migrations", "settle": 30, "since": since}, 40)
+    dst = [r for r in records if r["role"] == "destination"]
+    assert dst and dst[-1]["result"] == "destination-gone after restored", records
+    src = control_call(a.dir, {"op": "migrations", "settle": 10}, 20)
+    assert src[-1]["role"] == "source" and src[-1]["result"] == "completed", src
 
 
 def test_a_vm_with_two_vfs_from_two_nics_carries_both(short_dir: Path) -> None:

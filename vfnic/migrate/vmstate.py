@@ -209,6 +209,15 @@ class VMState1(ServiceInterface):
 # -- one VF attached by one QEMU ---------------------------------------------------------------
 
 
+def _destination_gone(record: dict[str, Any]) -> str:
+    """The result of a destination record whose QEMU went away after Load."""
+    for key, step in (("running_at", "running"), ("restored_at", "restored"),
+                      ("loaded_at", "loaded")):
+        if key in record:
+            return f"destination-gone after {step}"
+    return "destination-gone"
+
+
 class VfLink:
     """A VF and the QEMU that attached it: the helper on its bus and its monitor."""
 
@@ -361,11 +370,15 @@ class VfLink:
             log.debug("%s: monitor closed: %s", self.id, exc)
         finally:  # also when the link is cancelled: its QEMU left the VF
             dest.cancel()
+            await asyncio.gather(dest, return_exceptions=True)  # its QMP errors: seen
             record = self.record
-            if record is not None and record["role"] == "source" and "result" not in record:
-                # QEMU went before _source saw the end (libvirt ends the source right
-                # after a migration): its events tell how the migration ended.
-                self.service.update(record, result=control.ended_as(events))
+            if record is not None and "result" not in record:
+                if record["role"] == "source":
+                    # QEMU went before _source saw the end (libvirt ends the source right
+                    # after a migration): its events tell how the migration ended.
+                    self.service.update(record, result=control.ended_as(events))
+                else:  # killed after Load: the last step the destination reached
+                    self.service.update(record, result=_destination_gone(record))
             with contextlib.suppress(Exception):
                 await qmp.disconnect()
 
