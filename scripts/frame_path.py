@@ -5,7 +5,7 @@ with guest memory a memfd mapped as DMA regions (pread/pwrite, as for QEMU's mem
 and vf1's queue interrupt an eventfd.
 
   python scripts/frame_path.py [--rounds N] [--frames N] [--batch N] [--rs-every N]
-                               [--gap MS] [--before DIR]
+                               [--gap MS] [--vfs N] [--before DIR]
 
 Time is the measuring thread's CPU time (user + system, time.thread_time), so other
 processes on a shared machine slow it less than they slow the wall clock. --batch 1
@@ -42,7 +42,7 @@ TX_RING, RX_RING, BUFFERS = 0x0, 0x2000, 0x8000  # offsets in the guest memory
 
 
 def measure(kind: str, frames: int, batch: int = BATCH, rs_every: int = BATCH,
-            gap: float = 0.0) -> float:
+            gap: float = 0.0, vfs: int = 2) -> float:
     """ns per frame of ``kind`` ("tx" or "rx") through the tree on sys.path."""
     from vfnic.device import pci
     from vfnic.device.nic import Nic
@@ -50,8 +50,8 @@ def measure(kind: str, frames: int, batch: int = BATCH, rs_every: int = BATCH,
     from vfnic.regs import table as T
     from vfnic.vfiouser import wire
 
-    nic = Nic(2)
-    src, dst = nic.vfs
+    nic = Nic(vfs)  # vf0 sends, vf1 receives; the others idle, as a NIC's spare VFs
+    src, dst = nic.vfs[:2]
     mem = {}
     for fn in (src, dst):
         fd = os.memfd_create("frame-path")
@@ -97,11 +97,11 @@ def measure(kind: str, frames: int, batch: int = BATCH, rs_every: int = BATCH,
 
 
 def run_tree(tree: Path, kind: str, frames: int, batch: int, rs_every: int,
-             gap_ms: float) -> float:
+             gap_ms: float, vfs: int) -> float:
     env = dict(os.environ, PYTHONPATH=str(tree))
     out = subprocess.run([sys.executable, __file__, "--one", kind, "--frames", str(frames),
                           "--batch", str(batch), "--rs-every", str(rs_every),
-                          "--gap", str(gap_ms)],
+                          "--gap", str(gap_ms), "--vfs", str(vfs)],
                          env=env, check=True, capture_output=True, text=True, cwd=tree)
     return float(json.loads(out.stdout)["ns"])
 
@@ -120,15 +120,19 @@ def main() -> None:
     ap.add_argument("--rs-every", type=int, help="RS every N TX descriptors (default: --batch)")
     ap.add_argument("--gap", type=float, default=0.0, metavar="MS",
                     help="sleep before each batch (a lone frame's cold path)")
+    ap.add_argument("--vfs", type=int, default=2, help="VFs of the NIC (default 2; "
+                    "`vfnic serve` has 4)")
     ap.add_argument("--one", choices=("tx", "rx"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     rs_every = args.rs_every or args.batch
     if not 0 <= args.gap <= 1000:
         ap.error("--gap must be between 0 and 1000 ms")
+    if not 2 <= args.vfs <= 8:
+        ap.error("--vfs must be between 2 and 8 (TotalVFs)")
     frames = args.frames or (200 if args.gap else 9600)
     if args.one:
         print(json.dumps({"ns": measure(args.one, frames, args.batch, rs_every,
-                                        args.gap / 1000)}))
+                                        args.gap / 1000, args.vfs)}))
         return
     here = Path(__file__).resolve().parent.parent
     trees = {"after": here} if args.before is None else {"before": args.before, "after": here}
@@ -138,9 +142,9 @@ def main() -> None:
         for kind in res:
             for tree in order:
                 res[kind][tree].append(run_tree(trees[tree], kind, frames, args.batch,
-                                                rs_every, args.gap))
+                                                rs_every, args.gap, args.vfs))
     gap = f", {args.gap:g} ms before each batch" if args.gap else ""
-    print(f"{args.rounds} interleaved rounds of {frames} frames (60 B), "
+    print(f"{args.rounds} interleaved rounds of {frames} frames (60 B), {args.vfs} VFs, "
           f"batches of {args.batch}, RS every {rs_every}{gap}, thread CPU time; "
           "median (min–max)")
     for kind, by_tree in res.items():

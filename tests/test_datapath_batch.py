@@ -111,6 +111,23 @@ def test_a_burst_fills_the_posted_descriptors_across_the_wrap_and_misses_the_res
     assert nic.switch.from_uplink_burst(frames_to(vf, 2)) is False  # all delivered
 
 
+def test_a_burst_starves_only_if_every_function_that_got_frames_missed_some(
+        vfs: tuple[Nic, Vf, Vf]) -> None:
+    """The uplink reader waits for descriptors only when no receiver of the burst had
+    room: traffic for a function with room never waits for another's ring."""
+    nic, a, b = vfs
+    a.fn.bank.set(T.RDT(0), 0)  # a: no descriptor posted
+    b.fn.bank.set(T.RDT(0), 4)  # b: room for 4
+    assert nic.switch.from_uplink_burst(frames_to(a, 2) + frames_to(b, 2)) is False
+    assert (a.fn.bank.get(T.MPC), b.fn.bank.get(T.GPRC)) == (2, 2)
+    assert nic.switch.from_uplink_burst(frames_to(a, 1) + frames_to(b, 3)) is True  # b: 2 left
+    assert (a.fn.bank.get(T.MPC), b.fn.bank.get(T.GPRC), b.fn.bank.get(T.MPC)) == (3, 4, 1)
+    unknown = [b"\x02\x00\x00\x00\x00\x42" + f[6:] for f in frames_to(a, 2)]
+    assert nic.switch.from_uplink_burst(unknown) is False  # for nobody here: no wait
+    assert (a.interrupts(), b.interrupts()) == (0, 2)  # b: one per burst that fed it
+    assert not nic.burst_rx  # every receiver flushed
+
+
 def test_an_oversized_frame_in_a_batch_uses_its_descriptor_with_the_length_error(
         vfs: tuple[Nic, Vf, Vf]) -> None:
     nic, _, vf = vfs

@@ -297,7 +297,10 @@ class DataPath:
         if not fn.running or fn.session is None or not self.enabled(T.RX, 0):
             fn.count_drop()
             return
-        if fn.nic is not None and fn.nic.in_burst:
+        nic = fn.nic
+        if nic is not None and nic.in_burst:
+            if not self.pending:
+                nic.burst_rx.append(fn)
             self.pending.append(frame)
             return
         self._deliver([frame])

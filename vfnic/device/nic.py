@@ -129,6 +129,8 @@ class Nic:
         self.egress = EgressScheduler(link_speed)
         self.lock = threading.RLock()
         self._held: set[PciFunction] | None = None  # functions whose interrupt waits (burst)
+        self.burst_rx: list[PciFunction] = []  # functions with frames pending in the burst
+        self.burst_starved = False  # the last burst's frames missed for lack of descriptors
         self.nic_id = nic_id
         self.pf = PciFunction(self.lock, True, 0, default_mac(nic_id, 0xFF), T.MAX_VFS, num_vfs)
         self.vfs = [
@@ -202,10 +204,24 @@ class Nic:
         return _Burst(self)
 
     def _end_burst(self) -> None:
+        """Deliver each receiving function's frames as one batch, then its interrupt.
+        ``burst_starved``: frames were missed (no RX descriptors) and every function
+        that got frames missed some too."""
+        rx, self.burst_rx = self.burst_rx, []
+        starved = fed = False
+        flushed = 0
         try:
-            for fn in self.functions:  # frames received in the burst: one batch each
+            for fn in rx:
+                counters = fn.counters  # (.get: Counter.__missing__ is a Python call)
+                got, lost = counters.get("rx_frames"), counters.get("rx_missed")
+                flushed += 1
                 fn.datapath.flush()
+                missed = counters.get("rx_missed") != lost
+                fed = fed or (counters.get("rx_frames") != got and not missed)
+                starved = starved or missed
+            self.burst_starved = starved and not fed
         finally:
+            self.burst_rx[:0] = rx[flushed:]  # not flushed (an error): with the next burst
             held, self._held = self._held, None
             for fn in held or ():
                 self._deliver(fn)

@@ -114,7 +114,8 @@ class TapUplink:
                 return
             self.rx_frames += len(frames)
             posted = switch.nic.rx_posted
-            posted.clear()
+            if posted.is_set():  # (a lock and a call less per burst when it is not)
+                posted.clear()
             burst = UPLINK_BURST
             if switch.from_uplink_burst(frames) and not posted.wait(UPLINK_STARVED_WAIT):
                 burst = 1  # still no descriptors: probe with one frame, not a burst to drop
@@ -288,20 +289,11 @@ class Switch:
         lack of RX descriptors, and every function that got frames missed some too (the
         uplink reader then waits a little for descriptors; traffic for a function with
         room never waits)."""
-        with self.nic.lock:
-            fns = self.nic.functions
-            # (counters.get: a missing key would cost Counter.__missing__, a Python call)
-            before = [(fn.counters.get("rx_frames"), fn.counters.get("rx_missed"))
-                      for fn in fns]
-            with self.nic.one_interrupt():
+        nic = self.nic
+        with nic.lock:
+            with nic.one_interrupt():
                 ports = self.ports()
                 forward = self.forward
                 for frame in frames:
                     forward(None, frame, ports)
-            starved = False
-            for fn, (got, lost) in zip(fns, before, strict=True):
-                missed = fn.counters.get("rx_missed") != lost
-                if fn.counters.get("rx_frames") != got and not missed:
-                    return False
-                starved = starved or missed
-            return starved
+            return nic.burst_starved
