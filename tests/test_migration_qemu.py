@@ -5,7 +5,6 @@ guest running on the source with its VF RUNNING and its state intact."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import signal
@@ -14,11 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from qemu.qmp import QMPClient
 
 from vfnic.device import snapshot
 from vfnic.device.nic import NicServer, control_call
-from vfnic.host.vm import VM, VfioUserFunction, guest_net_args
+from vfnic.host.vm import VM, VfioUserFunction, guest_net_args, qmp_command
 from vfnic.migrate.orchestrator import Host, Options, migrate
 from vfnic.migrate.vmstate import attach
 from vfnic.regs.ids import VF_DEVICE_ID
@@ -172,25 +170,9 @@ def test_destination_killed_during_the_migration(pair) -> None:  # type: ignore[
     assert a.nic.vfs[0].bank.get("MTA") == 0xCAFE0001
 
 
-async def _plain_migrate(source: Path, destination: Path, uri: str) -> str:
-    """A plain QMP migration, no `cont` on the destination (started with -S)."""
-    qa, qb = QMPClient("test-a"), QMPClient("test-b")
-    await qa.connect(str(source))
-    await qb.connect(str(destination))
-    try:
-        caps = {"capabilities": [{"capability": "return-path", "state": True}]}
-        await qa.execute("migrate-set-capabilities", caps)
-        await qb.execute("migrate-set-capabilities", caps)
-        await qa.execute("migrate", {"uri": uri})
-        for _ in range(1200):
-            status = str((await qa.execute("query-migrate")).get("status"))
-            if status in ("completed", "failed", "cancelled"):
-                return status
-            await asyncio.sleep(0.1)
-        return "timeout"
-    finally:
-        await qa.disconnect()
-        await qb.disconnect()
+def migration_status(vm: VM) -> str:
+    info = qmp_command(vm.qmp_socket, "query-migrate")
+    return str(info.get("status")) if isinstance(info, dict) else ""
 
 
 def test_destination_gone_after_load_still_ends_its_record(pair) -> None:  # type: ignore[no-untyped-def]
@@ -199,10 +181,17 @@ def test_destination_gone_after_load_still_ends_its_record(pair) -> None:  # typ
     (`migrations` with settle) is answered at once instead of after its full wait."""
     a, b, va, vb, uri = pair
     since = max((r["seq"] for r in control_call(b.dir, {"op": "migrations"})), default=0)
-    status = asyncio.run(_plain_migrate(va.qmp_socket, vb.qmp_socket, uri))
-    assert status == "completed"
+    caps = {"capabilities": [{"capability": "return-path", "state": True}]}
+    for vm in (va, vb):  # a plain QMP migration; B was started with -S: no `cont`
+        qmp_command(vm.qmp_socket, "migrate-set-capabilities", caps)
+    qmp_command(va.qmp_socket, "migrate", {"uri": uri})
     rec = control_call(b.dir, {"op": "migration-wait", "role": "destination",
                                "key": "restored_at", "since": since, "timeout": 30}, 40)
+    deadline = time.monotonic() + 30
+    while (status := migration_status(va)) not in ("completed", "failed", "cancelled") \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert status == "completed"
     assert "loaded_at" in rec and "result" not in rec, rec
     assert vb.pid is not None
     os.kill(vb.pid, signal.SIGKILL)  # the destination QEMU this test started

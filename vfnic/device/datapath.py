@@ -305,11 +305,13 @@ class DataPath:
             return
         self._deliver([frame])
 
-    def flush(self) -> None:
-        """Deliver the frames received during a burst, as one batch."""
-        if self.pending:
-            frames, self.pending = self.pending, []
-            self._deliver(frames)
+    def flush(self) -> tuple[int, int]:
+        """Deliver the frames received during a burst, as one batch: (delivered,
+        missed), as ``_deliver``."""
+        if not self.pending:
+            return 0, 0
+        frames, self.pending = self.pending, []
+        return self._deliver(frames)
 
     def _defer(self, frames: list[bytes]) -> None:
         """Queue frames for the serving thread (DMA through messages) and wake it."""
@@ -337,12 +339,13 @@ class DataPath:
             self.backlog.clear()
             self._deliver(frames)
 
-    def _deliver(self, frames: list[bytes], q: int = 0) -> int:
+    def _deliver(self, frames: list[bytes], q: int = 0) -> tuple[int, int]:
         """DMA ``frames`` into the posted RX descriptors [RDH, RDT) of queue q; returns
-        how many were delivered. Per batch: the descriptors are read in one DMA, and
-        after every frame's data is written, their write-backs (DD) in one DMA, so
-        the driver never sees DD before the data; then RDH, the statistics and the
-        queue's interrupt once. Frames beyond the posted descriptors are missed (MPC).
+        how many were delivered and how many missed. Per batch: the descriptors are
+        read in one DMA, and after every frame's data is written, their write-backs
+        (DD) in one DMA, so the driver never sees DD before the data; then RDH, the
+        statistics and the queue's interrupt once. Frames beyond the posted
+        descriptors are missed (MPC).
         A lone frame (a ping) pays this per-batch work: it is kept to plain lookups."""
         fn = self.fn
         bank = fn.bank
@@ -350,7 +353,7 @@ class DataPath:
         r = RING_REGS["RX"][q]
         if not fn.running or not get(r.XDCTL) & T.QCTL_ENABLE:
             fn.count_drop(n=len(frames))
-            return 0
+            return 0, 0
         base, count = self._ring(r)
         dma = fn.dma
         # Off the serving thread, DMA messages are out of reach: frames go to the backlog
@@ -358,7 +361,7 @@ class DataPath:
         direct_only = dma.has_message_regions() and not fn.in_serving_thread()
         if direct_only and (self.backlog or not self._direct(base, count * D.DESC_SIZE)):
             self._defer(frames)
-            return 0
+            return 0, 0
         head = get(r.DH)
         n = min(len(frames), (get(r.DT) - head) % count)
         done = good = octets = len_errors = 0
@@ -420,7 +423,7 @@ class DataPath:
             self.queue_error(T.RX, q, T.QERR_DMA, why)
         elif done and fn.nic is not None:
             fn.nic.raise_cause(fn, T.EICR_RTXQ(q))
-        return done
+        return done, lost
 
     def _write_descriptors(self, dma: DmaController, base: int, count: int, head: int,
                            data: bytes) -> None:

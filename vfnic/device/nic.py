@@ -98,13 +98,15 @@ VF_WRITE_HOOKS: dict[Register, HookMaker] = {
 
 class _Burst:
     """``Nic.one_interrupt()``'s context (a plain class: entered once per burst, also
-    for a lone frame). Nested bursts leave the signalling to the outer one."""
+    for a lone frame). Nested bursts leave the signalling to the outer one, which
+    tells afterwards whether the burst starved (``Nic._end_burst``)."""
 
-    __slots__ = ("_nic", "_outer")
+    __slots__ = ("_nic", "_outer", "starved")
 
     def __init__(self, nic: Nic) -> None:
         self._nic = nic
         self._outer = False
+        self.starved = False
 
     def __enter__(self) -> None:
         nic = self._nic
@@ -114,7 +116,7 @@ class _Burst:
 
     def __exit__(self, *exc: object) -> None:
         if self._outer:
-            self._nic._end_burst()
+            self.starved = self._nic._end_burst()
 
 
 class Nic:
@@ -130,7 +132,6 @@ class Nic:
         self.lock = threading.RLock()
         self._held: set[PciFunction] | None = None  # functions whose interrupt waits (burst)
         self.burst_rx: list[PciFunction] = []  # functions with frames pending in the burst
-        self.burst_starved = False  # the last burst's frames missed for lack of descriptors
         self.nic_id = nic_id
         self.pf = PciFunction(self.lock, True, 0, default_mac(nic_id, 0xFF), T.MAX_VFS, num_vfs)
         self.vfs = [
@@ -203,25 +204,21 @@ class Nic:
         pending causes once (per batch, not per frame). Called with the NIC lock held."""
         return _Burst(self)
 
-    def _end_burst(self) -> None:
+    def _end_burst(self) -> bool:
         """Deliver each receiving function's frames as one batch, then its interrupt.
-        ``burst_starved``: frames were missed (no RX descriptors) and every function
-        that got frames missed some too."""
-        rx, self.burst_rx = self.burst_rx, []
+        Returns whether the burst starved: frames were missed (no RX descriptors) and
+        every function that got frames missed some too."""
+        rx = iter(self.burst_rx)
+        self.burst_rx = []
         starved = fed = False
-        flushed = 0
         try:
             for fn in rx:
-                counters = fn.counters  # (.get: Counter.__missing__ is a Python call)
-                got, lost = counters.get("rx_frames"), counters.get("rx_missed")
-                flushed += 1
-                fn.datapath.flush()
-                missed = counters.get("rx_missed") != lost
-                fed = fed or (counters.get("rx_frames") != got and not missed)
-                starved = starved or missed
-            self.burst_starved = starved and not fed
+                done, missed = fn.datapath.flush()
+                fed = fed or (done > 0 and not missed)
+                starved = starved or missed > 0
+            return starved and not fed
         finally:
-            self.burst_rx[:0] = rx[flushed:]  # not flushed (an error): with the next burst
+            self.burst_rx.extend(rx)  # not flushed (an error): with the next burst
             held, self._held = self._held, None
             for fn in held or ():
                 self._deliver(fn)

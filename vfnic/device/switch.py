@@ -289,11 +289,11 @@ class Switch:
         lack of RX descriptors, and every function that got frames missed some too (the
         uplink reader then waits a little for descriptors; traffic for a function with
         room never waits)."""
-        nic = self.nic
-        with nic.lock:
-            with nic.one_interrupt():
+        with self.nic.lock:
+            burst = self.nic.one_interrupt()
+            with burst:
                 ports = self.ports()
                 forward = self.forward
                 for frame in frames:
                     forward(None, frame, ports)
-            return nic.burst_starved
+            return burst.starved

@@ -210,12 +210,11 @@ class VMState1(ServiceInterface):
 
 
 def _destination_gone(record: dict[str, Any]) -> str:
-    """The result of a destination record whose QEMU went away after Load."""
-    for key, step in (("running_at", "running"), ("restored_at", "restored"),
-                      ("loaded_at", "loaded")):
-        if key in record:
-            return f"destination-gone after {step}"
-    return "destination-gone"
+    """The result of a destination record (made by Load) whose QEMU went away: the
+    last step it reached."""
+    step = "running" if "running_at" in record else \
+        "restored" if "restored_at" in record else "loaded"
+    return f"destination-gone after {step}"
 
 
 class VfLink:
