@@ -1,7 +1,7 @@
 """The server's per-frame path in process, no client and no QEMU: frames/s of
   tx   a TX doorbell of vf0 (32 descriptors) -> DataPath.transmit -> switch -> vf1's RX ring
   rx   a burst of 32 frames from the uplink -> switch -> vf1's RX ring (Switch.from_uplink_burst)
-with guest memory a memfd mapped as DMA regions (pread/pwrite, as for QEMU's memory)
+with guest memory a memfd sealed against shrinking mapped as DMA regions (as QEMU's memory)
 and vf1's queue interrupt an eventfd.
 
   python scripts/frame_path.py [--rounds N] [--frames N] [--batch N] [--rs-every N]
@@ -24,6 +24,7 @@ prints medians (min-max) of each. Without, it runs this tree only.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import statistics
@@ -54,8 +55,11 @@ def measure(kind: str, frames: int, batch: int = BATCH, rs_every: int = BATCH,
     src, dst = nic.vfs[:2]
     mem = {}
     for fn in (src, dst):
-        fd = os.memfd_create("frame-path")
+        # sealed as QEMU's memory-backend-memfd seals guest RAM (its default, seal=on)
+        fd = os.memfd_create("frame-path", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(fd, SIZE)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
+                    fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
         mem[fn.name] = fd
         fn.dma.map(MEM, SIZE, 3, 0, os.dup(fd))
         fn.config.set(pci.COMMAND, 2, fn.config.get(pci.COMMAND, 2) | pci.COMMAND_MASTER)

@@ -263,6 +263,74 @@ def test_hugetlb_memory_works_and_a_shrink_is_a_dma_error(nic_server: NicServer,
         os.close(fd)
 
 
+# -- a memfd sealed against shrinking (QEMU's memory-backend-memfd): mapped directly -------
+
+
+def sealed_memfd(size: int, seals: int) -> int:
+    import fcntl
+
+    fd = os.memfd_create("vfd-sealed", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    return fd
+
+
+def test_a_memfd_sealed_against_shrinking_is_accessed_through_its_mapping(
+        nic_server: NicServer) -> None:
+    """No system call per access, and no SIGBUS either: the kernel refuses the shrink
+    that would make one."""
+    import fcntl
+
+    fd = sealed_memfd(0x10000, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+    fn = nic_server.nic.vfs[0]
+    try:
+        with fn.lock:
+            fn.dma.map(0x10000, 0xF000, 3, 0x1000, os.dup(fd))  # at an offset in the file
+            r = fn.dma.regions[0]
+            assert r.sealed and r.view is not None
+            fn.dma.write(0x10010, b"hello")
+            assert os.pread(fd, 5, 0x1010) == b"hello"
+            os.pwrite(fd, b"world", 0x1ffb)  # across a page boundary
+            assert fn.dma.read(0x10ffb, 5) == b"world"
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, 0)  # the attack the pread path guards against
+        with fn.lock:
+            assert fn.dma.read(0x10010, 5) == b"hello"
+            fn.dma.unmap_all()
+    finally:
+        os.close(fd)
+
+
+def test_other_seals_keep_pread_pwrite_and_their_errors(nic_server: NicServer) -> None:
+    """Sealed against growing only: it may shrink, so no mapping, and a shrink is a
+    DmaError. Sealed against writes: the mapping cannot be writable, pwrite fails: a
+    DmaError, the server unharmed."""
+    import fcntl
+
+    from vfnic.errors import DmaError
+
+    fn = nic_server.nic.vfs[0]
+    grow = sealed_memfd(0x10000, fcntl.F_SEAL_GROW)
+    frozen = sealed_memfd(0x10000, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_WRITE)
+    try:
+        with fn.lock:
+            fn.dma.map(0x10000, 0x10000, 3, 0, os.dup(grow))
+            fn.dma.map(0x40000, 0x10000, 3, 0, os.dup(frozen))
+            assert [(r.sealed, r.view) for r in fn.dma.regions] == [(False, None)] * 2
+            fn.dma.write(0x10010, b"hello")
+            with pytest.raises(DmaError):
+                fn.dma.write(0x40010, b"hello")
+            assert fn.dma.read(0x40010, 5) == bytes(5)
+        os.ftruncate(grow, 0)
+        with fn.lock:
+            with pytest.raises(DmaError, match="beyond the end"):
+                fn.dma.read(0x10010, 5)
+            fn.dma.unmap_all()
+    finally:
+        os.close(grow)
+        os.close(frozen)
+
+
 def test_a_dma_message_lets_go_of_the_nic_lock_however_deeply_it_is_held() -> None:
     """While the client answers a server-to-client DMA message the NIC lock is free
     for the other functions' threads, and held again as deeply after (public RLock

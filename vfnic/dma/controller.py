@@ -4,9 +4,12 @@ Regions with a file descriptor are accessed with pread/pwrite on that fd, not
 through an mmap: a client that shrinks its file (ftruncate) under the server
 would turn an mmap access into SIGBUS for the whole process; pread/pwrite
 return short or fail instead, and the access becomes a DmaError for that
-function only. Files that cannot be written with pwrite (hugetlbfs) fall back
-to an mmap guarded by a size check before each access (a shrink racing with
-that check can still SIGBUS: see README, known limits). Regions without an fd
+function only. A memfd sealed against shrinking (F_SEAL_SHRINK, memfd_create(2):
+QEMU's memory-backend-memfd seals its RAM so by default) cannot do that: it is
+mapped and accessed directly, without a system call per access. Files that
+cannot be written with pwrite (hugetlbfs) fall back to an mmap guarded by a
+size check before each access (a shrink racing with that check can still
+SIGBUS: see README, known limits). Regions without an fd
 are reached through server-to-client VFIO_USER_DMA_READ/WRITE messages. Every
 access is checked against the mappings. The controller owns dirty logging
 (start, stop, report: VFIO_DEVICE_FEATURE_DMA_LOGGING_*, linux/vfio.h) and the
@@ -40,8 +43,9 @@ class DmaRegion:
     flags: int
     offset: int = 0
     fd: int | None = None  # the client's file (pread/pwrite at offset + iova - address)
-    view: mmap.mmap | None = None  # only for files pwrite cannot write (hugetlbfs)
+    view: mmap.mmap | None = None  # a sealed memfd, or a file pwrite cannot write
     view_skew: int = 0  # offset rounded down to a page: bytes to skip in view
+    sealed: bool = False  # the file cannot shrink: its view is used without a guard
 
     def close(self) -> None:
         if self.view is not None:
@@ -139,16 +143,19 @@ class DmaController:
             region = DmaRegion(address, size, flags, offset)
             if fd is not None:
                 _check_fd(fd, flags, offset, size)
-                if flags & 2 and not _pwritable(fd, offset):
-                    skew = offset % mmap.PAGESIZE
-                    prot = mmap.PROT_READ | mmap.PROT_WRITE
-                    try:
-                        region.view = mmap.mmap(fd, size + skew, mmap.MAP_SHARED, prot,
-                                                offset=offset - skew)
-                    except (OSError, ValueError, OverflowError) as exc:
-                        raise ProtocolError(f"cannot mmap DMA region: {exc}",
-                                            errno.EINVAL) from exc
-                    region.view_skew = skew
+                if flags & 2:
+                    if not _pwritable(fd, offset):  # hugetlbfs: guarded before each access
+                        try:
+                            _map_view(region, fd)
+                        except (OSError, ValueError, OverflowError) as exc:
+                            raise ProtocolError(f"cannot mmap DMA region: {exc}",
+                                                errno.EINVAL) from exc
+                    elif _shrink_sealed(fd):  # checked above to cover the region
+                        try:
+                            _map_view(region, fd)
+                            region.sealed = True
+                        except (OSError, ValueError, OverflowError):
+                            pass  # pread/pwrite then
                 region.fd, fd = fd, None  # the region owns it now
         finally:
             if fd is not None:
@@ -191,7 +198,11 @@ class DmaController:
         r = self.find(address, length)
         if not r.readable:
             raise DmaError(f"DMA region at {r.address:#x} is not readable")
-        if r.view is not None:
+        view = r.view
+        if view is not None:
+            if r.sealed:  # mmap slices are bytes
+                start = r.view_skew + address - r.address
+                return view[start:start + length]
             return bytes(_guarded(r, address, length))
         if r.fd is not None:
             try:
@@ -208,8 +219,13 @@ class DmaController:
         r = self.find(address, len(data))
         if not r.writable:
             raise DmaError(f"DMA region at {r.address:#x} is not writable")
-        if r.view is not None:
-            _guarded(r, address, len(data))[:] = data
+        view = r.view
+        if view is not None:
+            if r.sealed:
+                start = r.view_skew + address - r.address
+                view[start:start + len(data)] = data
+            else:
+                _guarded(r, address, len(data))[:] = data
         elif r.fd is not None:
             pos = r.offset + address - r.address
             try:
@@ -371,6 +387,24 @@ def _pwritable(fd: int, offset: int) -> bool:
             return False
         raise ProtocolError(f"DMA_MAP fd: {exc.strerror}", errno.EINVAL) from exc
     return True
+
+
+def _shrink_sealed(fd: int) -> bool:
+    """Whether the file can never shrink (a memfd with F_SEAL_SHRINK): an mmap of what
+    it holds now cannot fault with SIGBUS."""
+    try:
+        return bool(fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK)
+    except OSError:  # EINVAL: a file that takes no seals
+        return False
+
+
+def _map_view(region: DmaRegion, fd: int) -> None:
+    """Map the region's part of ``fd`` shared, read-write (the offset rounded down to
+    a page)."""
+    skew = region.offset % mmap.PAGESIZE
+    region.view = mmap.mmap(fd, region.size + skew, mmap.MAP_SHARED,
+                            mmap.PROT_READ | mmap.PROT_WRITE, offset=region.offset - skew)
+    region.view_skew = skew
 
 
 def _guarded(r: DmaRegion, address: int, length: int) -> memoryview:
