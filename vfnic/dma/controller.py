@@ -143,19 +143,20 @@ class DmaController:
             region = DmaRegion(address, size, flags, offset)
             if fd is not None:
                 _check_fd(fd, flags, offset, size)
-                if flags & 2:
-                    if not _pwritable(fd, offset):  # hugetlbfs: guarded before each access
-                        try:
-                            _map_view(region, fd)
-                        except (OSError, ValueError, OverflowError) as exc:
+                # Mapped: a file pwrite cannot write (hugetlbfs; its size checked before
+                # each access), or one that can never shrink (checked above to cover
+                # the region). Any other file: pread/pwrite.
+                guarded = bool(flags & 2) and not _pwritable(fd, offset)
+                sealed = bool(flags & 2) and not guarded and _shrink_sealed(fd)
+                if guarded or sealed:
+                    try:
+                        _map_view(region, fd)
+                        region.sealed = sealed
+                    except (OSError, ValueError, OverflowError) as exc:
+                        if guarded:
                             raise ProtocolError(f"cannot mmap DMA region: {exc}",
                                                 errno.EINVAL) from exc
-                    elif _shrink_sealed(fd):  # checked above to cover the region
-                        try:
-                            _map_view(region, fd)
-                            region.sealed = True
-                        except (OSError, ValueError, OverflowError):
-                            pass  # pread/pwrite then
+                        # sealed but not mappable writable (F_SEAL_WRITE): pread/pwrite
                 region.fd, fd = fd, None  # the region owns it now
         finally:
             if fd is not None:
@@ -200,10 +201,10 @@ class DmaController:
             raise DmaError(f"DMA region at {r.address:#x} is not readable")
         view = r.view
         if view is not None:
-            if r.sealed:  # mmap slices are bytes
-                start = r.view_skew + address - r.address
-                return view[start:start + length]
-            return bytes(_guarded(r, address, length))
+            if not r.sealed:
+                _check_held(r, address, length)
+            start = r.view_skew + address - r.address
+            return view[start:start + length]  # mmap slices are bytes
         if r.fd is not None:
             try:
                 data = os.pread(r.fd, length, r.offset + address - r.address)
@@ -221,11 +222,10 @@ class DmaController:
             raise DmaError(f"DMA region at {r.address:#x} is not writable")
         view = r.view
         if view is not None:
-            if r.sealed:
-                start = r.view_skew + address - r.address
-                view[start:start + len(data)] = data
-            else:
-                _guarded(r, address, len(data))[:] = data
+            if not r.sealed:
+                _check_held(r, address, len(data))
+            start = r.view_skew + address - r.address
+            view[start:start + len(data)] = data
         elif r.fd is not None:
             pos = r.offset + address - r.address
             try:
@@ -407,10 +407,10 @@ def _map_view(region: DmaRegion, fd: int) -> None:
     region.view_skew = skew
 
 
-def _guarded(r: DmaRegion, address: int, length: int) -> memoryview:
-    """The mmap bytes of [address, address+length) after checking the file still
-    holds them (else DmaError instead of SIGBUS)."""
-    assert r.view is not None and r.fd is not None
+def _check_held(r: DmaRegion, address: int, length: int) -> None:
+    """A mapping of a file that may shrink: check the file still holds [address,
+    address+length) before touching it (a DmaError instead of SIGBUS)."""
+    assert r.fd is not None
     pos = r.offset + address - r.address
     try:
         if os.fstat(r.fd).st_size < pos + length:
@@ -418,5 +418,3 @@ def _guarded(r: DmaRegion, address: int, length: int) -> memoryview:
                            "client's file")
     except OSError as exc:
         raise DmaError(f"DMA at {address:#x}: {exc.strerror}") from exc
-    start = r.view_skew + address - r.address
-    return memoryview(r.view)[start:start + length]
