@@ -39,6 +39,15 @@ static bool tx_bql = true;
 module_param(tx_bql, bool, 0444);
 MODULE_PARM_DESC(tx_bql, "byte queue limits on TX (burst doorbells through xmit_more)");
 
+static bool rx_csum = true;
+module_param(rx_csum, bool, 0444);
+MODULE_PARM_DESC(rx_csum, "RX checksum offload at probe (RXCSUM.PCSE); ethtool -K rx changes it");
+
+/* Off by default: the device's checksum costs the host more than it saves us. */
+static bool tx_csum;
+module_param(tx_csum, bool, 0444);
+MODULE_PARM_DESC(tx_csum, "TX checksum offload at probe (CMD.IC); ethtool -K tx changes it");
+
 static unsigned int rx_buffer_write = VFNIC_RX_BUFFER_WRITE;
 module_param(rx_buffer_write, uint, 0444);
 MODULE_PARM_DESC(rx_buffer_write, "RX descriptors re-armed per RDT write (1: every NAPI poll)");
@@ -243,6 +252,15 @@ static int vfnic_clean_rx(struct vfnic_adapter *adapter, int budget,
 		if (dirtying)
 			vfnic_touch(adapter, skb->data, len);
 		skb_put(skb, len);
+		/*
+		 * The packet checksum from the MAC header on (RXCSUM.PCSE); 0
+		 * when the device did not compute one.
+		 */
+		BUILD_BUG_ON(VFNIC_PACKET_CSUM_START != ETH_HLEN);
+		if (desc->csum && (netdev->features & NETIF_F_RXCSUM)) {
+			skb->csum = csum_unfold((__force __sum16)desc->csum);
+			skb->ip_summed = CHECKSUM_COMPLETE;
+		}
 		skb->protocol = eth_type_trans(skb, netdev);
 		packets++;
 		bytes += len;
@@ -360,6 +378,8 @@ static netdev_tx_t vfnic_xmit_frame(struct sk_buff *skb,
 	struct vfnic_ring *ring = &adapter->tx_ring;
 	struct vfnic_tx_desc *desc;
 	unsigned int len = skb->len;
+	unsigned int css = 0, cso = 0;
+	u8 cmd = VFNIC_CMD_EOP;
 	dma_addr_t dma;
 	bool kick;
 	u16 i;
@@ -367,6 +387,19 @@ static netdev_tx_t vfnic_xmit_frame(struct sk_buff *skb,
 	if (skb->len < VFNIC_MIN_FRAME || skb->len > VFNIC_MAX_FRAME ||
 	    skb_linearize(skb))
 		goto drop;
+	/* The device inserts the checksum (CMD.IC) if CSS and CSO fit a byte. */
+	if (skb->ip_summed == CHECKSUM_PARTIAL) {
+		css = skb_checksum_start_offset(skb);
+		cso = css + skb->csum_offset;
+		if (cso <= U8_MAX) {
+			cmd |= VFNIC_CMD_IC;
+		} else if (skb_checksum_help(skb)) {
+			goto drop;
+		} else {
+			css = 0;
+			cso = 0;
+		}
+	}
 	if (unlikely(!vfnic_tx_unused(ring))) {
 		netif_stop_queue(netdev);
 		adapter->stats.tx_busy++;
@@ -384,8 +417,8 @@ static netdev_tx_t vfnic_xmit_frame(struct sk_buff *skb,
 	desc = (struct vfnic_tx_desc *)ring->desc + i;
 	desc->addr = cpu_to_le64(dma);
 	desc->length = cpu_to_le16(skb->len);
-	desc->cso = 0;
-	desc->css = 0;
+	desc->cso = cso;
+	desc->css = css;
 	desc->vlan = 0;
 	desc->status = 0;
 	ring->next_to_use = (i + 1) % ring->count;
@@ -410,9 +443,9 @@ static netdev_tx_t vfnic_xmit_frame(struct sk_buff *skb,
 	 * RS (a write-back and an interrupt) once per VFNIC_TX_RS_EVERY frames,
 	 * and on the frame that stopped the queue: its report restarts it.
 	 */
-	desc->cmd = VFNIC_CMD_EOP;
 	if ((i + 1) % ring->rs_every == 0 || netif_xmit_stopped(txq))
-		desc->cmd |= VFNIC_CMD_RS;
+		cmd |= VFNIC_CMD_RS;
+	desc->cmd = cmd;
 	/* The doorbell: the device sends [TDH, TDT). Once per burst. */
 	if (kick)
 		vfnic_wr32(adapter, VFNIC_TDT(VFNIC_QUEUE), ring->next_to_use);
@@ -545,6 +578,14 @@ void vfnic_write_itr(struct vfnic_adapter *adapter)
 	vfnic_wr32(adapter, VFNIC_EITR(VFNIC_VEC_RTXQ0), adapter->rx_itr_us);
 }
 
+/* RXCSUM.PCSE: the packet checksum in RX descriptors, while RXCSUM is on. */
+static void vfnic_write_rxcsum(struct vfnic_adapter *adapter,
+			       netdev_features_t features)
+{
+	vfnic_wr32(adapter, VFNIC_RXCSUM,
+		   features & NETIF_F_RXCSUM ? VFNIC_RXCSUM_PCSE : 0);
+}
+
 static u32 vfnic_eims(struct vfnic_adapter *adapter)
 {
 	if (test_bit(__VFNIC_DOWN, &adapter->state))
@@ -604,6 +645,7 @@ static void vfnic_start_queues(struct vfnic_adapter *adapter, bool program)
 		vfnic_wr32(adapter, VFNIC_TDBAL(VFNIC_QUEUE), lower_32_bits(tx->dma));
 		vfnic_wr32(adapter, VFNIC_TDBAH(VFNIC_QUEUE), upper_32_bits(tx->dma));
 		vfnic_wr32(adapter, VFNIC_TDLEN(VFNIC_QUEUE), tx->size);
+		vfnic_write_rxcsum(adapter, adapter->netdev->features);
 	}
 	/* Enabling a queue resets its head to 0; TDT must be 0 by then. */
 	vfnic_wr32(adapter, VFNIC_TDT(VFNIC_QUEUE), 0);
@@ -947,6 +989,17 @@ static void vfnic_set_rx_mode(struct net_device *netdev)
 	schedule_work(&adapter->mc_task);
 }
 
+static int vfnic_set_features(struct net_device *netdev,
+			      netdev_features_t features)
+{
+	struct vfnic_adapter *adapter = netdev_priv(netdev);
+
+	if ((features ^ netdev->features) & NETIF_F_RXCSUM &&
+	    !test_bit(__VFNIC_DOWN, &adapter->state))
+		vfnic_write_rxcsum(adapter, features);
+	return 0;
+}
+
 static void vfnic_tx_timeout(struct net_device *netdev, unsigned int txqueue)
 {
 	netdev_warn(netdev, "transmit timed out (TDH %#x TDT %#x)\n",
@@ -960,6 +1013,7 @@ static const struct net_device_ops vfnic_netdev_ops = {
 	.ndo_start_xmit		= vfnic_xmit_frame,
 	.ndo_get_stats64	= vfnic_get_stats64,
 	.ndo_set_rx_mode	= vfnic_set_rx_mode,
+	.ndo_set_features	= vfnic_set_features,
 	.ndo_set_mac_address	= vfnic_set_mac,
 	.ndo_validate_addr	= eth_validate_addr,
 	.ndo_tx_timeout		= vfnic_tx_timeout,
@@ -1023,6 +1077,11 @@ static int vfnic_probe(struct pci_dev *pdev, const struct pci_device_id *ent)
 	netdev->watchdog_timeo = 5 * HZ;
 	netdev->min_mtu = ETH_MIN_MTU;
 	netdev->max_mtu = VFNIC_MAX_FRAME - ETH_HLEN - VLAN_HLEN;
+	netdev->hw_features = NETIF_F_HW_CSUM | NETIF_F_RXCSUM;
+	if (rx_csum)
+		netdev->features |= NETIF_F_RXCSUM;
+	if (tx_csum)
+		netdev->features |= NETIF_F_HW_CSUM;
 
 	vfnic_wr32(adapter, VFNIC_EIMS, vfnic_eims(adapter));
 	pci_save_state(pdev);	/* what a lost config is restored from */

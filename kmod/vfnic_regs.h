@@ -52,6 +52,7 @@
 #define VFNIC_RXERRC           0x2018	/* RO: receive errors */
 #define VFNIC_TXERRC           0x201c	/* RO: transmit errors */
 #define VFNIC_MPC              0x2020	/* RO: missed packets */
+#define VFNIC_RXCSUM           0x0034	/* RW: receive checksum control */
 #define VFNIC_EITR(n)          (0x0040 + (n) * 0x0004)	/* RW, n < 4 */
 #define VFNIC_VFMBMEM(n)       (0x0140 + (n) * 0x0004)	/* RW, n < 16 */
 #define VFNIC_RDBAL(n)         (0x1000 + (n) * 0x0040)	/* RW, n < 2 */
@@ -84,6 +85,7 @@
 #define VFNIC_MBX_PFACK                0x0020
 #define VFNIC_MBX_RSTI                 0x0040
 #define VFNIC_MBX_RSTD                 0x0080
+#define VFNIC_RXCSUM_PCSE              0x1000
 #define VFNIC_QCTL_ENABLE              0x02000000U
 #define VFNIC_QERR_DMA                 0x0001
 #define VFNIC_QERR_LEN                 0x0002
@@ -159,17 +161,20 @@
 	X(EITR1, 0x0044) \
 	X(EITR2, 0x0048) \
 	X(EITR3, 0x004c) \
+	X(RXCSUM, 0x0034) \
 
-#define VFNIC_NUM_REGS             67
+#define VFNIC_NUM_REGS             68
 
 /* Descriptors (vfnic/regs/descriptors.py), 82599 legacy style */
 #define VFNIC_DESC_SIZE                16
 #define VFNIC_RX_BUFFER_SIZE           2048
 #define VFNIC_MAX_FRAME                1518
 #define VFNIC_MIN_FRAME                14
+#define VFNIC_PACKET_CSUM_START        14
 #define VFNIC_STAT_DD                  0x0001
 #define VFNIC_STAT_EOP                 0x0002
 #define VFNIC_CMD_EOP                  0x0001
+#define VFNIC_CMD_IC                   0x0004
 #define VFNIC_CMD_RS                   0x0008
 #define VFNIC_RXERR_LEN                0x0001
 

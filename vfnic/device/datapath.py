@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 RX_BACKLOG = 256  # frames waiting for the serving thread (fd-less DMA only)
 RX_DONE = D.STAT_DD | D.STAT_EOP  # a received frame's write-back status
+ones_sum = D.ones_sum
 
 
 class QueueRegs(NamedTuple):
@@ -182,7 +183,7 @@ class DataPath:
             read = dma.read
             with dma.batch():
                 descs = self._read_descriptors(dma, base, count, head, (tail - head) % count)
-                for addr, length, _cso, cmd, _st, _css, _vlan in D.TX_DESC.iter_unpack(descs):
+                for addr, length, cso, cmd, _st, css, _vlan in D.TX_DESC.iter_unpack(descs):
                     if not D.MIN_FRAME <= length <= D.MAX_FRAME:
                         error = T.QERR_LEN
                         break
@@ -191,9 +192,14 @@ class DataPath:
                         if wait:  # max_tx_rate: the descriptor stays the device's until then
                             self._pace(wait)
                             break
-                        frames.append(read(addr, length))
+                        data = read(addr, length)
+                        if cmd & D.CMD_IC:
+                            data = D.insert_checksum(data, css, cso)
+                        frames.append(data)
                     else:
                         data = read(addr, length)
+                        if cmd & D.CMD_IC:
+                            data = D.insert_checksum(data, css, cso)
                         uplink = switch is None or switch.to_uplink(fn, data, ports)
                         wait = egress.take(fn, length, uplink)
                         if wait:  # not its turn on the uplink: the descriptor stays ours
@@ -374,6 +380,7 @@ class DataPath:
                     descs = self._read_descriptors(dma, base, count, head, n)
                     wb = bytearray(descs)  # written back whole: the address is kept
                     pack_into = D.RX_DESC.pack_into
+                    pcse = get(T.RXCSUM) & T.RXCSUM_PCSE
                     try:
                         for (addr, _, _, _, _, _), frame in zip(D.RX_DESC.iter_unpack(descs),
                                                                 frames[:n], strict=True):
@@ -387,8 +394,11 @@ class DataPath:
                                           D.RXERR_LEN, 0)
                             else:
                                 dma.write(addr, frame)
-                                pack_into(wb, done * D.DESC_SIZE, addr, length, 0, RX_DONE,
-                                          0, 0)
+                                # the packet checksum, in network byte order (swapped
+                                # here: the field is packed little-endian)
+                                csum = ones_sum(frame[D.PACKET_CSUM_START:]) if pcse else 0
+                                pack_into(wb, done * D.DESC_SIZE, addr, length,
+                                          (csum >> 8) | (csum & 0xFF) << 8, RX_DONE, 0, 0)
                                 good += 1
                                 octets += length
                             done += 1

@@ -41,8 +41,9 @@ _SETUP_HINT = "run `make setup`"
 # Module-level constants copied into the header, by module.
 _TABLE_CONSTS = ("BAR0_SIZE", "NUM_QUEUES", "QUEUE_BASE", "QUEUE_STRIDE", "MBX_WORDS",
                   "NUM_VECTORS", "EITR_MAX_US")
-_TABLE_BIT_PREFIXES = ("CTRL_", "RAH_", "STATUS_", "EICR_", "MBX_", "QCTL_", "QERR_")
-_DESC_CONSTS = ("DESC_SIZE", "RX_BUFFER_SIZE", "MAX_FRAME", "MIN_FRAME")
+_TABLE_BIT_PREFIXES = ("CTRL_", "RAH_", "STATUS_", "EICR_", "MBX_", "QCTL_", "QERR_",
+                       "RXCSUM_")
+_DESC_CONSTS = ("DESC_SIZE", "RX_BUFFER_SIZE", "MAX_FRAME", "MIN_FRAME", "PACKET_CSUM_START")
 _DESC_BIT_PREFIXES = ("STAT_", "CMD_", "RXERR_")
 _C_TYPES = {"B": "u8", "H": "__le16", "I": "__le32", "Q": "__le64"}  # struct format codes
 

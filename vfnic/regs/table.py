@@ -71,6 +71,8 @@ MBX_RSTI = 1 << 6  # PF reset in progress
 MBX_RSTD = 1 << 7  # PF reset done
 
 
+# RXCSUM bits (82599 8.2.3.7.5 names the register; the bit is this device's own)
+RXCSUM_PCSE = 1 << 12  # packet checksum enable: RX descriptors carry csum (descriptors.py)
 # RXDCTL / TXDCTL bits
 QCTL_ENABLE = 1 << 25  # queue enable
 # QERRn cause bits (W1C); a queue with an error is disabled until the driver
@@ -139,6 +141,10 @@ MTA = R("MTA", 0x0028, RW, 0, doc="multicast filter enable bits")
 FCTRL = R("FCTRL", 0x002C, RW, 0, 0x00000700, doc="filter control (MPE, UPE, BAM)")
 SCRATCH = R("SCRATCH", 0x0030, RW, doc="software scratch: the device never changes it (the VF "
             "driver keeps a token there to recognise its VF)")
+# Off at reset, unlike 82599's: a driver that does not use the packet checksum costs
+# the device nothing.
+RXCSUM = R("RXCSUM", 0x0034, RW, 0, RXCSUM_PCSE,
+           doc="receive checksum control (PCSE: packet checksum in RX descriptors)")
 # EITRn (82599 8.2.3.5.12 style, in microseconds): the minimum interval between two
 # interrupts of MSI-X vector n. A cause that becomes pending once the interval since
 # the vector's last interrupt has passed is signalled at once (a lone frame is not
@@ -181,6 +187,7 @@ COMMON: list[Register] = [
     *[arr(q) for q in range(NUM_QUEUES) for arr in QUEUE_REGS],
     GPRC, GPTC, GORCL, GORCH, GOTCL, GOTCH, RXERRC, TXERRC, MPC,
     *EITR.registers[1:],  # after the rest: the register dump keeps its older order
+    RXCSUM,
 ]
 
 # PF-only registers: the PF side of each VF's mailbox, VF enables, uplink state.
