@@ -178,8 +178,6 @@ class DataPath:
         start = head
         descs = b""
         rs: list[int] = []  # the sent descriptors that ask for a report (by index)
-        # frames (by index) whose checksum is still to be inserted (CMD_IC): (css, cso)
-        partial: dict[int, tuple[int, int]] = {}
         try:
             dma = fn.check_dma()
             read = dma.read
@@ -194,18 +192,19 @@ class DataPath:
                         if wait:  # max_tx_rate: the descriptor stays the device's until then
                             self._pace(wait)
                             break
-                        if cmd & D.CMD_IC and css <= cso <= length - 2:
-                            partial[len(frames)] = (css, cso)
-                        frames.append(read(addr, length))
+                        data = read(addr, length)
+                        if cmd & D.CMD_IC:
+                            data = D.insert_checksum(data, css, cso)
+                        frames.append(data)
                     else:
                         data = read(addr, length)
+                        if cmd & D.CMD_IC:
+                            data = D.insert_checksum(data, css, cso)
                         uplink = switch is None or switch.to_uplink(fn, data, ports)
                         wait = egress.take(fn, length, uplink)
                         if wait:  # not its turn on the uplink: the descriptor stays ours
                             self._pace(wait)
                             break
-                        if cmd & D.CMD_IC and css <= cso <= length - 2:
-                            partial[len(frames)] = (css, cso)
                         frames.append(data)
                     if cmd & D.CMD_RS:
                         rs.append(sent)
@@ -234,12 +233,8 @@ class DataPath:
         with nic.one_interrupt():
             switch = nic.switch
             ports = switch.ports()
-            if partial:
-                for i, frame in enumerate(frames):
-                    switch.forward(fn, frame, ports, partial.get(i))
-            else:
-                for frame in frames:
-                    switch.forward(fn, frame, ports)
+            for frame in frames:
+                switch.forward(fn, frame, ports)
             if error:
                 self.queue_error(T.TX, q, error, why)
             elif report:

@@ -26,7 +26,6 @@ import threading
 from typing import TYPE_CHECKING
 
 from vfnic.errors import UsageError
-from vfnic.regs import descriptors as D
 from vfnic.regs import table as T
 
 if TYPE_CHECKING:
@@ -38,12 +37,6 @@ log = logging.getLogger(__name__)
 TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
-IFF_VNET_HDR = 0x4000
-# struct virtio_net_hdr before every frame on the TAP (linux/virtio_net.h): flags,
-# gso_type, hdr_len, gso_size, csum_start, csum_offset, in the host's byte order.
-VNET_HDR = struct.Struct("=BBHHHH")
-VNET_HDR_F_NEEDS_CSUM = 1  # the host completes the checksum (or needs not, if local)
-NO_VNET_HDR = bytes(VNET_HDR.size)
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
 IFF_UP = 0x1
@@ -74,10 +67,7 @@ class TapUplink:
         except OSError as exc:
             raise UsageError(f"cannot open /dev/net/tun: {exc.strerror}") from exc
         try:
-            # With a virtio-net header, so that a frame whose checksum the VF's driver left
-            # to the device (CMD_IC) goes out partial, as QEMU's virtio-net sends one;
-            # no TUNSETOFFLOAD, so the host completes the checksums of frames it sends us.
-            ifr = struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+            ifr = struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI)
             fcntl.ioctl(self.fd, TUNSETIFF, ifr)
             self._set_up()
         except OSError as exc:
@@ -94,13 +84,9 @@ class TapUplink:
             fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH", self.name.encode(), flags | IFF_UP)
                         + b"\0" * 22)
 
-    def send(self, frame: bytes, csum: tuple[int, int] | None = None) -> None:
-        """Write ``frame`` to the TAP; ``csum``: (css, cso) of a checksum still to be
-        inserted (CMD_IC), which the host completes."""
-        hdr = NO_VNET_HDR if csum is None else \
-            VNET_HDR.pack(VNET_HDR_F_NEEDS_CSUM, 0, 0, 0, csum[0], csum[1] - csum[0])
+    def send(self, frame: bytes) -> None:
         try:
-            os.writev(self.fd, (hdr, frame))
+            os.write(self.fd, frame)
             self.tx_frames += 1
         except OSError as exc:  # e.g. the TAP is down: the frame is lost, as on a wire
             log.debug("uplink %s: %s", self.name, exc)
@@ -110,7 +96,6 @@ class TapUplink:
         poller.register(self.fd, select.POLLIN)
         os.set_blocking(self.fd, False)  # one read per frame, until the queue is empty
         burst = UPLINK_BURST
-        skip = VNET_HDR.size
         while not self._stop:
             frames: list[bytes] = []
             try:
@@ -118,16 +103,15 @@ class TapUplink:
                     continue
                 # Whatever is queued already: switched as one burst (one interrupt).
                 while len(frames) < burst:
-                    raw = os.read(self.fd, 65536)
-                    if not raw:
-                        return  # the TAP is gone
-                    frames.append(raw[skip:])
+                    frames.append(os.read(self.fd, 65536))
             except BlockingIOError:
                 pass
             except OSError:
                 return
             if not frames:
                 continue
+            if not all(frames):
+                return
             self.rx_frames += len(frames)
             posted = switch.nic.rx_posted
             if posted.is_set():  # (a lock and a call less per burst when it is not)
@@ -247,11 +231,9 @@ class Switch:
         return [(fn, self._address(fn), self._link_up(fn)) for fn in self.nic.functions]
 
     def forward(self, src: PciFunction | None, frame: bytes,
-                ports: list[Port] | None = None, csum: tuple[int, int] | None = None) -> None:
+                ports: list[Port] | None = None) -> None:
         """Switch a frame sent by ``src`` (None: it came from the uplink); ``ports``:
-        from ``ports()`` under the lock held since; ``csum``: (css, cso) of a checksum
-        the device still has to insert (CMD_IC): done here for a function, left to the
-        host for the uplink."""
+        from ``ports()`` under the lock held since."""
         with self.nic.lock:
             if ports is None:
                 ports = self.ports()
@@ -261,19 +243,14 @@ class Switch:
                 return
             vid: int | None = None
             if src is not None and not src.is_pf:
-                tagged = len(frame)
                 checked = self._ingress(src, frame)
                 if checked is None:
                     return
                 frame, vid = checked
-                if csum is not None and len(frame) != tagged:  # a tag at byte 12
-                    csum = (csum[0] + 4, csum[1] + 4)
             elif self._tagged(frame):
                 vid = int.from_bytes(frame[14:16], "big") & 0xFFF
             dst = frame[:6]
             if dst[0] & 1:  # broadcast / multicast: flood within the VLAN domain
-                if csum is not None:  # the functions get it whole (the uplink too: rare)
-                    frame, csum = D.insert_checksum(frame, *csum), None
                 for fn, _, up in ports:
                     if fn is not src and up:
                         rx = self._egress(fn, frame, vid)
@@ -284,8 +261,6 @@ class Switch:
                 return
             for fn, address, up in ports:
                 if fn is not src and address == dst:
-                    if csum is not None:  # to a function: the checksum inserted here
-                        frame, csum = D.insert_checksum(frame, *csum), None
                     rx = self._egress(fn, frame, vid)
                     if rx is None:
                         continue  # not in this VLAN domain
@@ -295,7 +270,7 @@ class Switch:
                         fn.count_drop()
                     return
             if src is not None and self.uplink is not None:
-                self.uplink.send(frame, csum)
+                self.uplink.send(frame)
 
     def announce(self, fn: PciFunction, count: int = 1) -> int:
         """Announce ``fn``'s MAC on the LAN after it moved (a RARP broadcast, as QEMU's
