@@ -39,11 +39,14 @@ static bool tx_bql = true;
 module_param(tx_bql, bool, 0444);
 MODULE_PARM_DESC(tx_bql, "byte queue limits on TX (burst doorbells through xmit_more)");
 
-static bool rx_csum = true;
+/*
+ * Checksum offload, off by default: the device computes checksums in its
+ * host process, which costs the host more than it saves the guest here.
+ */
+static bool rx_csum;
 module_param(rx_csum, bool, 0444);
 MODULE_PARM_DESC(rx_csum, "RX checksum offload at probe (RXCSUM.PCSE); ethtool -K rx changes it");
 
-/* Off by default: the device's checksum costs the host more than it saves us. */
 static bool tx_csum;
 module_param(tx_csum, bool, 0444);
 MODULE_PARM_DESC(tx_csum, "TX checksum offload at probe (CMD.IC); ethtool -K tx changes it");

@@ -4,13 +4,17 @@ descriptor's csum), as a driver using CHECKSUM_PARTIAL / CHECKSUM_COMPLETE needs
 
 from __future__ import annotations
 
+import json
 import os
 import struct
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from tapnic import tap_nic_server
 from test_datapath_batch import BUFFERS, MEM, RX_RING, TX_RING, Vf, frames_to
 
 from vfnic.device.nic import Nic
@@ -63,8 +67,8 @@ def test_an_inserted_udp_checksum_verifies(payload: bytes) -> None:
 
 def test_an_insert_outside_the_frame_sends_it_unchanged() -> None:
     frame = bytes(range(60))
-    assert D.insert_checksum(frame, 60, 40) is frame
     assert D.insert_checksum(frame, 34, 59) is frame
+    assert D.insert_checksum(frame, 41, 40) is frame  # css beyond cso
     assert D.insert_checksum(frame, 34, 58) != frame
 
 
@@ -107,3 +111,64 @@ def test_rx_reports_the_packet_checksum_only_with_pcse(pair: tuple[Vf, Vf]) -> N
     for slot, frame in ((1, frames[1]), (2, frames[2])):
         raw = os.pread(vf.mem, 2, RX_RING + slot * D.DESC_SIZE + 10)  # csum, as it lies in memory
         assert raw == rfc1071(frame[D.PACKET_CSUM_START:]).to_bytes(2, "big")  # network order
+
+
+RECEIVER = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("10.0.0.2", 5000))
+s.settimeout(2.0)
+print("ready", flush=True)
+try:
+    while True:
+        print(s.recv(2048).decode(), flush=True)
+except OSError:
+    pass
+"""
+
+
+def test_a_frame_sent_with_ic_leaves_the_uplink_with_its_checksum() -> None:
+    """A frame sent with CMD_IC goes out of the TAP with the checksum the device
+    inserted: the peer's kernel takes it, as it takes a whole one, and drops one whose
+    checksum is wrong (so it checks)."""
+    ns = f"vfck{os.getpid() % 100000}"
+    with tap_nic_server("vfck", num_vfs=1) as server:
+        uplink = server.nic.switch.uplink
+        assert uplink is not None
+        tx = Vf(server.nic, server.nic.vfs[0])
+        receiver = None
+        subprocess.run(["ip", "netns", "add", ns], check=True)
+        try:
+            for cmd in (["link", "set", uplink.name, "netns", ns],
+                        ["-n", ns, "addr", "add", "10.0.0.2/24", "dev", uplink.name],
+                        ["-n", ns, "link", "set", uplink.name, "up"]):
+                subprocess.run(["ip", *cmd], check=True)
+            link = json.loads(subprocess.run(["ip", "-n", ns, "-j", "link", "show", uplink.name],
+                                             check=True, capture_output=True, text=True).stdout)
+            peer_mac = bytes.fromhex(link[0]["address"].replace(":", ""))
+            receiver = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c",
+                                         RECEIVER], stdout=subprocess.PIPE, text=True)
+            assert receiver.stdout is not None and receiver.stdout.readline().strip() == "ready"
+            sends = []
+            for name, ic in (("partial", True), ("whole", False), ("wrong", False)):
+                frame, css, cso = udp_frame(name.encode(), tx.fn.rx_mac, peer_mac)
+                if name == "whole":
+                    frame = D.insert_checksum(frame, css, cso)
+                sends.append((frame, css, cso, D.CMD_EOP | (D.CMD_IC if ic else 0)))
+            for i, (frame, css, cso, cmd) in enumerate(sends):
+                os.pwrite(tx.mem, frame, BUFFERS + 0x800 + i * 0x100)
+                os.pwrite(tx.mem, D.TX_DESC.pack(MEM + BUFFERS + 0x800 + i * 0x100, len(frame),
+                                                 cso, cmd, 0, css, 0),
+                          TX_RING + i * D.DESC_SIZE)
+            with tx.fn.lock:
+                tx.fn.bank.set(T.TDT(0), len(sends))
+                tx.fn.datapath.on_tail_write(T.TX, 0)
+            out, _ = receiver.communicate(timeout=10)
+            assert out.split() == ["partial", "whole"], out
+            assert uplink.tx_frames == 3
+        finally:
+            if receiver is not None and receiver.poll() is None:
+                receiver.kill()
+                receiver.wait()
+            tx.close()
+            subprocess.run(["ip", "netns", "del", ns], check=False)

@@ -126,14 +126,13 @@ echo carrier=$(cat /sys/class/net/vfnic0/carrier)
 grep vfnic_vf /proc/interrupts | wc -l | sed 's/^/msix-vectors=/'
 ping -c 3 -i 0.2 -W 5 {PEER_IP}; rc=$?
 python3 /run/udp.py {PEER_IP} {UDP_PORT}
-# checksum offload: RX on (RXCSUM.PCSE), TX off by default; the peer's kernel drops a
-# datagram whose checksum is wrong, the guest's reports a wrong packet checksum
+# checksum offload (off by default): the peer's kernel drops a datagram whose checksum
+# is wrong, the guest's reports a wrong packet checksum (CHECKSUM_COMPLETE)
 ethtool -k vfnic0 | grep -E '^(rx|tx)-checksumming:'
-ethtool -d vfnic0 raw on | python3 -m vfnic.regs.ethtool | grep -E '^RXCSUM ' | sed 's/^/on: /'
-ethtool -K vfnic0 tx on && python3 /run/udp.py {PEER_IP} {UDP_PORT} | sed 's/^/tx on: /'
-ethtool -K vfnic0 tx off rx off && python3 /run/udp.py {PEER_IP} {UDP_PORT} | sed 's/^/rx off: /'
 ethtool -d vfnic0 raw on | python3 -m vfnic.regs.ethtool | grep -E '^RXCSUM ' | sed 's/^/off: /'
-ethtool -K vfnic0 rx on
+ethtool -K vfnic0 rx on tx on && python3 /run/udp.py {PEER_IP} {UDP_PORT} | sed 's/^/on: /'
+ethtool -d vfnic0 raw on | python3 -m vfnic.regs.ethtool | grep -E '^RXCSUM ' | sed 's/^/on: /'
+ethtool -K vfnic0 rx off tx off
 dmesg | grep -c 'csum failure' | sed 's/^/csum-faults=/'
 ethtool -S vfnic0
 ethtool -d vfnic0 | head -3
@@ -170,16 +169,15 @@ def test_guest_kernel_driver_pings_and_udp_both_ways(
     m = re.search(r"udp echoes (\d+)/50", output)
     assert m and int(m.group(1)) >= 48, output
     # checksum offload (RXCSUM.PCSE, CMD.IC): the datagrams' checksums right both ways
-    assert "rx-checksumming: on" in output and "tx-checksumming: off" in output
-    assert re.search(r"^on: RXCSUM\s+0x0034 RW\s+0x00001000$", output, re.M), output
+    assert "rx-checksumming: off" in output and "tx-checksumming: off" in output
     assert re.search(r"^off: RXCSUM\s+0x0034 RW\s+0x00000000$", output, re.M), output
-    for mode in ("tx on", "rx off"):
-        m = re.search(mode + r": udp echoes (\d+)/50", output)
-        assert m and int(m.group(1)) >= 48, output
+    assert re.search(r"^on: RXCSUM\s+0x0034 RW\s+0x00001000$", output, re.M), output
+    m = re.search(r"on: udp echoes (\d+)/50", output)
+    assert m and int(m.group(1)) >= 48, output
     assert "csum-faults=0" in output
     stats = dict(re.findall(r"^\s+(\w+): (\d+)$", output, re.M))
-    assert int(stats["GPRC"]) >= 151 and int(stats["GPTC"]) >= 151
-    assert int(stats["rx_packets"]) >= 151 and int(stats["tx_packets"]) >= 151
+    assert int(stats["GPRC"]) >= 101 and int(stats["GPTC"]) >= 101
+    assert int(stats["rx_packets"]) >= 101 and int(stats["tx_packets"]) >= 101
     assert "config_restores" in stats and "last_resume_us" in stats
     # ethtool -c/-C: EITR0, the queue vector's throttle, default 50 us, at most 4095
     assert "default rx-usecs: 50" in output and "set rx-usecs: 200" in output

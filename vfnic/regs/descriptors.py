@@ -11,7 +11,8 @@ the frame was sent, if RS was asked for):
   0 addr u64 | 8 length u16 | 10 cso u8 | 11 cmd u8 | 12 status u8 | 13 css u8 | 14 vlan u16
   With CMD_IC (82599 7.2.3.2.2, legacy): the device sums the frame from byte css to its
   end (the 16 bits at cso included, e.g. a pseudo-header sum the driver put there) and
-  writes the complement at cso; a css or cso outside the frame: sent unchanged.
+  writes the complement at cso; css beyond cso, or cso outside the frame: sent
+  unchanged.
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ def ones_sum(data: bytes | bytearray | memoryview) -> int:
 
 def insert_checksum(frame: bytes, css: int, cso: int) -> bytes:
     """``frame`` with the checksum of CMD_IC written at ``cso`` (from ``css`` on), or
-    ``frame`` itself when css or cso is not inside it."""
-    if not css < len(frame) or cso + 2 > len(frame):
+    ``frame`` itself when css is beyond cso or cso not inside it."""
+    if not css <= cso <= len(frame) - 2:
         return frame
     csum = 0xFFFF - ones_sum(memoryview(frame)[css:]) or 0xFFFF  # never 0 (RFC 768)
     return frame[:cso] + csum.to_bytes(2, "big") + frame[cso + 2:]
