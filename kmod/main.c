@@ -256,8 +256,8 @@ static int vfnic_clean_rx(struct vfnic_adapter *adapter, int budget,
 			vfnic_touch(adapter, skb->data, len);
 		skb_put(skb, len);
 		/*
-		 * The packet checksum from the MAC header on (RXCSUM.PCSE); 0
-		 * when the device did not compute one.
+		 * The packet checksum, the sum of everything after the MAC
+		 * header (RXCSUM.PCSE); 0 when the device computed none.
 		 */
 		BUILD_BUG_ON(VFNIC_PACKET_CSUM_START != ETH_HLEN);
 		if (desc->csum && (netdev->features & NETIF_F_RXCSUM)) {
