@@ -381,8 +381,7 @@ static netdev_tx_t vfnic_xmit_frame(struct sk_buff *skb,
 	struct vfnic_ring *ring = &adapter->tx_ring;
 	struct vfnic_tx_desc *desc;
 	unsigned int len = skb->len;
-	unsigned int css = 0, cso = 0;
-	u8 cmd = VFNIC_CMD_EOP;
+	u8 cmd = VFNIC_CMD_EOP, css = 0, cso = 0;
 	dma_addr_t dma;
 	bool kick;
 	u16 i;
@@ -392,15 +391,16 @@ static netdev_tx_t vfnic_xmit_frame(struct sk_buff *skb,
 		goto drop;
 	/* The device inserts the checksum (CMD.IC) if CSS and CSO fit a byte. */
 	if (skb->ip_summed == CHECKSUM_PARTIAL) {
-		css = skb_checksum_start_offset(skb);
-		cso = css + skb->csum_offset;
-		if (cso <= U8_MAX) {
-			cmd |= VFNIC_CMD_IC;
-		} else if (skb_checksum_help(skb)) {
-			goto drop;
+		unsigned int start = skb_checksum_start_offset(skb);
+		unsigned int at = start + skb->csum_offset;
+
+		if (at > U8_MAX) {
+			if (skb_checksum_help(skb))
+				goto drop;
 		} else {
-			css = 0;
-			cso = 0;
+			css = start;
+			cso = at;
+			cmd |= VFNIC_CMD_IC;
 		}
 	}
 	if (unlikely(!vfnic_tx_unused(ring))) {

@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 
 RX_BACKLOG = 256  # frames waiting for the serving thread (fd-less DMA only)
 RX_DONE = D.STAT_DD | D.STAT_EOP  # a received frame's write-back status
-ones_sum = D.ones_sum
 
 
 class QueueRegs(NamedTuple):
@@ -187,25 +186,21 @@ class DataPath:
                     if not D.MIN_FRAME <= length <= D.MAX_FRAME:
                         error = T.QERR_LEN
                         break
-                    if egress is None:
-                        wait = take(length) if take is not None else 0.0
+                    if egress is None and take is not None:
+                        wait = take(length)
                         if wait:  # max_tx_rate: the descriptor stays the device's until then
                             self._pace(wait)
                             break
-                        data = read(addr, length)
-                        if cmd & D.CMD_IC:
-                            data = D.insert_checksum(data, css, cso)
-                        frames.append(data)
-                    else:
-                        data = read(addr, length)
-                        if cmd & D.CMD_IC:
-                            data = D.insert_checksum(data, css, cso)
+                    data = read(addr, length)
+                    if cmd & D.CMD_IC:
+                        data = D.insert_checksum(data, css, cso)
+                    if egress is not None:
                         uplink = switch is None or switch.to_uplink(fn, data, ports)
                         wait = egress.take(fn, length, uplink)
                         if wait:  # not its turn on the uplink: the descriptor stays ours
                             self._pace(wait)
                             break
-                        frames.append(data)
+                    frames.append(data)
                     if cmd & D.CMD_RS:
                         rs.append(sent)
                     head = (head + 1) % count
@@ -394,11 +389,9 @@ class DataPath:
                                           D.RXERR_LEN, 0)
                             else:
                                 dma.write(addr, frame)
-                                # the packet checksum, in network byte order (swapped
-                                # here: the field is packed little-endian)
-                                csum = ones_sum(frame[D.PACKET_CSUM_START:]) if pcse else 0
                                 pack_into(wb, done * D.DESC_SIZE, addr, length,
-                                          (csum >> 8) | (csum & 0xFF) << 8, RX_DONE, 0, 0)
+                                          D.packet_checksum(frame) if pcse else 0, RX_DONE,
+                                          0, 0)
                                 good += 1
                                 octets += length
                             done += 1

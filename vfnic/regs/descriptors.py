@@ -54,6 +54,13 @@ def ones_sum(data: bytes | bytearray | memoryview) -> int:
     return total if total or not any(data) else 0xFFFF
 
 
+def packet_checksum(frame: bytes) -> int:
+    """The RX descriptor's csum of ``frame`` (RXCSUM.PCSE), as RX_DESC packs it: its
+    bytes in memory are the sum from PACKET_CSUM_START on, in network byte order."""
+    total = ones_sum(memoryview(frame)[PACKET_CSUM_START:])
+    return total >> 8 | (total & 0xFF) << 8
+
+
 def insert_checksum(frame: bytes, css: int, cso: int) -> bytes:
     """``frame`` with the checksum of CMD_IC written at ``cso`` (from ``css`` on), or
     ``frame`` itself when css is beyond cso or cso not inside it."""
