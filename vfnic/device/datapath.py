@@ -180,6 +180,7 @@ class DataPath:
         try:
             dma = fn.check_dma()
             read = dma.read
+            IC, RS = D.CMD_IC, D.CMD_RS  # noqa: N806 (the descriptor's bit names, bound once)
             with dma.batch():
                 descs = self._read_descriptors(dma, base, count, head, (tail - head) % count)
                 for addr, length, cso, cmd, _st, css, _vlan in D.TX_DESC.iter_unpack(descs):
@@ -192,7 +193,7 @@ class DataPath:
                             self._pace(wait)
                             break
                     data = read(addr, length)
-                    if cmd & D.CMD_IC:
+                    if cmd & IC:
                         data = D.insert_checksum(data, css, cso)
                     if egress is not None:
                         uplink = switch is None or switch.to_uplink(fn, data, ports)
@@ -201,7 +202,7 @@ class DataPath:
                             self._pace(wait)
                             break
                     frames.append(data)
-                    if cmd & D.CMD_RS:
+                    if cmd & RS:
                         rs.append(sent)
                     head = (head + 1) % count
                     sent += 1
